@@ -1,0 +1,1 @@
+"""megatron_ru.checkpoint (grows with its issue)."""

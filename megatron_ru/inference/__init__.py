@@ -1,0 +1,1 @@
+"""megatron_ru.inference (grows with its issue)."""

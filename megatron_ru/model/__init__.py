@@ -1,0 +1,1 @@
+"""The GPT model shared by pretraining and sampling, and its parts."""

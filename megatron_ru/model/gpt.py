@@ -1,0 +1,167 @@
+"""GPTModel: embeddings → transformer blocks → final norm → vocab-parallel head; one class for
+training and sampling, for both families (ruGPT-3 / GPT-3 and T-lite / Llama)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from ..config import ModelConfig
+from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
+from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
+                               initialize_parameters, tag)
+from ..parallel.mappings import copy_to_region
+from ..parallel.state import ParallelState
+from .attention import Attention
+from .kv_cache import KVCache
+from .mlp import MLP
+from .norms import LayerNorm, RMSNorm
+from .rotary import inverse_frequencies, rope_cos_sin
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
+
+    def __init__(self, config: ModelConfig, ps: ParallelState, layer_idx: int, *, sparse: bool,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        norm = RMSNorm if config.is_llama else LayerNorm
+        self.norm1 = norm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
+        self.attn = Attention(config, ps, layer_idx, sparse=sparse, device=device, dtype=dtype)
+        self.norm2 = norm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
+        self.mlp = MLP(config, ps, device=device, dtype=dtype)
+        self.dropout = config.hidden_dropout
+
+    def forward(self, x, rope=None, cache: Optional[KVCache] = None):
+        # Replicated activations: the default RNG stream is identical on all TP ranks.
+        x = x + F.dropout(self.attn(self.norm1(x), rope, cache), self.dropout, self.training)
+        return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+
+
+class GPTModel(nn.Module):
+    """`forward(tokens, positions=None, cache=None, labels=None)` returns this rank's
+    vocabulary slice of the logits (B, T, V_local), or the mean loss when `labels` are given.
+
+    `parallel_state=None` means one process and no parallelism. Weights are drawn from `seed`
+    independently of the TP size. Build under `torch.device("meta")` to count parameters of
+    large presets without memory.
+    """
+
+    def __init__(self, config: ModelConfig, parallel_state: Optional[ParallelState] = None, *,
+                 seed: int = 1234, device=None, dtype=None) -> None:
+        super().__init__()
+        ps = parallel_state or ParallelState.single()
+        ps.validate(config)
+        self.config, self.ps = config, ps
+        h, std = config.hidden_size, config.init_method_std
+        self.padded_vocab_size = config.padded_vocab_size(ps.tp_size)
+        self.embed = VocabParallelEmbedding(self.padded_vocab_size, h, parallel_state=ps,
+                                            real_rows=config.vocab_size, init_std=std,
+                                            device=device, dtype=dtype)
+        self.pos_embed = None
+        if not config.is_llama:
+            self.pos_embed = nn.Embedding(config.max_position_embeddings, h, device=device, dtype=dtype)
+            tag(self.pos_embed.weight, None, ("normal", std))
+        sparse = config.sparse_layers()
+        self.blocks = nn.ModuleList(
+            TransformerBlock(config, ps, i, sparse=sparse[i], device=device, dtype=dtype)
+            for i in range(config.num_layers))
+        norm = RMSNorm if config.is_llama else LayerNorm
+        self.final_norm = norm(h, config.norm_eps, device=device, dtype=dtype)
+        self.lm_head = None
+        if not config.tie_word_embeddings:
+            self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, parallel_state=ps,
+                                                bias=False, init_std=std, device=device, dtype=dtype)
+            self.lm_head.weight.init_spec = ("normal_rows", std, config.vocab_size)
+        self.checkpoint_activations = config.checkpoint_activations
+        self.reset_parameters(seed)
+
+    @property
+    def vocab_start(self) -> int:
+        return self.embed.vocab_start
+
+    def reset_parameters(self, seed: int) -> None:
+        initialize_parameters(self, seed, self.ps.tp_rank, self.ps.tp_size)
+
+    def output_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, labels: Optional[torch.Tensor] = None,
+                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        b, t = tokens.shape
+        start = cache.length if cache is not None else 0
+        max_pos = self.config.max_position_embeddings
+        if positions is None:
+            if start + t > max_pos:
+                raise ValueError(f"sequence reaches position {start + t} but the model has "
+                                 f"max_position_embeddings={max_pos}")
+            positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
+        elif positions.numel() and int(positions.max()) >= max_pos:
+            raise ValueError(f"positions reach {int(positions.max())} but the model has "
+                             f"max_position_embeddings={max_pos}")
+        x = self.embed(tokens)  # (B, T, H)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        x = F.dropout(x, self.config.hidden_dropout, self.training)
+        rope = None
+        if self.config.is_llama:
+            inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta)
+            rope = rope_cos_sin(positions, inv_freq.to(x.device), x.dtype)
+        use_ckpt = self.checkpoint_activations and self.training and cache is None
+        for block in self.blocks:
+            if use_ckpt:
+                x = checkpoint(block, x, rope, use_reentrant=False,
+                               context_fn=self.ps.rng.checkpoint_context())
+            else:
+                x = block(x, rope, cache)
+        if cache is not None:
+            cache.advance(t)
+        logits = self.compute_logits(self.final_norm(x))
+        if labels is None:
+            return logits
+        return self.loss(logits, labels, loss_mask)
+
+    def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) → (B, T, V_local). TP=1: exactly the real vocabulary. TP>1: this rank's
+        padded slice, with padding columns at -inf so they never win a softmax or a sample."""
+        weight, group = self.output_weight(), self.ps.tp_comm
+        if group is None:
+            return F.linear(x, weight[: self.config.vocab_size])
+        logits = F.linear(copy_to_region(x, group), weight)
+        real_end = self.config.vocab_size - self.vocab_start
+        if real_end < logits.shape[-1]:
+            logits = logits.clone()
+            logits[..., max(real_end, 0):] = float("-inf")
+        return logits
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor,
+             loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Mean token loss over labels != -100 (weighted by `loss_mask` when given)."""
+        per_token = vocab_parallel_cross_entropy(logits, labels, self.ps.tp_comm, self.vocab_start)
+        weights = (labels != IGNORE_INDEX).float()
+        if loss_mask is not None:
+            weights = weights * loss_mask.float()
+        return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
+
+    def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Full logits over the real vocabulary (B, T, V) on every TP rank (no autograd)."""
+        group = self.ps.tp_comm
+        if group is None:
+            return logits
+        parts = [torch.empty_like(logits) for _ in range(self.ps.tp_size)]
+        dist.all_gather(parts, logits.contiguous(), group=group)
+        return torch.cat(parts, dim=-1)[..., : self.config.vocab_size]
+
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None) -> KVCache:
+        cfg = self.config
+        param = self.embed.weight
+        return KVCache(num_layers=cfg.num_layers, batch_size=batch_size,
+                       max_length=max_length or cfg.max_position_embeddings,
+                       kv_heads=cfg.num_key_value_heads // self.ps.tp_size, head_dim=cfg.head_dim,
+                       device=param.device, dtype=dtype or param.dtype)

@@ -1,0 +1,1 @@
+"""Tensor parallelism: process groups, sharding, parallel layers, mappings, RNG."""

@@ -1,0 +1,240 @@
+"""ParallelState: rank discovery for every launcher, TP/DP process groups, and DeepSpeed's `mpu` API.
+
+Launchers understood (first match wins, so `mpirun` inside a Slurm allocation is not mistaken
+for Slurm): torchrun / deepspeed (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), OpenMPI
+(`OMPI_COMM_WORLD_*`), MPICH / Hydra (`PMI_RANK`, `PMI_SIZE`), Slurm `srun` (`SLURM_PROCID`,
+`SLURM_NTASKS`, `SLURM_LOCALID`). Under MPI the ranks come from mpi4py itself and rank 0 chooses
+MASTER_ADDR / MASTER_PORT and broadcasts them, so nothing needs to be set by hand.
+
+Layout of ranks: tensor-parallel groups are consecutive ranks ([0,1], [2,3] for TP=2 of 4),
+data-parallel groups are strided ([0,2], [1,3]).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..config import ConfigError, ModelConfig
+from .random import RNGTracker, model_parallel_seed
+
+
+@dataclass(frozen=True)
+class LaunchInfo:
+    launcher: str  # "torchrun", "openmpi", "mpich", "slurm" or "single"
+    rank: int
+    world_size: int
+    local_rank: int
+
+
+def _int(environ: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
+    value = environ.get(key)
+    if value is None:
+        if default is None:
+            raise ConfigError(f"environment variable {key} is missing")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
+
+
+def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
+    """Rank, world size and local rank as the launcher published them (no MPI calls)."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchInfo("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
+                          _int(env, "LOCAL_RANK", 0))
+    if "OMPI_COMM_WORLD_RANK" in env:
+        return LaunchInfo("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"),
+                          _int(env, "OMPI_COMM_WORLD_SIZE"),
+                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0))
+    if "PMI_RANK" in env:
+        return LaunchInfo("mpich", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
+                          _int(env, "MPI_LOCALRANKID", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+        # SLURM_STEP_ID is only set inside an `srun` step; a batch script run by hand is one process.
+        return LaunchInfo("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
+                          _int(env, "SLURM_LOCALID", 0))
+    return LaunchInfo("single", 0, 1, 0)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _routable_address() -> str:
+    """An address of this host that other hosts can reach (not a loopback alias)."""
+    host = socket.gethostname()
+    try:
+        infos = socket.getaddrinfo(host, None, socket.AF_INET)
+    except socket.gaierror:
+        infos = []
+    for info in infos:
+        addr = info[4][0]
+        if not addr.startswith("127."):
+            return addr
+    raise ConfigError(
+        f"cannot find a non-loopback address for host {host!r} to use as MASTER_ADDR in a "
+        "multi-node run; set MASTER_ADDR (and MASTER_PORT) to rank 0's address by hand")
+
+
+def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
+    """Take ranks from mpi4py and share MASTER_ADDR/PORT chosen by rank 0 (all nodes)."""
+    try:
+        from mpi4py import MPI
+    except ImportError as exc:
+        raise ConfigError(f"launched by {info.launcher} mpirun but mpi4py is not importable: {exc}; "
+                          "install it with `pip install mpi4py mpich`") from None
+    comm = MPI.COMM_WORLD
+    if comm.Get_size() != info.world_size or comm.Get_rank() != info.rank:
+        raise ConfigError(
+            f"mpi4py sees rank {comm.Get_rank()} of {comm.Get_size()} but the {info.launcher} "
+            f"launcher published rank {info.rank} of {info.world_size}: mpi4py is linked against a "
+            "different MPI than the `mpirun` you used (use the mpirun of the same installation, "
+            "e.g. the one from the `mpich` wheel in your virtual environment)")
+    local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
+    hosts = comm.allgather(socket.gethostname())
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
+    else:
+        if comm.Get_rank() == 0:
+            single_node = all(h == hosts[0] for h in hosts)
+            addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else _routable_address())
+            port = os.environ.get("MASTER_PORT") or str(_free_port())
+            choice = (addr, port)
+        else:
+            choice = None
+        addr, port = comm.bcast(choice, root=0)
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
+    return LaunchInfo(info.launcher, comm.Get_rank(), comm.Get_size(), local_rank)
+
+
+class ParallelState:
+    """Ranks and process groups of one run. Passed to every parallel layer; never global."""
+
+    def __init__(self, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
+                 tensor_model_parallel_size: int = 1, tp_group=None, dp_group=None,
+                 device: torch.device | str = "cpu", launcher: str = "single") -> None:
+        tp = tensor_model_parallel_size
+        if world_size % tp:
+            raise ConfigError(
+                f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}: "
+                "the ranks must form whole tensor-parallel groups")
+        self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
+        self.tp_size, self.tp_rank = tp, rank % tp
+        self.dp_size, self.dp_rank = world_size // tp, rank // tp
+        self.tp_group, self.dp_group = tp_group, dp_group
+        self.device = torch.device(device)
+        self.launcher = launcher
+        self.rng = RNGTracker(self.device)
+
+    # ---- construction ---------------------------------------------------------------------
+    @classmethod
+    def single(cls, device: torch.device | str = "cpu") -> "ParallelState":
+        """One process, no parallelism, no torch.distributed."""
+        return cls(device=device)
+
+    @classmethod
+    def from_environment(cls, tensor_model_parallel_size: int = 1, *, backend: Optional[str] = None,
+                         timeout_s: float = 1800.0) -> "ParallelState":
+        """Discover the launcher, initialise torch.distributed (once) and build TP and DP groups."""
+        tp = tensor_model_parallel_size
+        if not isinstance(tp, int) or tp <= 0:
+            raise ConfigError(f"tensor_model_parallel_size={tp!r} must be a positive integer")
+        info = discover_launch()
+        if dist.is_initialized():
+            info = LaunchInfo(info.launcher, dist.get_rank(), dist.get_world_size(), info.local_rank)
+        elif info.launcher in ("openmpi", "mpich"):
+            info = _mpi_rendezvous(info)
+        if info.world_size % tp:
+            raise ConfigError(
+                f"world size {info.world_size} is not divisible by tensor_model_parallel_size={tp}: "
+                "the ranks must form whole tensor-parallel groups")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
+            device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            device = torch.device("cpu")
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if device.type == "cuda" else "gloo")
+            if info.launcher == "single":
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+                os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            for key in ("MASTER_ADDR", "MASTER_PORT"):
+                if key not in os.environ:
+                    raise ConfigError(f"{key} is not set: the {info.launcher} launcher must provide "
+                                      "it (torchrun and deepspeed do; for srun set it in the script)")
+            # LOCAL_RANK/RANK/WORLD_SIZE for libraries (DeepSpeed) that read them later.
+            os.environ.update(RANK=str(info.rank), WORLD_SIZE=str(info.world_size),
+                              LOCAL_RANK=str(info.local_rank))
+            dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                    timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        tp_group = dp_group = None
+        world = info.world_size
+        for start in range(0, world, tp):  # every rank must create every group, in order
+            group = dist.new_group(list(range(start, start + tp)))
+            if start <= info.rank < start + tp:
+                tp_group = group
+        for offset in range(tp):
+            group = dist.new_group(list(range(offset, world, tp)))
+            if info.rank % tp == offset:
+                dp_group = group
+        return cls(rank=info.rank, world_size=world, local_rank=info.local_rank,
+                   tensor_model_parallel_size=tp, tp_group=tp_group, dp_group=dp_group,
+                   device=device, launcher=info.launcher)
+
+    # ---- helpers for layers ---------------------------------------------------------------
+    @property
+    def tp_comm(self):
+        """The TP group, or None when there is nothing to communicate (TP=1: plain PyTorch)."""
+        return self.tp_group if self.tp_size > 1 else None
+
+    def validate(self, config: ModelConfig) -> None:
+        config.validate_parallel(self.tp_size)
+
+    def seed(self, seed: int) -> None:
+        """Same default stream on every rank; a per-TP-rank stream for dropout in TP regions."""
+        torch.manual_seed(seed)
+        if self.device.type == "cuda":
+            torch.cuda.manual_seed(seed)
+        self.rng.seed(model_parallel_seed(seed, self.tp_rank))
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def __repr__(self) -> str:
+        return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
+                f"dp={self.dp_rank}/{self.dp_size}, device={self.device}, launcher={self.launcher})")
+
+    # ---- the `mpu` interface DeepSpeed expects --------------------------------------------
+    def get_model_parallel_rank(self) -> int:
+        return self.tp_rank
+
+    def get_model_parallel_world_size(self) -> int:
+        return self.tp_size
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_data_parallel_rank(self) -> int:
+        return self.dp_rank
+
+    def get_data_parallel_world_size(self) -> int:
+        return self.dp_size
+
+    def get_data_parallel_group(self):
+        return self.dp_group
+
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+    get_tensor_model_parallel_group = get_model_parallel_group

@@ -1,0 +1,1 @@
+"""megatron_ru.training (grows with its issue)."""

@@ -1,0 +1,27 @@
+"""Package metadata for megatron_ru: dependencies, test extras, console scripts."""
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron_ru",
+    version="0.1.0",
+    description="Pretrain and sample ruGPT-3 / T-lite models with Megatron tensor parallelism and "
+                "DeepSpeed, on CPU or GPU",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_ru", "megatron_ru.*"]),
+    install_requires=[
+        "torch>=2.5",
+        "deepspeed>=0.14",
+        "mpi4py>=3.1",
+        "mpich",
+        "sentencepiece",
+        "numpy",
+        "regex",
+    ],
+    extras_require={
+        "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers"],
+        "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
+    },
+    license="Apache-2.0",
+)
