@@ -48,6 +48,11 @@ class ModelConfig:
     # DeepSpeed `sparse_attention` JSON section (None: every layer dense) and which layers use it.
     sparse_attention: Optional[dict] = None
     sparse_mode: str = "alternating"
+    # ru-gpts built each TP rank's layout for its *local* heads (pattern = local head % patterns);
+    # True reproduces that for its checkpoints. Default: global head index, independent of TP.
+    sparse_ru_gpts_head_indexing: bool = False
+    # Execution path of sparse layers (same numbers, different speed): auto|gather|flex|reference.
+    sparse_impl: str = "auto"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
@@ -87,6 +92,9 @@ class ModelConfig:
         if self.sparse_mode not in SPARSE_MODES:
             raise ConfigError(f"sparse_mode={self.sparse_mode!r} is unknown; expected one of "
                               f"{SPARSE_MODES}")
+        if self.sparse_impl not in ("auto", "gather", "flex", "reference"):
+            raise ConfigError(f"sparse_impl={self.sparse_impl!r} is unknown; expected auto, gather, "
+                              "flex or reference")
         if self.sparse_attention is not None:
             if not isinstance(self.sparse_attention, dict):
                 raise ConfigError("sparse_attention must be a dict (the DeepSpeed JSON section) or None")

@@ -1,10 +1,12 @@
 """Causal self-attention, tensor-parallel by heads: fused QKV (column), output projection (row).
 
-Dense layers call scaled_dot_product_attention. Block-sparse layers (DeepSpeed layouts) plug
-into `self.sparse` (see model/sparsity.py); a KV cache, when given, extends keys and values.
+Dense layers call scaled_dot_product_attention; block-sparse layers call a
+BlockSparseAttention holding this rank's heads of the DeepSpeed layout. With a KV cache the
+keys come from the cache, and the mask is a function of positions (causal, and the layout).
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -16,18 +18,19 @@ from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, scaled_in
 from ..parallel.state import ParallelState
 from .kv_cache import KVCache
 from .rotary import apply_rope
+from .sparse_attention import BlockSparseAttention
 
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, ps: ParallelState, layer_idx: int, *,
-                 sparse: bool = False, device=None, dtype=None) -> None:
+                 sparse: Optional[BlockSparseAttention] = None, device=None, dtype=None) -> None:
         super().__init__()
         tp = ps.tp_size
         d, nh, nkv = config.head_dim, config.num_attention_heads, config.num_key_value_heads
         self.ps, self.layer_idx, self.head_dim = ps, layer_idx, d
         self.heads, self.kv_heads = nh // tp, nkv // tp  # local to this TP rank
         self.dropout = config.attention_dropout
-        self.is_sparse = sparse
+        self.sparse = sparse
         self.qkv = ColumnParallelLinear(config.hidden_size, (nh + 2 * nkv) * d, parallel_state=ps,
                                         bias=config.use_bias, sections=(nh * d, nkv * d, nkv * d),
                                         init_std=config.init_method_std, device=device, dtype=dtype)
@@ -38,7 +41,10 @@ class Attention(nn.Module):
                                        device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
-                cache: Optional[KVCache] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None,
+                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x (B, T, H). Without a cache the T tokens sit at positions 0..T-1. With a cache they
+        sit at `positions` (B, T) (None: right after the cached ones)."""
         b, t, _ = x.shape
         hd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
         q, k, v = self.qkv(x).split([hd, kd, kd], dim=-1)
@@ -47,32 +53,40 @@ class Attention(nn.Module):
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        start = 0
-        if cache is not None:
+        p = self.dropout if self.training else 0.0
+        if cache is None or (cache.length == 0 and positions is None):
+            if cache is not None:
+                cache.update(self.layer_idx, k, v)
+            out = self._causal(q, k, v, p)  # (B, H, T, D)
+        else:
             start = cache.length
-            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, start + T, D)
-        out = self.attend(q, k, v, start)  # (B, H, T, D)
+            k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), slot j = position j
+            if positions is None:
+                positions = torch.arange(start, start + t, device=x.device).expand(b, t)
+            out = self._masked(q, k, v, positions, p)
         out = out.transpose(1, 2).reshape(b, t, hd)  # (B, T, H*D)
         return self.dense(out)
 
-    def attend(self, q, k, v, start: int) -> torch.Tensor:
-        if self.is_sparse:
-            raise NotImplementedError(
-                f"layer {self.layer_idx} is block-sparse (sparse_attention in the model config), "
-                "and block-sparse execution is not available yet; drop sparse_attention to run "
-                "the model dense")
-        p = self.dropout if self.training else 0.0
+    def _causal(self, q, k, v, p: float) -> torch.Tensor:
         gqa = self.kv_heads != self.heads
-        t_q, t_k = q.shape[2], k.shape[2]
-        mask, causal = None, True
-        if start > 0:  # queries sit at positions start..start+T-1 of the keys
-            causal = False
-            if t_q > 1:
-                q_pos = torch.arange(start, start + t_q, device=q.device).unsqueeze(1)
-                mask = torch.arange(t_k, device=q.device).unsqueeze(0) <= q_pos  # (T, S)
-        if p > 0.0:
-            with self.ps.rng.fork():  # per-TP-rank stream: heads differ between ranks
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                                      is_causal=causal, enable_gqa=gqa)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              enable_gqa=gqa)
+        with self._dropout_stream(p):
+            if self.sparse is not None:
+                return self.sparse(q, k, v, dropout_p=p)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                  enable_gqa=gqa)
+
+    def _masked(self, q, k, v, positions: torch.Tensor, p: float) -> torch.Tensor:
+        n_keys = k.shape[2]
+        if self.sparse is not None:
+            mask = self.sparse.key_mask(positions, n_keys)  # (B, H, T, S)
+        else:
+            key_pos = torch.arange(n_keys, device=q.device)
+            mask = (key_pos <= positions.unsqueeze(-1)).unsqueeze(1)  # (B, 1, T, S)
+        gqa = self.kv_heads != self.heads
+        with self._dropout_stream(p):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                  enable_gqa=gqa)
+
+    def _dropout_stream(self, p: float):
+        # Attention probabilities of the local heads differ per TP rank: per-rank RNG stream.
+        return self.ps.rng.fork() if p > 0.0 else contextlib.nullcontext()

@@ -19,15 +19,35 @@ from ..parallel.state import ParallelState
 from .attention import Attention
 from .kv_cache import KVCache
 from .mlp import MLP
+from .sparse_attention import BlockSparseAttention
+from .sparsity import layout_for_tp_rank
 from .norms import LayerNorm, RMSNorm
 from .rotary import inverse_frequencies, rope_cos_sin
+
+
+def build_sparse_attention(config: ModelConfig, ps: ParallelState,
+                           device=None) -> Optional[BlockSparseAttention]:
+    """This rank's heads of the layout for max_position_embeddings (rounded up to the block),
+    shared by all sparse layers; None when every layer is dense."""
+    if not any(config.sparse_layers()):
+        return None
+    block = int(config.sparse_attention.get("block", 16))
+    seq = -(-config.max_position_embeddings // block) * block
+    with torch.device("cpu"):  # small, and buildable even while the model is built on meta
+        layout = layout_for_tp_rank(config.sparse_attention, config.num_attention_heads, seq,
+                                    ps.tp_rank, ps.tp_size,
+                                    ru_gpts_compat=config.sparse_ru_gpts_head_indexing)
+    sparse = BlockSparseAttention(layout, block, impl=config.sparse_impl)
+    if device is not None and torch.device(device).type != "meta":
+        sparse.to(device)
+    return sparse
 
 
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
-    def __init__(self, config: ModelConfig, ps: ParallelState, layer_idx: int, *, sparse: bool,
-                 device=None, dtype=None) -> None:
+    def __init__(self, config: ModelConfig, ps: ParallelState, layer_idx: int, *,
+                 sparse: Optional[BlockSparseAttention] = None, device=None, dtype=None) -> None:
         super().__init__()
         norm = RMSNorm if config.is_llama else LayerNorm
         self.norm1 = norm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
@@ -36,9 +56,10 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, ps, device=device, dtype=dtype)
         self.dropout = config.hidden_dropout
 
-    def forward(self, x, rope=None, cache: Optional[KVCache] = None):
+    def forward(self, x, rope=None, cache: Optional[KVCache] = None, positions=None):
         # Replicated activations: the default RNG stream is identical on all TP ranks.
-        x = x + F.dropout(self.attn(self.norm1(x), rope, cache), self.dropout, self.training)
+        x = x + F.dropout(self.attn(self.norm1(x), rope, cache, positions), self.dropout,
+                          self.training)
         return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
@@ -66,10 +87,11 @@ class GPTModel(nn.Module):
         if not config.is_llama:
             self.pos_embed = nn.Embedding(config.max_position_embeddings, h, device=device, dtype=dtype)
             tag(self.pos_embed.weight, None, ("normal", std))
-        sparse = config.sparse_layers()
+        sparse = build_sparse_attention(config, ps, device)
         self.blocks = nn.ModuleList(
-            TransformerBlock(config, ps, i, sparse=sparse[i], device=device, dtype=dtype)
-            for i in range(config.num_layers))
+            TransformerBlock(config, ps, i, sparse=sparse if is_sparse else None, device=device,
+                             dtype=dtype)
+            for i, is_sparse in enumerate(config.sparse_layers()))
         norm = RMSNorm if config.is_llama else LayerNorm
         self.final_norm = norm(h, config.norm_eps, device=device, dtype=dtype)
         self.lm_head = None
@@ -97,6 +119,7 @@ class GPTModel(nn.Module):
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         max_pos = self.config.max_position_embeddings
+        explicit = positions  # per-row positions (only meaningful with a cache)
         if positions is None:
             if start + t > max_pos:
                 raise ValueError(f"sequence reaches position {start + t} but the model has "
@@ -105,6 +128,8 @@ class GPTModel(nn.Module):
         elif positions.numel() and int(positions.max()) >= max_pos:
             raise ValueError(f"positions reach {int(positions.max())} but the model has "
                              f"max_position_embeddings={max_pos}")
+        if cache is not None:
+            cache.begin(t, explicit)
         x = self.embed(tokens)  # (B, T, H)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions)
@@ -119,9 +144,9 @@ class GPTModel(nn.Module):
                 x = checkpoint(block, x, rope, use_reentrant=False,
                                context_fn=self.ps.rng.checkpoint_context())
             else:
-                x = block(x, rope, cache)
+                x = block(x, rope, cache, explicit)
         if cache is not None:
-            cache.advance(t)
+            cache.advance()
         logits = self.compute_logits(self.final_norm(x))
         if labels is None:
             return logits

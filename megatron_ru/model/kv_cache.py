@@ -1,5 +1,7 @@
-"""Static KV cache for generation: preallocated per-layer key/value buffers, filled left to right."""
+"""Static KV cache for generation: preallocated per-layer key/value buffers indexed by position."""
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -7,8 +9,10 @@ import torch
 class KVCache:
     """Keys and values of the local KV heads for every layer: (L, B, H_kv_local, S_max, D).
 
-    The model writes the keys of positions [length, length + T) in each layer during a forward
-    and calls `advance(T)` once after the last layer; all rows of the batch share `length`.
+    Slot j of a row always holds the key of *position* j, so attention masks (causal, and the
+    block-sparse layouts) are functions of positions only. Rows may sit at different positions
+    (prompts of different lengths): pass per-row `positions` to the model. The model calls
+    `begin(t, positions)` before its first layer, `update` in every layer, `advance()` after.
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, kv_heads: int,
@@ -17,27 +21,46 @@ class KVCache:
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_length = max_length
-        self.length = 0
+        self.length = 0  # slots [0, length) may be read
+        self._end = 0
+        self._positions: Optional[torch.Tensor] = None
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[1]
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k, v (B, H_kv, T, D) at the current position; return all keys/values so far."""
-        t = k.shape[2]
-        end = self.length + t
+    def begin(self, t: int, positions: Optional[torch.Tensor] = None) -> int:
+        """Prepare a forward of `t` new tokens: contiguous after `length` when `positions` is
+        None, else at the given (B, T) positions. Returns the number of key slots to attend."""
+        if positions is None:
+            end = self.length + t
+        else:
+            if positions.shape[0] != self.batch_size:
+                raise ValueError(f"batch of {positions.shape[0]} does not match the cache's "
+                                 f"{self.batch_size}")
+            end = max(self.length, int(positions.max()) + 1)
         if end > self.max_length:
             raise ValueError(f"KV cache of {self.max_length} positions is full: cannot add {t} "
                              f"tokens after {self.length}")
+        self._end, self._positions = end, positions
+        return end
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k, v (B, H_kv, T, D) at this forward's positions; return slots [0, end)."""
         if k.shape[0] != self.batch_size:
             raise ValueError(f"batch of {k.shape[0]} does not match the cache's {self.batch_size}")
-        self.k[layer, :, :, self.length:end] = k
-        self.v[layer, :, :, self.length:end] = v
-        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+        if self._positions is None:
+            start = self._end - k.shape[2]
+            self.k[layer, :, :, start:self._end] = k
+            self.v[layer, :, :, start:self._end] = v
+        else:  # per-row positions: advanced indexing puts (B, T) first, then (H, D)
+            rows = torch.arange(self.batch_size, device=k.device).unsqueeze(1)
+            self.k[layer][rows, :, self._positions] = k.transpose(1, 2)
+            self.v[layer][rows, :, self._positions] = v.transpose(1, 2)
+        return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end]
 
-    def advance(self, t: int) -> None:
-        self.length += t
+    def advance(self) -> None:
+        self.length, self._positions = self._end, None
 
     def reset(self) -> None:
-        self.length = 0
+        self.length, self._end, self._positions = 0, 0, None

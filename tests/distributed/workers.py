@@ -107,6 +107,13 @@ MODEL_CONFIGS = {
     "llama": dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8,
                   num_key_value_heads=4, ffn_hidden_size=176, vocab_size=1000,
                   max_position_embeddings=64, make_vocab_size_divisible_by=96, rope_theta=500000.0),
+    # alternating block-sparse layers with per-head global patterns (global head index)
+    "gpt3_sparse": dict(family="gpt3", num_layers=2, hidden_size=64, num_attention_heads=4,
+                        vocab_size=1000, max_position_embeddings=64, sparse_mode="alternating",
+                        sparse_attention=dict(mode="fixed", block=4, num_local_blocks=4,
+                                              num_global_blocks=1, attention="unidirectional",
+                                              different_layout_per_head=True,
+                                              num_different_global_patterns=4)),
 }
 
 

@@ -1,0 +1,172 @@
+"""Weighted blending of datasets, `--data-path` / `--split` parsing, and the train/valid/test builder.
+
+Blending is deterministic and low-discrepancy: the k-th sample of dataset d is "due" at time
+(k + 1/2) / w_d; merging all due times in order gives, after any n samples, a count per dataset
+within (D + 1) / 2 of w_d * n, so every window of the blend matches the weights to +-(D + 1)
+samples. It is one vectorised sort, no Python loop per sample.
+"""
+import math
+import os
+import warnings
+
+import numpy as np
+
+from .gpt_dataset import DatasetConfigError, GPTDataset
+from .indexed_dataset import IndexedDataset, dataset_exists
+
+SPLIT_NAMES = ("train", "valid", "test")
+
+
+def parse_data_path(data_path):
+    """`["0.85", "ru", "0.15", "en"]` or `["ru"]` -> [(weight, prefix)] with weights normalised."""
+    if isinstance(data_path, str):
+        data_path = data_path.split()
+    items = list(data_path)
+    if not items:
+        raise DatasetConfigError("--data-path is empty")
+    if all(isinstance(x, (tuple, list)) for x in items):
+        pairs = [(float(w), str(p)) for w, p in items]
+    elif len(items) == 1:
+        pairs = [(1.0, str(items[0]))]
+    else:
+        if len(items) % 2:
+            raise DatasetConfigError(f"--data-path needs 'WEIGHT PREFIX' pairs, got {len(items)} items: {items}")
+        pairs = []
+        for w, p in zip(items[::2], items[1::2]):
+            try:
+                pairs.append((float(w), str(p)))
+            except ValueError:
+                raise DatasetConfigError(f"--data-path weight {w!r} (before {p!r}) is not a number") from None
+    weights = [w for w, _ in pairs]
+    if any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise DatasetConfigError(f"--data-path weights must be non-negative and sum to a positive number, "
+                                 f"got {weights}")
+    for _, prefix in pairs:
+        if not dataset_exists(prefix):
+            raise DatasetConfigError(f"--data-path prefix {prefix!r} does not exist "
+                                     f"(need {prefix}.bin and {prefix}.idx)")
+    total = sum(weights)
+    return [(w / total, p) for w, p in pairs if w > 0]
+
+
+def parse_split(split):
+    """`"969,30,1"` (or `"0.9/0.1"`, `"100"`) -> three fractions summing to 1."""
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",") if x.strip()]
+    except ValueError:
+        raise DatasetConfigError(f"--split {split!r} must be comma-separated numbers like 969,30,1") from None
+    parts = (parts + [0.0, 0.0, 0.0])[:3]
+    if len(str(split).replace("/", ",").split(",")) > 3 or any(x < 0 for x in parts) or sum(parts) <= 0:
+        raise DatasetConfigError(f"--split {split!r} must be up to three non-negative numbers with a positive sum")
+    total = sum(parts)
+    return [x / total for x in parts]
+
+
+def split_boundaries(fractions, num_documents):
+    """Document boundaries [0, a, b, n] as Megatron rounds them (the last one is pinned to n)."""
+    bounds = [0]
+    for f in fractions:
+        bounds.append(bounds[-1] + int(round(f * num_documents)))
+    diff = bounds[-1] - num_documents
+    return [0] + [b - diff for b in bounds[1:]]
+
+
+def build_blend_indices(weights, size):
+    """(dataset_index[size], dataset_sample_index[size]) interleaving datasets by `weights`."""
+    weights = np.asarray(weights, dtype=np.float64)
+    weights = weights / weights.sum()
+    num = len(weights)
+    times, ids, ks = [], [], []
+    for d, w in enumerate(weights):
+        if w <= 0:
+            continue
+        k = np.arange(int(math.ceil(w * size)) + num + 1, dtype=np.int64)
+        times.append((k + 0.5) / w)
+        ids.append(np.full(k.size, d, dtype=np.int16))
+        ks.append(k)
+    times, ids, ks = np.concatenate(times), np.concatenate(ids), np.concatenate(ks)
+    order = np.lexsort((ids, times))[:size]  # by due time, ties by dataset id
+    return ids[order], ks[order]
+
+
+def blend_sample_counts(weights, size):
+    """Samples each dataset must provide for a blend of `size` (exact upper bound of the scheme)."""
+    return [int(math.ceil(w * size)) + len(weights) + 1 if w > 0 else 0 for w in weights]
+
+
+class BlendedDataset:
+    """Serves `size` samples drawn from `datasets` in the proportions of `weights`."""
+
+    def __init__(self, datasets, weights, size):
+        self.datasets, self.weights, self.size = datasets, list(weights), size
+        self.dataset_index, self.dataset_sample_index = build_blend_indices(self.weights, size)
+        for d, ds in enumerate(datasets):
+            used = int((self.dataset_index == d).sum())
+            if used and len(ds) <= int(self.dataset_sample_index[self.dataset_index == d].max()):
+                raise DatasetConfigError(f"dataset {d} has {len(ds)} samples, the blend needs {used}")
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, idx):
+        d = int(self.dataset_index[idx])
+        sample = dict(self.datasets[d][int(self.dataset_sample_index[idx])])
+        sample["dataset_id"] = np.int64(d)
+        return sample
+
+
+def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, cache_path=None):
+    """The training loop's entry point: (train, valid, test) datasets, each None when empty.
+
+    data_path: `--data-path` items (`["0.85", "ru", "0.15", "en"]`) or [(weight, prefix)].
+    split: `--split` ("969,30,1"), applied to the documents of every prefix separately.
+    num_samples: (train, valid, test) sample counts; None in a slot = one epoch of that split
+    (single prefix only). Each sample is {"text": int64[seq_length + 1]} (+ "dataset_id" in blends).
+    """
+    if seq_length < 1:
+        raise DatasetConfigError(f"--seq-length must be positive, got {seq_length}")
+    blend = parse_data_path(data_path)
+    fractions = parse_split(split)
+    indexed = [(w, IndexedDataset(p)) for w, p in blend]
+    bounds = {p: split_boundaries(fractions, len(ds)) for (_, p), (_, ds) in zip(blend, indexed)}
+    result = []
+    for s, name in enumerate(SPLIT_NAMES):
+        wanted = num_samples[s]
+        parts = [(w, ds) for w, ds in indexed if bounds[ds.prefix][s + 1] > bounds[ds.prefix][s]]
+        if wanted == 0 or not parts:
+            result.append(None)
+            continue
+        if len(parts) < len(indexed):
+            warnings.warn(f"the {name} split is empty for some --data-path prefixes; blending the others")
+        if len(parts) == 1:
+            ds = parts[0][1]
+            lo, hi = bounds[ds.prefix][s:s + 2]
+            result.append(GPTDataset(ds, np.arange(lo, hi), name=name, seq_length=seq_length,
+                                     num_samples=wanted, seed=seed, cache_path=cache_path))
+            continue
+        if wanted is None:
+            raise DatasetConfigError(f"blending several --data-path prefixes needs a sample count for {name}")
+        weights = [w for w, _ in parts]
+        counts = blend_sample_counts([w / sum(weights) for w in weights], wanted)
+        members = []
+        for (w, ds), count in zip(parts, counts):
+            lo, hi = bounds[ds.prefix][s:s + 2]
+            members.append(GPTDataset(ds, np.arange(lo, hi), name=name, seq_length=seq_length,
+                                      num_samples=count, seed=seed, cache_path=cache_path))
+        result.append(BlendedDataset(members, weights, wanted))
+    return tuple(result)
+
+
+def describe_datasets(datasets):
+    """One line per split for logs: sample counts and blend members."""
+    lines = []
+    for name, ds in zip(SPLIT_NAMES, datasets):
+        if ds is None:
+            lines.append(f"{name}: none")
+        elif isinstance(ds, BlendedDataset):
+            members = ", ".join(f"{w:.3f} {os.path.basename(m.indexed.prefix)}"
+                                for w, m in zip(ds.weights, ds.datasets))
+            lines.append(f"{name}: {len(ds)} samples blended from {members}")
+        else:
+            lines.append(f"{name}: {len(ds)} samples from {ds.indexed.prefix} ({ds.num_epochs} epochs)")
+    return lines
