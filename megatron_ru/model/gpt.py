@@ -73,7 +73,7 @@ class GPTModel(nn.Module):
     """
 
     def __init__(self, config: ModelConfig, parallel_state: Optional[ParallelState] = None, *,
-                 seed: int = 1234, device=None, dtype=None) -> None:
+                 seed: int = 1234, initialize: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         ps = parallel_state or ParallelState.single()
         ps.validate(config)
@@ -100,7 +100,8 @@ class GPTModel(nn.Module):
                                                 bias=False, init_std=std, device=device, dtype=dtype)
             self.lm_head.weight.init_spec = ("normal_rows", std, config.vocab_size)
         self.checkpoint_activations = config.checkpoint_activations
-        self.reset_parameters(seed)
+        if initialize:  # False: weights left uninitialised, to be loaded from a checkpoint
+            self.reset_parameters(seed)
 
     @property
     def vocab_start(self) -> int:

@@ -144,3 +144,24 @@ def model_parity(rank, world):
             spec = getattr(p, "shard_spec", None)
             assert torch.equal(p, shard(rp.detach(), spec, rank, world)), f"{family} {name} init"
             assert_rel_close(p.grad, shard(rp.grad, spec, rank, world), TOL, f"{family} {name} grad")
+
+
+def save_sharded(rank, world, directory):
+    """Write a checkpoint at TP=world; the caller loads it at other TP sizes."""
+    from megatron_ru.checkpoint.model_io import save_model
+    ps = ParallelState.from_environment(tensor_model_parallel_size=world)
+    save_model(directory, GPTModel(ModelConfig(**MODEL_CONFIGS["llama"]), ps, seed=9), tag="step5")
+
+
+def load_resharded(rank, world, directory):
+    """Load a checkpoint written at another TP size; logits must equal the original model's."""
+    from megatron_ru.checkpoint.model_io import load_model
+    ps = ParallelState.from_environment(tensor_model_parallel_size=world)
+    model = load_model(directory, ps)
+    ref = GPTModel(ModelConfig(**MODEL_CONFIGS["llama"]), None, seed=9)
+    tokens = torch.randint(0, 1000, (2, 20), generator=torch.Generator().manual_seed(4))
+    assert_rel_close(model.gather_logits(model(tokens)), ref(tokens), TOL, "resharded logits")
+    for name, p in model.named_parameters():
+        if name not in ("embed.weight", "lm_head.weight"):
+            assert torch.equal(p, shard(dict(ref.named_parameters())[name].detach(),
+                                        getattr(p, "shard_spec", None), rank, world)), name

@@ -1,0 +1,187 @@
+"""Model weights on disk: self-describing checkpoint directories, loadable at any TP size.
+
+Layout (the one DeepSpeed's `save_checkpoint` writes, plus our config.json):
+
+    DIR/config.json                          model config, TP size, padded vocabulary
+    DIR/latest                               name of the newest tag (written last)
+    DIR/<tag>/mp_rank_XX_model_states.pt     {"module": this TP rank's state_dict, ...}
+
+`load_model` merges the TP shards of the source into full tensors (by each parameter's
+ShardSpec), drops vocabulary padding, and re-shards for the target TP size, so a checkpoint
+written at TP=4 samples at TP=1 or TP=2 without a conversion step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ConfigError, ModelConfig
+from ..model.gpt import GPTModel
+from ..parallel.sharding import shard, unshard
+from ..parallel.state import ParallelState
+
+FORMAT = "megatron_ru"
+VOCAB_PARAMS = ("embed.weight", "lm_head.weight")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory is missing, incomplete or inconsistent; the message names the file."""
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def config_dict(config: ModelConfig, tp_size: int, **extra) -> dict:
+    return {"format": FORMAT, "version": 1, "model": config.to_dict(),
+            "tensor_model_parallel_size": tp_size,
+            "padded_vocab_size": config.padded_vocab_size(tp_size), **extra}
+
+
+def write_config(directory: Path, config: ModelConfig, tp_size: int, **extra) -> None:
+    atomic_write_text(Path(directory) / "config.json",
+                      json.dumps(config_dict(config, tp_size, **extra), indent=2, sort_keys=True) + "\n")
+
+
+def read_config(directory: Path) -> tuple[ModelConfig, dict]:
+    path = Path(directory) / "config.json"
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: not a megatron_ru checkpoint directory")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path} is not valid JSON: {exc}") from None
+    if meta.get("format") != FORMAT or "model" not in meta:
+        raise CheckpointError(f"{path} does not describe a {FORMAT} model")
+    try:
+        return ModelConfig.from_dict(meta["model"]), meta
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: {exc}") from None
+
+
+def latest_tag(directory: Path) -> str:
+    path = Path(directory) / "latest"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing: no complete checkpoint was saved in {directory}")
+    return path.read_text(encoding="utf-8").strip()
+
+
+def rank_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
+    tag_dir = Path(directory) / tag
+    files = [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in range(tp_size)]
+    missing = [str(f) for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {tag_dir} is incomplete: missing {', '.join(missing)}")
+    return files
+
+
+def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
+    """Parameter name → ShardSpec at `tp_size` (from a model built on the meta device)."""
+    ps = ParallelState(world_size=tp_size, tensor_model_parallel_size=tp_size)
+    with torch.device("meta"):
+        model = GPTModel(config, ps)
+    return {n: getattr(p, "shard_spec", None) for n, p in model.named_parameters()}
+
+
+def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
+    """Full (unsharded) tensors with real vocabulary rows only, and the model config."""
+    config, meta = read_config(directory)
+    tag = tag or latest_tag(directory)
+    tp = int(meta.get("tensor_model_parallel_size", 1))
+    files = rank_files(directory, tag, tp)
+    states = []
+    for f in files:
+        try:
+            blob = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # a truncated or foreign file: say which one
+            raise CheckpointError(f"cannot read {f}: {exc}") from None
+        if "module" not in blob:
+            raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(blob)[:8]})")
+        states.append(blob["module"])
+    specs = _shard_specs(config, tp)
+    full = {}
+    for name, spec in specs.items():
+        parts = [s.get(name) for s in states]
+        if any(p is None for p in parts):
+            raise CheckpointError(f"parameter {name} is missing from {directory / tag}")
+        tensor = unshard(parts, spec)
+        if name in VOCAB_PARAMS:
+            tensor = tensor[: config.vocab_size]
+        full[name] = tensor
+    return config, full
+
+
+def shard_state_dict(full: dict, model: GPTModel) -> dict:
+    """This rank's state dict for `model` from full tensors (re-padding the vocabulary)."""
+    ps, out = model.ps, {}
+    for name, param in model.named_parameters():
+        if name not in full:
+            raise CheckpointError(f"parameter {name} is missing from the checkpoint")
+        tensor = full[name]
+        if name in VOCAB_PARAMS:
+            pad = model.padded_vocab_size - tensor.shape[0]
+            tensor = torch.cat([tensor, tensor.new_zeros(pad, *tensor.shape[1:])])
+        local = shard(tensor, getattr(param, "shard_spec", None), ps.tp_rank, ps.tp_size)
+        if local.shape != param.shape:
+            raise CheckpointError(f"tensor {name}: checkpoint gives {tuple(local.shape)} for this "
+                                  f"rank, the model expects {tuple(param.shape)}")
+        out[name] = local
+    return out
+
+
+def load_model(directory, parallel_state: Optional[ParallelState] = None, *, tag: Optional[str] = None,
+               dtype=None, device=None, **config_overrides) -> GPTModel:
+    """A GPTModel for `parallel_state` (any TP size) from a checkpoint directory."""
+    config, full = load_full_state_dict(Path(directory), tag)
+    if config_overrides:
+        config = ModelConfig.from_dict({**config.to_dict(), **config_overrides})
+    ps = parallel_state or ParallelState.single()
+    model = GPTModel(config, ps, initialize=False, device=device or ps.device, dtype=dtype)
+    model.load_state_dict(shard_state_dict(full, model), strict=True)
+    return model
+
+
+def save_model(directory, model: GPTModel, *, tag: str = "release", **extra) -> Path:
+    """Write `model` as a checkpoint (rank 0 of each TP group writes its shard; `latest` last).
+    Collective when torch.distributed is initialised: call it on every rank."""
+    directory, ps = Path(directory), model.ps
+    tag_dir = directory / tag
+    if ps.rank == 0:
+        tag_dir.mkdir(parents=True, exist_ok=True)
+    ps.barrier()
+    if ps.dp_rank == 0:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        atomic_torch_save({"module": state, "mp_world_size": ps.tp_size},
+                          tag_dir / f"mp_rank_{ps.tp_rank:02d}_model_states.pt")
+    ps.barrier()
+    if ps.rank == 0:
+        write_config(directory, model.config, ps.tp_size, **extra)
+        atomic_write_text(directory / "latest", tag + "\n")
+    ps.barrier()
+    return tag_dir
+
