@@ -41,8 +41,8 @@ class Attention(nn.Module):
                                        device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple] = None,
-                cache: Optional[KVCache] = None,
-                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                cache: Optional[KVCache] = None, positions: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, T, H). Without a cache the T tokens sit at positions 0..T-1. With a cache they
         sit at `positions` (B, T) (None: right after the cached ones)."""
         b, t, _ = x.shape
@@ -57,7 +57,7 @@ class Attention(nn.Module):
         if cache is None or (cache.length == 0 and positions is None):
             if cache is not None:
                 cache.update(self.layer_idx, k, v)
-            out = self._causal(q, k, v, p)  # (B, H, T, D)
+            out = self._causal(q, k, v, p, attention_mask)  # (B, H, T, D)
         else:
             start = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), slot j = position j
@@ -67,8 +67,15 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, hd)  # (B, T, H*D)
         return self.dense(out)
 
-    def _causal(self, q, k, v, p: float) -> torch.Tensor:
+    def _causal(self, q, k, v, p: float, attention_mask=None) -> torch.Tensor:
         gqa = self.kv_heads != self.heads
+        if attention_mask is not None:  # (B, 1, T, T), True = masked out
+            if self.sparse is not None:
+                raise ValueError(f"layer {self.layer_idx} is block-sparse: an explicit attention "
+                                 "mask (--reset-attention-mask) is only supported by dense layers")
+            with self._dropout_stream(p):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
+                                                      dropout_p=p, enable_gqa=gqa)
         with self._dropout_stream(p):
             if self.sparse is not None:
                 return self.sparse(q, k, v, dropout_p=p)

@@ -56,16 +56,20 @@ class TransformerBlock(nn.Module):
         self.mlp = MLP(config, ps, device=device, dtype=dtype)
         self.dropout = config.hidden_dropout
 
-    def forward(self, x, rope=None, cache: Optional[KVCache] = None, positions=None):
+    def forward(self, x, rope=None, cache: Optional[KVCache] = None, positions=None,
+                attention_mask=None):
         # Replicated activations: the default RNG stream is identical on all TP ranks.
-        x = x + F.dropout(self.attn(self.norm1(x), rope, cache, positions), self.dropout,
-                          self.training)
+        x = x + F.dropout(self.attn(self.norm1(x), rope, cache, positions, attention_mask),
+                          self.dropout, self.training)
         return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
 
 
 class GPTModel(nn.Module):
     """`forward(tokens, positions=None, cache=None, labels=None)` returns this rank's
     vocabulary slice of the logits (B, T, V_local), or the mean loss when `labels` are given.
+    `loss_mask` (B, T) weights the loss; `attention_mask` (B, 1, T, T), True = masked out
+    (Megatron's convention, e.g. from --reset-attention-mask), replaces the causal mask in
+    dense layers.
 
     `parallel_state=None` means one process and no parallelism. Weights are drawn from `seed`
     independently of the TP size. Build under `torch.device("meta")` to count parameters of
@@ -116,7 +120,8 @@ class GPTModel(nn.Module):
     # ---- forward --------------------------------------------------------------------------
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, labels: Optional[torch.Tensor] = None,
-                loss_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                loss_mask: Optional[torch.Tensor] = None,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         max_pos = self.config.max_position_embeddings
@@ -142,10 +147,10 @@ class GPTModel(nn.Module):
         use_ckpt = self.checkpoint_activations and self.training and cache is None
         for block in self.blocks:
             if use_ckpt:
-                x = checkpoint(block, x, rope, use_reentrant=False,
+                x = checkpoint(block, x, rope, None, None, attention_mask, use_reentrant=False,
                                context_fn=self.ps.rng.checkpoint_context())
             else:
-                x = block(x, rope, cache, explicit)
+                x = block(x, rope, cache, explicit, attention_mask)
         if cache is not None:
             cache.advance()
         logits = self.compute_logits(self.final_norm(x))

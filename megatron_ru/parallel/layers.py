@@ -21,9 +21,15 @@ from .state import ParallelState
 
 
 def tag(param: nn.Parameter, shard_spec: Optional[ShardSpec], init_spec: tuple) -> nn.Parameter:
-    """init_spec: ("normal", std) | ("normal_rows", std, real_rows) | ("zeros",) | ("ones",)."""
+    """init_spec: ("normal", std) | ("normal_rows", std, real_rows) | ("zeros",) | ("ones",).
+    Sharded parameters also get the Megatron attributes DeepSpeed reads (gradient-norm
+    clipping counts them on every TP rank, replicated ones on TP rank 0 only)."""
     param.shard_spec = shard_spec
     param.init_spec = init_spec
+    sharded = shard_spec is not None
+    param.tensor_model_parallel = param.model_parallel = sharded
+    param.partition_dim = shard_spec.dim if sharded else -1
+    param.partition_stride = 1
     return param
 
 

@@ -1,0 +1,216 @@
+"""The single CLI definition (Megatron flag names, ru-gpts aliases) → typed configs.
+
+`parse_pretrain_args(argv)` returns a `TrainArgs` (plain dataclass, no globals); the model
+shape is resolved later, once the tokenizer's vocabulary size is known (`model_config`).
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
+
+MFU_HELP = ("MFU = achieved model FLOP/s per device / peak. Model FLOPs per token = 6*N + "
+            "12*L*h*s (N parameters incl. embeddings, L layers, h hidden, s sequence; the "
+            "attention term of block-sparse layers scaled by the fraction of causal blocks kept). "
+            "Peak = dense bf16/fp16 spec of the device (A100 312, H100/H200 989 TFLOP/s) or "
+            "--peak-tflops.")
+
+
+@dataclass
+class TrainArgs:
+    # model
+    preset: Optional[str] = None
+    model_overrides: dict = field(default_factory=dict)
+    seq_length: int = 1024
+    tensor_model_parallel_size: int = 1
+    # batch and schedule
+    micro_batch_size: Optional[int] = None  # None: the JSON's value, else 4
+    global_batch_size: Optional[int] = None
+    train_iters: int = 100
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    lr_decay_style: str = "cosine"
+    lr_warmup_iters: Optional[int] = None
+    lr_warmup_fraction: Optional[float] = None
+    lr_decay_iters: Optional[int] = None
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    fp16: bool = False
+    bf16: bool = False
+    seed: int = 1234
+    # data and tokenizer
+    data_path: list = field(default_factory=list)
+    split: str = "969,30,1"
+    data_cache_path: Optional[str] = None
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    num_workers: int = 0
+    tokenizer_type: str = "GPT2BPETokenizer"
+    vocab_file: Optional[str] = None
+    merge_file: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    eod_token: Optional[str] = None
+    # checkpoints
+    save: Optional[str] = None
+    save_interval: Optional[int] = None
+    load: Optional[str] = None
+    finetune: bool = False
+    no_load_optim: bool = False
+    # evaluation and logging
+    eval_interval: int = 1000
+    eval_iters: int = 10
+    log_interval: int = 10
+    tensorboard_dir: Optional[str] = None
+    metrics_file: Optional[str] = None
+    peak_tflops: Optional[float] = None
+    # DeepSpeed
+    deepspeed_config: Optional[str] = None
+    debug_inject_overflow_iters: list = field(default_factory=list)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt.py",
+        description="Pretrain ruGPT-3 / T-lite models with tensor parallelism on DeepSpeed. "
+                    "Launch with mpirun --np N, torchrun or the deepspeed launcher.",
+        epilog=MFU_HELP)
+    m = p.add_argument_group("model")
+    m.add_argument("--preset", choices=sorted(PRESETS), help="start from a named model shape")
+    m.add_argument("--model-family", dest="family", choices=("gpt3", "llama"))
+    m.add_argument("--num-layers", type=int)
+    m.add_argument("--hidden-size", type=int)
+    m.add_argument("--num-attention-heads", type=int)
+    m.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=int)
+    m.add_argument("--ffn-hidden-size", type=int)
+    m.add_argument("--seq-length", type=int, default=1024, help="training sequence length")
+    m.add_argument("--max-position-embeddings", type=int)
+    m.add_argument("--make-vocab-size-divisible-by", type=int)
+    m.add_argument("--rope-theta", type=float)
+    m.add_argument("--hidden-dropout", type=float)
+    m.add_argument("--attention-dropout", type=float)
+    m.add_argument("--checkpoint-activations", action="store_true", default=None)
+    m.add_argument("--sparse-mode", choices=SPARSE_MODES,
+                   help="which layers use the DeepSpeed config's sparse_attention layout")
+    m.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"))
+    m.add_argument("--tensor-model-parallel-size", "--model-parallel-size", type=int, default=1)
+
+    t = p.add_argument_group("training")
+    t.add_argument("--micro-batch-size", "--batch-size", type=int, help="default: the JSON's, else 4")
+    t.add_argument("--global-batch-size", type=int,
+                   help="default: micro batch x data-parallel size (x accumulation in the JSON)")
+    t.add_argument("--train-iters", type=int, default=100)
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--min-lr", type=float, default=0.0)
+    t.add_argument("--lr-decay-style", choices=("constant", "linear", "cosine"), default="cosine")
+    t.add_argument("--lr-warmup-iters", type=int)
+    t.add_argument("--lr-warmup-fraction", "--warmup", type=float)
+    t.add_argument("--lr-decay-iters", type=int, help="default: --train-iters")
+    t.add_argument("--weight-decay", type=float, default=0.01)
+    t.add_argument("--adam-beta1", type=float, default=0.9)
+    t.add_argument("--adam-beta2", type=float, default=0.95)
+    t.add_argument("--adam-eps", type=float, default=1e-8)
+    t.add_argument("--clip-grad", type=float, default=1.0)
+    t.add_argument("--fp16", action="store_true")
+    t.add_argument("--bf16", action="store_true")
+    t.add_argument("--seed", type=int, default=1234)
+
+    d = p.add_argument_group("data and tokenizer")
+    d.add_argument("--data-path", nargs="+", default=[], help="PREFIX or W1 PREFIX1 W2 PREFIX2 ...")
+    d.add_argument("--split", default="969,30,1")
+    d.add_argument("--data-cache-path")
+    d.add_argument("--eod-mask-loss", action="store_true")
+    d.add_argument("--reset-position-ids", action="store_true")
+    d.add_argument("--reset-attention-mask", action="store_true")
+    d.add_argument("--num-workers", type=int, default=0)
+    d.add_argument("--tokenizer-type", default="GPT2BPETokenizer")
+    d.add_argument("--vocab-file")
+    d.add_argument("--merge-file")
+    d.add_argument("--tokenizer-model")
+    d.add_argument("--eod-token", help="end-of-document token (ru-gpts used <pad>)")
+
+    c = p.add_argument_group("checkpoints")
+    c.add_argument("--save")
+    c.add_argument("--save-interval", type=int)
+    c.add_argument("--load")
+    c.add_argument("--finetune", action="store_true", help="load weights only; restart the run")
+    c.add_argument("--no-load-optim", action="store_true")
+
+    e = p.add_argument_group("evaluation and logging")
+    e.add_argument("--eval-interval", type=int, default=1000)
+    e.add_argument("--eval-iters", type=int, default=10)
+    e.add_argument("--log-interval", type=int, default=10)
+    e.add_argument("--tensorboard-dir")
+    e.add_argument("--metrics-file", help="JSON lines, one object per logged iteration / evaluation")
+    e.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU")
+
+    s = p.add_argument_group("DeepSpeed")
+    s.add_argument("--deepspeed", action="store_true", help="accepted for ru-gpts scripts; always on")
+    s.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
+    s.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--debug-inject-overflow-iters", type=int, nargs="*", default=[],
+                   help=argparse.SUPPRESS)
+    return p
+
+
+MODEL_FLAGS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+               "ffn_hidden_size", "max_position_embeddings", "make_vocab_size_divisible_by",
+               "rope_theta", "hidden_dropout", "attention_dropout", "checkpoint_activations",
+               "sparse_mode", "sparse_impl")
+
+
+def parse_pretrain_args(argv=None) -> TrainArgs:
+    ns = build_parser().parse_args(argv)
+    overrides = {k: getattr(ns, k) for k in MODEL_FLAGS if getattr(ns, k) is not None}
+    fields = {f for f in TrainArgs.__dataclass_fields__}
+    args = TrainArgs(**{k: v for k, v in vars(ns).items() if k in fields and k != "model_overrides"})
+    args.model_overrides = overrides
+    validate(args)
+    return args
+
+
+def validate(args: TrainArgs) -> None:
+    def positive(name, value):
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={value} must be positive")
+    for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
+                 "eval_interval", "log_interval", "save_interval", "tensor_model_parallel_size"):
+        positive(name, getattr(args, name))
+    if args.fp16 and args.bf16:
+        raise ConfigError("--fp16 and --bf16 are mutually exclusive: choose one precision")
+    if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:
+        raise ConfigError(f"need 0 <= --min-lr ({args.min_lr}) <= --lr ({args.lr})")
+    if args.lr_warmup_iters is not None and args.lr_warmup_fraction is not None:
+        raise ConfigError("give --lr-warmup-iters or --lr-warmup-fraction, not both")
+    if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
+        raise ConfigError(f"--lr-warmup-fraction={args.lr_warmup_fraction} must be in [0, 1]")
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters={args.eval_iters} must be >= 0")
+    if not args.data_path:
+        raise ConfigError("--data-path is required (a preprocessed PREFIX, see tools/preprocess_data.py)")
+    if args.finetune and not args.load:
+        raise ConfigError("--finetune needs --load DIR to take the weights from")
+    if args.save_interval and not args.save:
+        raise ConfigError("--save-interval needs --save DIR")
+
+
+def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict]) -> ModelConfig:
+    """The model for this run: preset (if any) + flags + tokenizer vocabulary + JSON sparsity."""
+    overrides = dict(args.model_overrides)
+    overrides["vocab_size"] = vocab_size
+    if sparse_attention is not None:
+        overrides["sparse_attention"] = sparse_attention
+    if args.preset:
+        cfg = ModelConfig.from_preset(args.preset, **overrides)
+    else:
+        overrides.setdefault("max_position_embeddings", args.seq_length)
+        cfg = ModelConfig(**overrides)
+    if args.seq_length > cfg.max_position_embeddings:
+        raise ConfigError(f"--seq-length={args.seq_length} is longer than the model's "
+                          f"max_position_embeddings={cfg.max_position_embeddings}")
+    return cfg

@@ -1,0 +1,96 @@
+"""Training metrics: model FLOPs per token, TFLOP/s and MFU, and the JSON-lines / TensorBoard sinks.
+
+FLOPs per token = 6·N + 12·L·h·s (N parameters incl. embeddings; L layers, h hidden, s sequence
+length); the attention term of a block-sparse layer is scaled by the fraction of causal blocks
+its layout keeps. MFU = achieved FLOP/s per device / peak, where peak is the dense bf16/fp16
+spec of the device (never the 2:4-sparse figure) or --peak-tflops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from ..model.sparsity import causal_density, make_layout
+
+PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0,
+               "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def attention_fraction(config: ModelConfig, seq_length: int) -> float:
+    """Mean over layers of the attention work kept (1 for dense layers)."""
+    sparse = config.sparse_layers()
+    if not any(sparse):
+        return 1.0
+    block = int(config.sparse_attention.get("block", 16))
+    padded = -(-seq_length // block) * block
+    density = causal_density(make_layout(config.sparse_attention, config.num_attention_heads, padded))
+    return (sum(density if s else 1.0 for s in sparse)) / len(sparse)
+
+
+def flops_per_token(config: ModelConfig, seq_length: int) -> float:
+    n = config.num_parameters()
+    attn = 12 * config.num_layers * config.hidden_size * seq_length
+    return 6.0 * n + attn * attention_fraction(config, seq_length)
+
+
+def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:
+    if override:
+        return override
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, value in PEAK_TFLOPS.items():
+            if key in name:
+                return value
+    return None
+
+
+def memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
+
+
+class MetricsSink:
+    """Rank 0 writes one JSON object per record to --metrics-file and scalars to TensorBoard."""
+
+    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], active: bool):
+        self.active = active
+        self.file = None
+        self.tb = None
+        if not active:
+            return
+        if metrics_file:
+            Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(metrics_file, "a", encoding="utf-8")
+        if tensorboard_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise RuntimeError(f"--tensorboard-dir needs the tensorboard package ({exc}); "
+                                   "pip install tensorboard") from None
+            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+
+    def write(self, record: dict) -> None:
+        if not self.active:
+            return
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+            os.fsync(self.file.fileno())
+        if self.tb:
+            step = record.get("iteration", 0)
+            for key, value in record.items():
+                if key != "iteration" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb:
+            self.tb.close()

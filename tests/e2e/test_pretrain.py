@@ -1,0 +1,168 @@
+"""pretrain_gpt.py end to end on the bundled corpus: real DeepSpeed, real mpirun, real files.
+
+Parity runs use fp32 with dropout off and compare the per-iteration losses of the metrics file.
+"""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.test_mpirun import clean_env, mpirun
+
+ROOT = Path(__file__).resolve().parents[2]
+DATA = ["--data-path", "examples/data/ru_demo_text_document",
+        "--vocab-file", "examples/data/tokenizer/vocab.json",
+        "--merge-file", "examples/data/tokenizer/merges.txt"]
+BASE = ["--preset", "tiny-gpt3", "--seq-length", "64", "--lr", "3e-3", "--lr-warmup-iters", "2",
+        "--lr-decay-iters", "6", "--log-interval", "1", "--eval-interval", "1000",
+        "--eval-iters", "0", "--seed", "7"]
+
+
+def pretrain(tmp: Path, name: str, *extra, np_=1, check=True, timeout=300):
+    """Run pretrain_gpt.py (under mpirun when np_ > 1); returns (proc, metric records)."""
+    out = tmp / name
+    out.mkdir(parents=True, exist_ok=True)
+    metrics = out / "metrics.jsonl"
+    args = ["pretrain_gpt.py", *BASE, *DATA, "--data-cache-path", str(tmp / "cache"),
+            "--metrics-file", str(metrics), *extra]
+    cmd = [mpirun(), "--np", str(np_), sys.executable, *args] if np_ > 1 else [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                          timeout=timeout)
+    if check:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    records = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
+    return proc, records
+
+
+def losses(records):
+    return [r["loss"] for r in records if "loss" in r]
+
+
+def assert_losses_close(a, b, tol=1e-5):
+    assert len(a) == len(b) and a, (a, b)
+    for i, (x, y) in enumerate(zip(a, b)):
+        assert abs(x - y) <= tol * abs(y), f"iteration {i + 1}: {x} vs {y}"
+
+
+def test_tp2_equals_tp1(tmp_path):
+    _, one = pretrain(tmp_path, "tp1", "--train-iters", "5", "--micro-batch-size", "4")
+    _, two = pretrain(tmp_path, "tp2", "--train-iters", "5", "--micro-batch-size", "4",
+                      "--tensor-model-parallel-size", "2", np_=2)
+    assert_losses_close(losses(two), losses(one))
+    assert losses(one)[-1] < losses(one)[0]
+
+
+def test_zero2_dp2_equals_single_process(tmp_path):
+    _, single = pretrain(tmp_path, "single", "--train-iters", "5", "--micro-batch-size", "8")
+    _, dp = pretrain(tmp_path, "dp2", "--train-iters", "5", "--deepspeed",
+                     "--deepspeed_config", "configs/ds_zero2.json", np_=2)
+    assert_losses_close(losses(dp), losses(single))
+
+
+def test_resume_is_bit_exact(tmp_path):
+    """Stop at iteration 3 (latest → iter 3), resume to 6: same losses as the uninterrupted run,
+    with dropout on, so the RNG state has to come back too."""
+    common = ["--train-iters", "6", "--micro-batch-size", "4", "--hidden-dropout", "0.1",
+              "--attention-dropout", "0.1", "--save-interval", "3",
+              "--deepspeed_config", "configs/ds_zero2.json"]
+    _, full = pretrain(tmp_path, "full", *common, "--save", str(tmp_path / "ckpt"), np_=2)
+    ckpt = tmp_path / "ckpt"
+    assert (ckpt / "latest").read_text().strip() == "iter_0000006"
+    (ckpt / "latest").write_text("iter_0000003\n")  # as if the run had died after iteration 3
+    proc, resumed = pretrain(tmp_path, "resumed", *common, "--load", str(ckpt),
+                             "--save", str(tmp_path / "ckpt2"), np_=2)
+    assert "resumed from" in proc.stdout and "at iteration 3" in proc.stdout
+    assert [r["iteration"] for r in resumed] == [4, 5, 6]
+    assert losses(resumed) == losses(full)[3:]  # bit-exact
+    assert (tmp_path / "ckpt2" / "latest").read_text().strip() == "iter_0000006"
+
+
+def test_fp16_overflow_is_skipped_and_recovers(tmp_path):
+    cfg = tmp_path / "fp16.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2},
+                               "fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 12,
+                                        "loss_scale_window": 1000, "hysteresis": 1,
+                                        "min_loss_scale": 1}}))
+    _, rec = pretrain(tmp_path, "fp16", "--train-iters", "6", "--deepspeed_config", str(cfg),
+                      "--debug-inject-overflow-iters", "3")
+    by_it = {r["iteration"]: r for r in rec}
+    assert by_it[3]["skipped_iters"] == 1 and by_it[6]["total_skipped"] == 1
+    assert by_it[2]["loss_scale"] == 4096 and by_it[3]["loss_scale"] == 2048
+    assert all(by_it[i]["skipped_iters"] == 0 for i in (1, 2, 4, 5, 6))
+    assert all(abs(by_it[i]["loss"]) < 20 for i in (4, 5, 6))  # finite again after the skip
+
+
+def test_bf16_zero3_llama_runs(tmp_path):
+    _, rec = pretrain(tmp_path, "bf16", "--train-iters", "4", "--preset", "tiny-llama",
+                      "--deepspeed_config", "configs/tlite_8b_bf16.json",
+                      "--save", str(tmp_path / "ckpt"), np_=2)
+    assert len(losses(rec)) == 4 and all(l == l and l < 20 for l in losses(rec))
+    assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"
+
+
+def test_mpirun_end_to_end_loss_falls_and_checkpoint_written(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc, rec = pretrain(tmp_path, "e2e", "--train-iters", "30", "--lr-decay-iters", "30",
+                         "--seq-length", "128",
+                         "--tensor-model-parallel-size", "2", "--sparse-mode", "alternating",
+                         "--deepspeed_config", "configs/tiny_sparse.json", "--eval-interval", "15",
+                         "--eval-iters", "1", "--save", str(ckpt), "--save-interval", "15", np_=2)
+    assert "1/2 sparse layers" in proc.stdout
+    ls = losses(rec)
+    assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.3, ls
+    assert any("val_loss" in r for r in rec)
+    assert (ckpt / "latest").read_text().strip() == "iter_0000030"
+    assert (ckpt / "iter_0000015").is_dir() and not list(ckpt.glob("*.tmp"))
+    meta = json.loads((ckpt / "config.json").read_text())
+    assert meta["tensor_model_parallel_size"] == 2 and meta["model"]["sparse_attention"]["block"] == 8
+    assert meta["tokenizer"]["vocab_file"] == "tokenizer/vocab.json"
+    assert (ckpt / "tokenizer" / "vocab.json").is_file()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--data-path", "examples/data/nope"], "--data-path prefix 'examples/data/nope' does not exist"),
+    (["--fp16", "--bf16"], "--fp16 and --bf16 are mutually exclusive"),
+    (["--seq-length", "512"], "--seq-length=512 is longer than the model's max_position_embeddings=256"),
+    (["--vocab-file", "examples/data/missing.json"], "missing.json"),
+    (["--tensor-model-parallel-size", "3"], "world size 1 is not divisible by tensor_model_parallel_size=3"),
+])
+def test_bad_flags_fail_clearly(tmp_path, extra, message):
+    proc, _ = pretrain(tmp_path, "bad", "--train-iters", "2", *extra, check=False)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+
+def test_bad_deepspeed_json_fails_clearly(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text('{\n  "train_micro_batch_size_per_gpu": 4,\n  "zero_optimization": {"stage": 2,}\n}')
+    proc, _ = pretrain(tmp_path, "json", "--deepspeed_config", str(broken), check=False)
+    assert proc.returncode != 0 and "invalid JSON at line 3, column" in proc.stderr
+    typo = tmp_path / "typo.json"
+    typo.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_acumulation_steps": 2}))
+    proc, _ = pretrain(tmp_path, "typo", "--deepspeed_config", str(typo), check=False)
+    assert "unknown key 'gradient_acumulation_steps'; did you mean 'gradient_accumulation_steps'" in proc.stderr
+    proc, _ = pretrain(tmp_path, "batch", "--deepspeed_config", "configs/ds_zero1.json",
+                       "--global-batch-size", "6", check=False)
+    assert ("train_batch_size (global batch) 6 != micro batch 4 x gradient accumulation 1 x "
+            "data-parallel size 1 = 4") in proc.stderr
+
+
+def test_resume_mismatch_and_corruption_leave_checkpoint_untouched(tmp_path):
+    ckpt = tmp_path / "ckpt"
+    pretrain(tmp_path, "first", "--train-iters", "2", "--save", str(ckpt))
+    before = sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*"))
+    proc, _ = pretrain(tmp_path, "other", "--train-iters", "4", "--load", str(ckpt), "--save",
+                       str(ckpt), "--num-layers", "3", "--hidden-size", "96", check=False)
+    assert proc.returncode != 0
+    for diff in ("differing fields:", "hidden_size: checkpoint 64 vs flags 96",
+                 "num_layers: checkpoint 2 vs flags 3"):
+        assert diff in proc.stderr, proc.stderr
+    (ckpt / "iter_0000002" / "mp_rank_00_model_states.pt").write_bytes(b"truncated")
+    proc, _ = pretrain(tmp_path, "corrupt", "--train-iters", "4", "--load", str(ckpt), "--save",
+                       str(ckpt), check=False)
+    assert proc.returncode != 0 and "mp_rank_00_model_states.pt is corrupted or truncated" in proc.stderr
+    assert sorted(str(p.relative_to(ckpt)) for p in ckpt.rglob("*")) == before
+    assert (ckpt / "latest").read_text().strip() == "iter_0000002"
