@@ -106,9 +106,16 @@ class Trainer:
             self.log("fp16 on a CPU without native fp16 arithmetic: running emulated (slow)")
         optimizer = scheduler = None
         if "optimizer" not in ds:
-            optimizer = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr,
-                                          betas=(args.adam_beta1, args.adam_beta2),
-                                          eps=args.adam_eps)
+            offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
+            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW
+            # (decoupled decay, compiled on first use) instead of torch's.
+            if offload == "cpu":
+                from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw
+                extra = {"adamw_mode": True}
+            else:
+                adamw, extra = torch.optim.AdamW, {}
+            optimizer = adamw(param_groups(model, args.weight_decay), lr=args.lr,
+                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **extra)
             scheduler = ScheduledLR(optimizer, self._schedule())
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             # weights used outside their own module's forward (tied / untied output head)
