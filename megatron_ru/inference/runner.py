@@ -1,0 +1,174 @@
+"""generate.py's work: process groups, checkpoint + tokenizer, prompt batches, streamed and file output.
+
+Under `mpirun --np N` with N = TP size, rank 0 of the TP group draws every token and broadcasts
+it (Generator). With N > TP size the data-parallel replicas all decode the same prompts with the
+same seed (simple and deterministic; nothing is gained); only global rank 0 prints and writes.
+In interactive mode global rank 0 reads stdin and broadcasts each line to every rank.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..checkpoint.model_io import CheckpointError, atomic_write_text, load_model, read_config
+from ..config import ConfigError
+from ..data.tokenizers import TokenizerError, build_tokenizer
+from ..parallel.state import LaunchInfo, ParallelState, discover_launch
+from .cli import InputError, Settings, check_model_flags, parse, record, tokenizer_kwargs
+from .generator import Generator, PromptError
+from .sampling import SamplingError
+from .text import StopStrings, TextStream
+
+USER_ERRORS = (InputError, ConfigError, CheckpointError, TokenizerError, PromptError, SamplingError)
+INTERACTIVE_PROMPT = "Model prompt (\"stop\" or end of input to quit) >>> "
+
+
+def main(argv=None) -> int:
+    launch = discover_launch()
+    try:
+        settings = parse(argv)
+        return Session.open(settings, launch).run()
+    except USER_ERRORS as exc:
+        if launch.rank == 0:  # every rank fails alike (the checks are deterministic): say it once
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+class Session:
+    """A loaded model with its tokenizer and settings; `run()` serves the chosen input mode."""
+
+    def __init__(self, settings: Settings, ps: ParallelState, generator: Generator, tokenizer) -> None:
+        self.settings, self.args, self.ps = settings, settings.args, ps
+        self.gen, self.tok = generator, tokenizer
+        self.stops = StopStrings(settings.stops, tokenizer.detokenize)
+        self.writer = ps.rank == 0
+        self.show = self.writer and not self.args.quiet
+        self.rng = None  # only TP rank 0 draws
+        if ps.tp_rank == 0:
+            self.rng = torch.Generator(device=generator.device).manual_seed(self.args.seed)
+        self.new_tokens = 0
+
+    @classmethod
+    def open(cls, settings: Settings, launch: LaunchInfo) -> "Session":
+        args = settings.args
+        tokenizer = build_tokenizer(**tokenizer_kwargs(args))
+        config, meta = read_config(Path(args.load))
+        overrides = check_model_flags(args, meta["model"], args.load)
+        tp = args.tp or launch.world_size
+        config.validate_parallel(tp)
+        if tokenizer.vocab_size > config.vocab_size:
+            raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but the model in "
+                             f"{args.load} only {config.vocab_size}: wrong tokenizer for it")
+        limit = config.max_position_embeddings
+        if args.seq_length is not None and args.seq_length > limit:
+            raise InputError(f"--seq-length {args.seq_length} exceeds the model's "
+                             f"max_position_embeddings={limit}")
+        if launch.world_size == 1 and tp == 1:
+            ps = ParallelState.single("cuda" if torch.cuda.is_available() else "cpu")
+        else:
+            ps = ParallelState.from_environment(tensor_model_parallel_size=tp)
+        if ps.dp_size > 1 and ps.rank == 0:
+            print(f"note: {ps.world_size} processes at TP={tp}: the {ps.dp_size} replicas decode "
+                  "the same prompts; only rank 0 writes", file=sys.stderr)
+        ps.seed(args.seed)
+        dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+        model = load_model(args.load, ps, tag=args.tag, dtype=dtype, device=ps.device, **overrides)
+        generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
+                              compile=args.compile)
+        return cls(settings, ps, generator, tokenizer)
+
+    # ---- modes ----------------------------------------------------------------------------
+    def run(self) -> int:
+        if self.settings.prompts is None:
+            return self.interactive()
+        source = "--prompt" if self.args.prompt is not None else (
+            f"--sample-input-file {self.args.sample_input_file}" if self.args.sample_input_file
+            else "unconditional")
+        prompts = [(text, self.encode(text, f"prompt {i + 1} ({source})"))
+                   for i, text in enumerate(self.settings.prompts)]  # all checked before work
+        rows = [row for row in prompts for _ in range(self.settings.num_samples)]
+        t0, lines = time.perf_counter(), []
+        for start in range(0, len(rows), self.args.batch_size):
+            lines += self.generate_rows(rows[start:start + self.args.batch_size], show_prompt=True)
+        elapsed = time.perf_counter() - t0
+        if self.writer and self.args.sample_output_file:
+            out = Path(self.args.sample_output_file)
+            if not out.parent.is_dir():
+                raise InputError(f"--sample-output-file {out}: directory {out.parent} does not exist")
+            atomic_write_text(out, "".join(line + "\n" for line in lines))
+        if self.writer:
+            print(f"[{len(rows)} samples, {self.new_tokens} new tokens in {elapsed:.2f} s: "
+                  f"{self.new_tokens / max(elapsed, 1e-9):.1f} tokens/s, {self.ps}]",
+                  file=sys.stderr, flush=True)
+        return 0
+
+    def interactive(self) -> int:
+        while True:
+            line = self.read_line()
+            if line is None or line.strip() == "stop":
+                return 0
+            if not line.strip():
+                continue
+            try:  # a bad line is reported and the session goes on
+                ids = self.encode(line, "the prompt")
+                rows = [(line, ids)] * self.settings.num_samples
+                for start in range(0, len(rows), self.args.batch_size):
+                    self.generate_rows(rows[start:start + self.args.batch_size], show_prompt=False)
+            except USER_ERRORS as exc:
+                if self.writer:
+                    print(f"error: {exc}", file=sys.stderr, flush=True)
+
+    def read_line(self):
+        """Rank 0 reads a line from stdin (None at the end); every rank gets it."""
+        line = None
+        if self.ps.rank == 0:
+            print(INTERACTIVE_PROMPT, end="", file=sys.stderr, flush=True)
+            raw = sys.stdin.readline()
+            line = raw.rstrip("\r\n") if raw else None
+        if self.ps.world_size > 1:
+            box = [line]
+            dist.broadcast_object_list(box, src=0)
+            line = box[0]
+        return line
+
+    # ---- work -----------------------------------------------------------------------------
+    def encode(self, text: str, name: str) -> list[int]:
+        """Token ids of a prompt; an empty prompt is a lone end-of-text (unconditional)."""
+        ids = self.tok.tokenize(text) if text else [self.tok.eod]
+        self.gen.check_prompt(ids, name)
+        return ids
+
+    def generate_rows(self, rows: list[tuple[str, list[int]]], show_prompt: bool) -> list[str]:
+        """Decode one batch; print each sample (streamed when the batch has one row); return
+        the JSON lines."""
+        stream = TextStream(self.tok.detokenize, self.stops) if self.show and len(rows) == 1 else None
+        on_token = None
+        if stream is not None:
+            if show_prompt:
+                print(rows[0][0], end="", flush=True)
+            on_token = lambda _row, token: print(stream.push(token), end="", flush=True)  # noqa: E731
+        args = self.args
+        completions = self.gen.generate(
+            [ids for _, ids in rows], max_new_tokens=args.max_new_tokens,
+            sampling=self.settings.sampling, min_new_tokens=args.min_new_tokens,
+            generator=self.rng, stop=self.stops if self.stops else None, on_token=on_token)
+        lines = []
+        for (prompt, _), c in zip(rows, completions):
+            text = self.tok.detokenize(c.tokens)
+            if c.finish_reason == "stop":
+                text = self.stops.truncate(text)
+            self.new_tokens += len(c.tokens)
+            if stream is not None:
+                print(stream.finish(text), flush=True)
+            elif self.show:
+                print((prompt if show_prompt else "") + text, flush=True)
+            if self.show:
+                print(flush=True)
+            lines.append(record(prompt, text, c.tokens, c.finish_reason))
+        return lines

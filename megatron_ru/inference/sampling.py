@@ -1,0 +1,116 @@
+"""Pure sampling functions on full-vocabulary logits: repetition penalty, temperature, top-k, top-p.
+
+Order of application (Hugging Face's): repetition penalty and min-new-tokens (logits
+processors), then temperature, top-k, top-p (warpers), then argmax (greedy) or a draw. Every
+function takes logits (B, V) and returns new logits; filtered entries are -inf.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+NEG_INF = float("-inf")
+
+
+class SamplingError(ValueError):
+    """A sampling parameter breaks its rule; the message names the flag and the rule."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """`greedy` (or temperature 0) takes the argmax; `top_k=0` and `top_p=1.0` mean "off";
+    `repetition_penalty=1.0` means "off" (> 1 discourages tokens already in the sequence)."""
+
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise SamplingError(f"--temperature {self.temperature} must be >= 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise SamplingError(f"--top_k {self.top_k} must be an integer >= 0 (0 turns top-k off)")
+        if not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"--top_p {self.top_p} must be in (0, 1] (1 turns top-p off)")
+        if not self.repetition_penalty > 0.0:
+            raise SamplingError(f"--repetition-penalty {self.repetition_penalty} must be > 0 "
+                                "(1 turns it off)")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0.0
+
+
+GREEDY = SamplingParams(greedy=True)
+
+
+def seen_mask(token_ids: torch.Tensor, vocab_size: int,
+              valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(B, N) ids (with an optional (B, N) bool `valid`) → (B, V) bool: which ids occur per row."""
+    ids = token_ids.long()
+    if valid is not None:  # invalid entries land in an extra column that is cut off
+        ids = ids.masked_fill(~valid.bool(), vocab_size)
+    mask = torch.zeros(ids.shape[0], vocab_size + 1, dtype=torch.bool, device=ids.device)
+    return mask.scatter_(1, ids, True)[:, :vocab_size]
+
+
+def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
+    """HF's rule (CTRL paper) on every id in `seen` (B, V): negative logits are multiplied by
+    `penalty`, positive ones divided by it. Each id counts once however often it occurred."""
+    if penalty == 1.0:
+        return logits
+    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
+    return torch.where(seen, penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    if temperature <= 0.0:
+        raise SamplingError(f"temperature {temperature} must be > 0 here (0 is greedy: use argmax)")
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits per row (ties with the k-th kept too); k=0 keeps everything."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k, dim=-1).values[..., -1:]  # (B, 1)
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability sum reaches
+    p, i.e. a token is kept when the mass strictly before it (in descending order) is < p. The
+    most likely token is always kept; p=1 keeps everything."""
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+    probs = torch.softmax(sorted_logits.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs
+    drop_sorted = mass_before >= p
+    drop_sorted[..., 0] = False
+    drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    return logits.masked_fill(drop, NEG_INF)
+
+
+def warp(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Temperature, then top-k, then top-p (for a non-greedy draw)."""
+    logits = apply_temperature(logits.float(), params.temperature)
+    return top_p_filter(top_k_filter(logits, params.top_k), params.top_p)
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """The distribution a non-greedy draw samples from: softmax of the warped logits (B, V)."""
+    return torch.softmax(warp(logits, params), dim=-1)
+
+
+def sample(logits: torch.Tensor, params: SamplingParams,
+           generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Next ids (B,) from processed logits (B, V): argmax when greedy, else one draw per row."""
+    if params.is_greedy:
+        return logits.argmax(dim=-1)
+    probs = logits_to_probs(logits, params)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

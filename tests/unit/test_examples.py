@@ -1,0 +1,29 @@
+"""The shell recipes in examples/ are valid bash and pass only flags pretrain_gpt.py accepts."""
+import os
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megatron_ru.arguments import parse_pretrain_args
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {"DATA": "d/ru", "VOCAB": "v.json", "MERGES": "m.txt", "BASE": "ckpt", "RU": "d/ru",
+       "EN": "d/en", "TOKENIZER": "tok.json", "HOSTFILE": "hosts"}
+
+
+@pytest.mark.parametrize("script", ["pretrain_13b.sh", "pretrain_tlite.sh", "pretrain_tiny.sh"])
+def test_recipe_flags_parse(script, tmp_path):
+    env = {**os.environ, **ENV, "MPIRUN": "echo", "OUT": str(tmp_path / "out")}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    args = parse_pretrain_args(words[words.index("pretrain_gpt.py") + 1:])
+    assert args.train_iters > 0 and args.deepspeed_config
+    if script == "pretrain_13b.sh":
+        assert args.preset == "rugpt3-13b" and args.fp16 and args.model_overrides["sparse_mode"] == "alternating"
+    if script == "pretrain_tlite.sh":
+        assert args.bf16 and args.adam_beta2 == 0.95 and args.lr_warmup_iters == 10
+        assert args.lr_decay_style == "constant" and args.data_path == ["0.85", "d/ru", "0.15", "d/en"]
