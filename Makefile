@@ -24,14 +24,21 @@ $(STAMP): setup.py
 	$(PY) -m pip install -e ".[test]"
 	@touch $(STAMP)
 
+# The main job: train a tiny alternating-sparse ruGPT-3 on the bundled corpus (mpirun, TP=2,
+# ~2 minutes on a laptop CPU), then sample from the checkpoint it wrote.
 demo: $(STAMP)
-	PATH="$(BIN):$$PATH" $(BIN)/mpirun --np $(NP) $(PY) examples/tp_demo.py --preset tiny-gpt3 --tensor-model-parallel-size $(NP)
+	PATH="$(BIN):$$PATH" PYTHON=$(PY) MPIRUN=$(BIN)/mpirun NP=$(NP) TP=$(NP) bash examples/pretrain_tiny.sh
+	PATH="$(BIN):$$PATH" PYTHON=$(PY) bash examples/generate_tiny.sh
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" $(PY) -m pytest -q tests
 
 bench: $(STAMP)
 	$(PY) bench/model_step.py
+	$(PY) bench/attention.py
+	$(PY) bench/train.py
+	$(PY) bench/generate.py
+	$(PY) bench/data.py
 
 clean:
 	rm -rf .venv *.egg-info

@@ -20,7 +20,6 @@ import torch.distributed as dist
 
 from ..model.gpt import GPTModel
 from ..model.kv_cache import KVCache
-from ..model.rotary import inverse_frequencies, rope_cos_sin
 from .sampling import (GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, sample,
                        seen_mask)
 
@@ -48,19 +47,6 @@ class Completion:
     logits: Optional[torch.Tensor] = None
 
 
-class StaticWindowCache(KVCache):
-    """A KVCache whose steps with explicit positions attend over all `max_length` slots (future
-    slots masked by position) and read no tensor value on the host, so every decode step has the
-    same shapes and no sync: what torch.compile and CUDA graphs want. The caller checks that
-    positions are below `max_length`. Prefill (positions=None) behaves as in KVCache."""
-
-    def begin(self, t: int, positions: Optional[torch.Tensor] = None) -> int:
-        if positions is None:
-            return super().begin(t)
-        self._end, self._positions = self.max_length, positions
-        return self._end
-
-
 class Generator:
     """Samples continuations from a GPTModel (any TP size) with a KV cache.
 
@@ -80,7 +66,6 @@ class Generator:
         limit = self.config.max_position_embeddings
         self.max_length = min(max_length or limit, limit)
         self.static = compile
-        self._inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta)
         self._decode = self.forward
         if compile:
             self._decode = torch.compile(self.forward, backend=compile_backend, dynamic=False)
@@ -104,11 +89,9 @@ class Generator:
         if not self.static:
             return self.model.new_cache(batch_size, max_length)
         cfg = self.config
-        return StaticWindowCache(num_layers=cfg.num_layers, batch_size=batch_size,
-                                 max_length=max_length,
-                                 kv_heads=cfg.num_key_value_heads // self.ps.tp_size,
-                                 head_dim=cfg.head_dim, device=self.device,
-                                 dtype=self.model.embed.weight.dtype)
+        return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
+                       kv_heads=cfg.num_key_value_heads // self.ps.tp_size, head_dim=cfg.head_dim,
+                       device=self.device, dtype=self.model.embed.weight.dtype, static_window=True)
 
     def prefill(self, cache: KVCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts (B, T) with real lengths (B,) → full logits (B, V) at each
@@ -122,29 +105,9 @@ class Generator:
 
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor], cache: KVCache,
                 last: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """GPTModel.forward for sampling → this rank's logits (B, V_local) at the last token, or
-        at index `last` (B,) of each row. Unlike the model's own forward it computes the vocab
-        projection only where needed, reads no tensor on the host (torch.compile-friendly;
-        callers check positions) and reuses the rotary frequencies. Tests hold it equal to
-        the model's full forward."""
-        m, (b, t) = self.model, tokens.shape
-        if positions is None:
-            explicit = None
-            positions = torch.arange(cache.length, cache.length + t, device=tokens.device).expand(b, t)
-        else:
-            explicit = positions
-        cache.begin(t, explicit)
-        x = m.embed(tokens)  # (B, T, H)
-        if m.pos_embed is not None:
-            x = x + m.pos_embed(positions)
-        rope = None
-        if self.config.is_llama:
-            rope = rope_cos_sin(positions, self._inv_freq.to(x.device), x.dtype)
-        for block in m.blocks:
-            x = block(x, rope, cache, explicit)
-        cache.advance()
-        x = x[:, -1] if last is None else x[torch.arange(b, device=x.device), last]  # (B, H)
-        return m.compute_logits(m.final_norm(x))  # (B, V_local)
+        """The model's forward → this rank's logits (B, V_local) at each row's last token, or at
+        index `last` (B,); only there is the vocabulary projection computed."""
+        return self.model(tokens, positions, cache, logits_index="last" if last is None else last)
 
     # ---- the loop -------------------------------------------------------------------------
     @torch.inference_mode()

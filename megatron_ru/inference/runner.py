@@ -57,8 +57,12 @@ class Session:
     @classmethod
     def open(cls, settings: Settings, launch: LaunchInfo) -> "Session":
         args = settings.args
-        tokenizer = build_tokenizer(**tokenizer_kwargs(args))
         config, meta = read_config(Path(args.load))
+        saved = Path(args.load) / "tokenizer"  # training checkpoints carry their tokenizer
+        if not (args.vocab_file or args.merge_file or args.tokenizer_model or args.tokenizer_path) \
+                and saved.is_dir():
+            args.tokenizer_path = str(saved)
+        tokenizer = build_tokenizer(**tokenizer_kwargs(args))
         overrides = check_model_flags(args, meta["model"], args.load)
         tp = args.tp or launch.world_size
         config.validate_parallel(tp)

@@ -121,7 +121,10 @@ class GPTModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, labels: Optional[torch.Tensor] = None,
                 loss_mask: Optional[torch.Tensor] = None,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                attention_mask: Optional[torch.Tensor] = None,
+                logits_index: Optional[torch.Tensor | str] = None) -> torch.Tensor:
+        """`logits_index`: compute logits only at index (B,) of each row, or "last" → (B, V_local)
+        (sampling needs one position; skips the vocabulary projection elsewhere)."""
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
         max_pos = self.config.max_position_embeddings
@@ -131,7 +134,8 @@ class GPTModel(nn.Module):
                 raise ValueError(f"sequence reaches position {start + t} but the model has "
                                  f"max_position_embeddings={max_pos}")
             positions = torch.arange(start, start + t, device=tokens.device).expand(b, t)
-        elif positions.numel() and int(positions.max()) >= max_pos:
+        elif not torch.compiler.is_compiling() and positions.numel() and \
+                int(positions.max()) >= max_pos:  # compiled callers check positions themselves
             raise ValueError(f"positions reach {int(positions.max())} but the model has "
                              f"max_position_embeddings={max_pos}")
         if cache is not None:
@@ -142,8 +146,7 @@ class GPTModel(nn.Module):
         x = F.dropout(x, self.config.hidden_dropout, self.training)
         rope = None
         if self.config.is_llama:
-            inv_freq = inverse_frequencies(self.config.head_dim, self.config.rope_theta)
-            rope = rope_cos_sin(positions, inv_freq.to(x.device), x.dtype)
+            rope = rope_cos_sin(positions, self._inverse_frequencies(x.device), x.dtype)
         use_ckpt = self.checkpoint_activations and self.training and cache is None
         for block in self.blocks:
             if use_ckpt:
@@ -153,10 +156,24 @@ class GPTModel(nn.Module):
                 x = block(x, rope, cache, explicit, attention_mask)
         if cache is not None:
             cache.advance()
+        if logits_index is not None:
+            if isinstance(logits_index, str):
+                x = x[:, -1]  # (B, H)
+            else:
+                x = x[torch.arange(b, device=x.device), logits_index]  # (B, H)
         logits = self.compute_logits(self.final_norm(x))
         if labels is None:
             return logits
         return self.loss(logits, labels, loss_mask)
+
+    def _inverse_frequencies(self, device) -> torch.Tensor:
+        """RoPE inverse frequencies, computed once per device (not a buffer: meta-safe, and
+        never stored in checkpoints)."""
+        cache = self.__dict__.setdefault("_inv_freq", {})
+        key = str(device)
+        if key not in cache:
+            cache[key] = inverse_frequencies(self.config.head_dim, self.config.rope_theta).to(device)
+        return cache[key]
 
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) → (B, T, V_local). TP=1: exactly the real vocabulary. TP>1: this rank's

@@ -16,11 +16,17 @@ class KVCache:
     """
 
     def __init__(self, *, num_layers: int, batch_size: int, max_length: int, kv_heads: int,
-                 head_dim: int, device=None, dtype=torch.float32) -> None:
+                 head_dim: int, device=None, dtype=torch.float32,
+                 static_window: bool = False) -> None:
         shape = (num_layers, batch_size, kv_heads, max_length, head_dim)
         self.k = torch.zeros(shape, device=device, dtype=dtype)
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.max_length = max_length
+        # static_window: forwards with explicit positions attend over all max_length slots
+        # (future slots masked by position) and read nothing on the host, so every decode
+        # step has the same shapes: what torch.compile and CUDA graphs need. The caller keeps
+        # positions below max_length.
+        self.static_window = static_window
         self.length = 0  # slots [0, length) may be read
         self._end = 0
         self._positions: Optional[torch.Tensor] = None
@@ -34,6 +40,8 @@ class KVCache:
         None, else at the given (B, T) positions. Returns the number of key slots to attend."""
         if positions is None:
             end = self.length + t
+        elif self.static_window:
+            end = self.max_length
         else:
             if positions.shape[0] != self.batch_size:
                 raise ValueError(f"batch of {positions.shape[0]} does not match the cache's "

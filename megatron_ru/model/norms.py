@@ -28,7 +28,6 @@ class RMSNorm(nn.Module):
         self.weight = tag(nn.Parameter(torch.empty(dim, device=device, dtype=dtype)), None, ("ones",))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        in_dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(in_dtype)
+        # one fused kernel for x * rsqrt(mean(x^2) + eps) in fp32
+        normed = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
+        return self.weight * normed.to(x.dtype)

@@ -120,6 +120,20 @@ def test_mpirun_end_to_end_loss_falls_and_checkpoint_written(tmp_path):
     assert meta["tensor_model_parallel_size"] == 2 and meta["model"]["sparse_attention"]["block"] == 8
     assert meta["tokenizer"]["vocab_file"] == "tokenizer/vocab.json"
     assert (ckpt / "tokenizer" / "vocab.json").is_file()
+    # generate.py samples from the training checkpoint (its own tokenizer copy), under mpirun at
+    # the checkpoint's TP=2 and resharded to TP=1: the greedy continuations are identical.
+    outputs = []
+    for np_, tp in ((2, 2), (1, 1)):
+        out = tmp_path / f"samples_tp{tp}.jsonl"
+        args = [sys.executable, "generate.py", "--load", str(ckpt), "--greedy",
+                "--tensor-model-parallel-size", str(tp), "--prompt", "Москва — столица",
+                "--out-seq-length", "12", "--sample-output-file", str(out)]
+        cmd = [mpirun(), "--np", str(np_), *args] if np_ > 1 else args
+        gen = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
+                             timeout=180)
+        assert gen.returncode == 0, gen.stderr[-2000:]
+        outputs.append([json.loads(l) for l in out.read_text().splitlines()])
+    assert outputs[0] == outputs[1] and len(outputs[0][0]["tokens"]) > 0
 
 
 @pytest.mark.parametrize("extra,message", [
