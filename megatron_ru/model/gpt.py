@@ -43,6 +43,29 @@ def build_sparse_attention(config: ModelConfig, ps: ParallelState,
     return sparse
 
 
+class _RealVocabLinear(torch.autograd.Function):
+    """x @ weight[:v].T whose weight gradient is written straight into a padded-size buffer
+    (autograd's slice backward would allocate, zero-fill and copy the whole table)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, v):
+        ctx.save_for_backward(x, weight)
+        ctx.v = v
+        return F.linear(x, weight[:v])
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        v = ctx.v
+        grad_x = grad @ weight[:v] if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.empty_like(weight)
+            torch.mm(grad.reshape(-1, v).t(), x.reshape(-1, x.shape[-1]), out=grad_w[:v])
+            grad_w[v:].zero_()
+        return grad_x, grad_w, None
+
+
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + drop(attn(norm(x))), then x + drop(mlp(norm(x)))."""
 
@@ -180,7 +203,7 @@ class GPTModel(nn.Module):
         padded slice, with padding columns at -inf so they never win a softmax or a sample."""
         weight, group = self.output_weight(), self.ps.tp_comm
         if group is None:
-            return F.linear(x, weight[: self.config.vocab_size])
+            return _RealVocabLinear.apply(x, weight, self.config.vocab_size)
         logits = F.linear(copy_to_region(x, group), weight)
         real_end = self.config.vocab_size - self.vocab_start
         if real_end < logits.shape[-1]:
