@@ -45,6 +45,29 @@ def tp_grad_norm(model: GPTModel, ps: ParallelState) -> float:
     return math.sqrt(total.item())
 
 
+def rank0_first(ps: ParallelState, build: Callable):
+    """Run `build` on rank 0, then on the others; if rank 0 fails, every rank fails (rank 0
+    with the real error, the others quietly) instead of the others waiting forever."""
+    error, result = None, None
+    if ps.rank == 0:
+        try:
+            result = build()
+        except Exception as exc:  # re-raised below, after telling the other ranks
+            error = exc
+    if dist.is_initialized() and ps.world_size > 1:
+        failed = torch.tensor([0.0 if error is None else 1.0], device=ps.device)
+        dist.all_reduce(failed)
+        if failed.item() and error is None:
+            raise RankFailed("rank 0 failed (it reports the error)")
+    if error is not None:
+        raise error
+    return result if ps.rank == 0 else build()
+
+
+class RankFailed(ValueError):
+    """Another rank failed and reported the error; this one exits quietly."""
+
+
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
     h, m = divmod(m, 60)
@@ -79,14 +102,10 @@ class Trainer:
         self.tokens_per_iter = ds["train_batch_size"] * args.seq_length
         self.flops_per_iter = flops_per_token(self.config, args.seq_length) * self.tokens_per_iter
         self.peak = device_peak_tflops(args.peak_tflops)
-        self.data = build_train_valid_test_datasets(
+        # rank 0 builds (and caches) the indices first; the others then load them
+        self.data = rank0_first(ps, lambda: build_train_valid_test_datasets(
             args.data_path, args.split, args.seq_length, args.seed, self._sample_counts(),
-            cache_path=args.data_cache_path) if ps.rank == 0 else None
-        ps.barrier()  # rank 0 built (and cached) the indices; the others load them
-        if ps.rank != 0:
-            self.data = build_train_valid_test_datasets(
-                args.data_path, args.split, args.seq_length, args.seed, self._sample_counts(),
-                cache_path=args.data_cache_path)
+            cache_path=args.data_cache_path))
         if self.data[0] is None:
             raise ValueError(f"--split {args.split} leaves no training documents")
 

@@ -193,3 +193,11 @@ def test_every_shipped_config_trains(tmp_path, config):
         assert rec[0]["loss_scale"] == 65536.0  # fp16, initial_scale_power 16
     if config == "gpt3_13b_sparse":
         assert "1/2 sparse layers" in proc.stdout
+
+
+def test_error_on_rank0_stops_every_rank(tmp_path):
+    """A data error found while rank 0 builds the indices must not leave rank 1 waiting."""
+    proc, _ = pretrain(tmp_path, "np2", "--train-iters", "2", "--seq-length", "8192",
+                       "--max-position-embeddings", "8192", np_=2, check=False, timeout=120)
+    assert proc.returncode != 0
+    assert proc.stderr.count("pretrain_gpt.py: error:") == 1, proc.stderr[-2000:]
