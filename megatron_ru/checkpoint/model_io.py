@@ -66,7 +66,28 @@ def write_config(directory: Path, config: ModelConfig, tp_size: int, **extra) ->
                       json.dumps(config_dict(config, tp_size, **extra), indent=2, sort_keys=True) + "\n")
 
 
+def is_own_checkpoint(directory: Path) -> bool:
+    """Whether DIR/config.json is ours (a readable JSON whose "format" is megatron_ru)."""
+    path = Path(directory) / "config.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return False
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
+
+
 def read_config(directory: Path) -> tuple[ModelConfig, dict]:
+    """The model config and metadata of a checkpoint directory in any supported format: ours,
+    Hugging Face, ru-gpts or Megatron-LM (the latter three via checkpoint/convert.py)."""
+    if not Path(directory).is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    if not is_own_checkpoint(directory):
+        from .convert import read_any_config  # foreign formats; imported late (it imports us)
+        return read_any_config(Path(directory))
+    return read_own_config(directory)
+
+
+def read_own_config(directory: Path) -> tuple[ModelConfig, dict]:
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -100,6 +121,19 @@ def rank_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
     return files
 
 
+def zero3_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
+    """ZeRO-3 model-state files of every TP rank (DeepSpeed writes no mp_rank_XX file then)."""
+    tag_dir = Path(directory) / tag
+    files = [sorted(tag_dir.glob(f"zero_pp_rank_*_mp_rank_{r:02d}_model_states.pt"))
+             for r in range(tp_size)]
+    return [f for rank in files for f in rank] if all(files) else []
+
+
+def model_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
+    """The per-rank model files of a checkpoint: mp_rank_XX files, or ZeRO-3's partitions."""
+    return zero3_files(directory, tag, tp_size) or rank_files(directory, tag, tp_size)
+
+
 def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
     """Parameter name → ShardSpec at `tp_size` (from a model built on the meta device)."""
     ps = ParallelState(world_size=tp_size, tensor_model_parallel_size=tp_size)
@@ -109,10 +143,18 @@ def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
 
 
 def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
-    """Full (unsharded) tensors with real vocabulary rows only, and the model config."""
-    config, meta = read_config(directory)
+    """Full (unsharded) tensors with real vocabulary rows only, and the model config; any
+    supported format (HF, ru-gpts and Megatron-LM directories go through checkpoint/convert.py)."""
+    if not is_own_checkpoint(directory):
+        from .convert import load_any
+        config, full, _ = load_any(Path(directory), tag)
+        return config, full
+    config, meta = read_own_config(directory)
     tag = tag or latest_tag(directory)
     tp = int(meta.get("tensor_model_parallel_size", 1))
+    if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
+        from .convert import load_zero3  # ZeRO-3: the weights live in the optimizer partitions
+        return config, load_zero3(Path(directory), tag, config, tp)
     files = rank_files(directory, tag, tp)
     states = []
     for f in files:
@@ -123,17 +165,25 @@ def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[Mo
         if "module" not in blob:
             raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(blob)[:8]})")
         states.append(blob["module"])
-    specs = _shard_specs(config, tp)
+    return config, merge_shards(config, states, Path(directory) / tag)
+
+
+def merge_shards(config: ModelConfig, states: list, source) -> dict:
+    """Full tensors (real vocabulary rows) from the per-TP-rank state dicts, in our names."""
+    specs = _shard_specs(config, len(states))
     full = {}
     for name, spec in specs.items():
         parts = [s.get(name) for s in states]
         if any(p is None for p in parts):
-            raise CheckpointError(f"parameter {name} is missing from {directory / tag}")
+            raise CheckpointError(f"parameter {name} is missing from {source}")
         tensor = unshard(parts, spec)
         if name in VOCAB_PARAMS:
+            if tensor.shape[0] < config.vocab_size:
+                raise CheckpointError(f"tensor {name} in {source} has {tensor.shape[0]} rows, fewer "
+                                      f"than the vocabulary size {config.vocab_size}")
             tensor = tensor[: config.vocab_size]
         full[name] = tensor
-    return config, full
+    return full
 
 
 def shard_state_dict(full: dict, model: GPTModel) -> dict:

@@ -17,6 +17,7 @@ layout's maximum is an error. `key_mask` gives decode steps (KV cache) their exa
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 IMPLS = ("auto", "gather", "flex", "reference")
+MAX_PLANS = 4  # cached (length, device, dtype) plans per layout
 
 
 def expand_layout(layout: torch.Tensor, block: int, seq: int) -> torch.Tensor:
@@ -51,7 +53,16 @@ class BlockSparseAttention(nn.Module):
         self.max_seq = layout.shape[1] * block
         self.register_buffer("layout", layout.bool(), persistent=False)  # (H, nb, nb)
         self.tile_blocks = tile_blocks or self._choose_tile()
-        self._plans: dict = {}
+        self._plans: OrderedDict = OrderedDict()  # a few recent lengths (LRU): masks are big
+
+    def _cached(self, key, build):
+        if key in self._plans:
+            self._plans.move_to_end(key)
+            return self._plans[key]
+        value = self._plans[key] = build()
+        while len(self._plans) > MAX_PLANS:
+            self._plans.popitem(last=False)
+        return value
 
     @property
     def heads(self) -> int:
@@ -113,9 +124,10 @@ class BlockSparseAttention(nn.Module):
         """Key-block indices (H, nt, U) and the additive token mask (1, H*nt, tile*block,
         U*block) in the compute dtype (0 keep / -inf drop: ~25% faster in SDPA than a bool
         mask, which it would convert on every call). Shared by all sparse layers."""
-        key = (padded, str(device), dtype)
-        if key in self._plans:
-            return self._plans[key]
+        return self._cached((padded, str(device), dtype),
+                            lambda: self._build_plan(padded, device, dtype))
+
+    def _build_plan(self, padded: int, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         blk, tile = self.block, self.tile_blocks
         nb = padded // blk
         lay = torch.zeros(self.heads, nb, nb, dtype=torch.bool, device=self.layout.device)
@@ -134,9 +146,7 @@ class BlockSparseAttention(nn.Module):
         k_pos = (idx.unsqueeze(-1) * blk + torch.arange(blk, device=lay.device)).flatten(2)
         tok &= k_pos.unsqueeze(2) <= q_pos  # causal inside the diagonal block
         bias = torch.zeros(tok.shape, dtype=dtype, device=tok.device).masked_fill_(~tok, float("-inf"))
-        plan = (idx.to(device), bias.flatten(0, 1).unsqueeze(0).to(device))
-        self._plans[key] = plan
-        return plan
+        return idx.to(device), bias.flatten(0, 1).unsqueeze(0).to(device)
 
     def _gather(self, q, k, v, dropout_p):
         b, h, seq, d = q.shape
@@ -164,19 +174,17 @@ class BlockSparseAttention(nn.Module):
         if padded != seq:
             pad = (0, 0, 0, padded - seq)
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
-        key = ("flex", padded, str(q.device))
-        if key not in self._plans:
-            layout, blk = self.layout.to(q.device), self.block
-            nb = layout.shape[1]
+        layout, blk = self.layout.to(q.device), self.block
+        nb = layout.shape[1]
 
-            def mask_mod(b, h, q_idx, kv_idx):
-                qb, kb = (q_idx // blk).clamp(max=nb - 1), (kv_idx // blk).clamp(max=nb - 1)
-                return (q_idx >= kv_idx) & layout[h, qb, kb]
+        def mask_mod(b, h, q_idx, kv_idx):
+            qb, kb = (q_idx // blk).clamp(max=nb - 1), (kv_idx // blk).clamp(max=nb - 1)
+            return (q_idx >= kv_idx) & layout[h, qb, kb]
 
-            self._plans[key] = create_block_mask(mask_mod, B=None, H=self.heads, Q_LEN=padded,
-                                                 KV_LEN=padded, device=q.device,
-                                                 BLOCK_SIZE=(q_tile, blk))
-        out = _compiled_flex()(q, k, v, block_mask=self._plans[key])
+        block_mask = self._cached(("flex", padded, str(q.device)), lambda: create_block_mask(
+            mask_mod, B=None, H=self.heads, Q_LEN=padded, KV_LEN=padded, device=q.device,
+            BLOCK_SIZE=(q_tile, blk)))
+        out = _compiled_flex()(q, k, v, block_mask=block_mask)
         return out[:, :, :seq]
 
     # ---- decode / chunked prefill with a KV cache -----------------------------------------
