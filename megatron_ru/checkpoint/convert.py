@@ -27,7 +27,7 @@ from ..parallel.sharding import shard
 from ..parallel.state import ParallelState
 from . import hf, megatron_legacy, rugpts
 from .model_io import (FORMAT, VOCAB_PARAMS, CheckpointError, _shard_specs, atomic_torch_save,
-                       config_dict, is_own_checkpoint, latest_tag, load_full_state_dict,
+                       config_dict, is_own_checkpoint, load_full_state_dict,
                        merge_shards, read_own_config)
 
 FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy")
@@ -42,9 +42,15 @@ def detect_format(directory: Path) -> str:
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if is_own_checkpoint(directory):
         return "megatron_ru"
+    cfg = directory / "config.json"
+    if cfg.is_file():
+        try:
+            json.loads(cfg.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{cfg} is not valid JSON: {exc}") from None
     found = []
-    if hf.is_hf_dir(directory):
-        found.append("hf")
+    if hf.is_hf_dir(directory) and any((directory / f).is_file() for f in hf.WEIGHT_FILES):
+        found.append("hf")  # (ru-gpts releases ship an HF-style config.json next to mp_rank files)
     if any(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt")):
         found.append("megatron_legacy")
     if any(directory.glob("mp_rank_[0-9][0-9]_model_states.pt")) or \
@@ -53,6 +59,8 @@ def detect_format(directory: Path) -> str:
     if len(found) > 1:
         raise CheckpointError(f"{directory} mixes checkpoint formats ({' and '.join(found)}); "
                               "keep one per directory")
+    if not found and hf.is_hf_dir(directory):
+        hf.safetensors_files(directory)  # raises: config.json without weights
     if not found:
         raise CheckpointError(
             f"{directory} is not a checkpoint in a known format: expected config.json "
@@ -81,8 +89,7 @@ def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
         meta = {**meta, "tokenizer_dir": str(directory / "tokenizer")
                 if (directory / "tokenizer").is_dir() else None}
         full = load_full_state_dict(directory, tag)[1] if load else None
-        return config, full, meta
-    if fmt == "hf":
+    elif fmt == "hf":
         config, full, meta = _read_hf(directory, load)
     elif fmt == "ru_gpts":
         config, full, meta = rugpts.read(directory, tag, load=load, **hints)
@@ -171,7 +178,7 @@ def write_ours(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torch
             t = full[name]
             if name in VOCAB_PARAMS:
                 t = torch.cat([t.to(dtype), t.new_zeros(padded - t.shape[0], *t.shape[1:], dtype=dtype)])
-            state[name] = shard(t, spec, r, tp).to(dtype, copy=True).contiguous()
+            state[name] = _owned(shard(t, spec, r, tp), dtype)
             progress.update()
         atomic_torch_save({"module": state, "mp_world_size": tp},
                           dst / "release" / f"mp_rank_{r:02d}_model_states.pt")
@@ -179,6 +186,15 @@ def write_ours(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torch
     (dst / "config.json").write_text(json.dumps(config_dict(config, tp, tokenizer=tokenizer),
                                                 indent=2, sort_keys=True) + "\n")
     (dst / "latest").write_text("release\n")
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype` in a storage of its own: torch.save writes whole storages, so a view into a
+    memory-mapped file or a fused tensor must be copied; a tensor that owns its storage is not."""
+    if t.dtype == dtype and t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return torch.empty(t.shape, dtype=dtype).copy_(t)
 
 
 def _tokenizer_files(tok_dir: Optional[str]) -> list[Path]:
@@ -283,4 +299,4 @@ def _tokenizer_entry(meta: dict, files: list[Path]) -> dict:
     return {"type": "SentencePieceTokenizer", "tokenizer_model": "tokenizer/tokenizer.model"}
 
 
-__all__ = ["FORMATS", "convert", "detect_format", "load_any", "read_any_config", "latest_tag"]
+__all__ = ["FORMATS", "convert", "detect_format", "load_any", "load_zero3", "read_any_config"]

@@ -19,7 +19,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from .model_io import CheckpointError, merge_shards
-from .rugpts import rename as rugpts_rename
+from .rugpts import side_facts, rename as rugpts_rename
 
 RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position_embeddings\.", "pos_embed."),
            (r"^(?:encoder|transformer)\.(?:final_layernorm|final_norm)\.", "final_norm."),
@@ -129,6 +129,11 @@ def config_from_args(args, vocab_hint: Optional[int], source) -> ModelConfig:
     groups = a.get("num_query_groups") if a.get("group_query_attention") else None
     padded = a.get("padded_vocab_size")
     vocab = vocab_hint or a.get("vocab_size") or padded
+    if padded and vocab > padded:
+        raise CheckpointError(f"{source}: vocabulary size {vocab} exceeds the padded size {padded}")
+    if vocab == padded:
+        print(f"warning: real vocabulary size of {source} unknown; keeping all {padded} rows "
+              "(pass --vocab-size)", flush=True)
     try:
         return ModelConfig(family="llama" if llama else "gpt3", num_layers=a["num_layers"],
                            hidden_size=a["hidden_size"], num_attention_heads=heads,
@@ -180,9 +185,10 @@ def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hin
     if ru_gpts:
         from .rugpts import infer_config
         states = [rugpts_rename(b["model"], f)[0] for b, f in zip(blobs, files)]
-        config = infer_config(directory, it_dir, states, {}, hints)
+        config = infer_config(directory, it_dir, states, [], hints)
     else:
-        config = config_from_args(first.get("args"), hints.get("vocab_size"), files[0])
+        vocab = hints.get("vocab_size") or side_facts(directory, it_dir).get("vocab_size")
+        config = config_from_args(first.get("args"), vocab, files[0])
         config.validate_parallel(tp)
     meta = {"format": "megatron_legacy", "model": config.to_dict(), "tensor_model_parallel_size": tp,
             "checkpoint_version": version, "tokenizer_dir": None, "source_files": [str(f) for f in files]}

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import PRESETS, ConfigError, ModelConfig
-from ..model.sparsity import sparse_layer_indices
+from ..model.sparsity import layout_for_tp_rank, sparse_layer_indices
 from .model_io import CheckpointError, merge_shards
 
 RENAMES = [(r"^word_embeddings\.", "embed."), (r"^position_embeddings\.", "pos_embed."),
@@ -101,7 +101,7 @@ def load_rank(path: Path) -> dict:
     return state
 
 
-def _side_json(directory: Path, tag_dir: Path) -> dict:
+def side_facts(directory: Path, tag_dir: Path) -> dict:
     """Facts from JSON files next to the weights: HF-style config.json, a DeepSpeed config."""
     facts = {}
     for d in (tag_dir, directory):
@@ -125,9 +125,11 @@ def _side_json(directory: Path, tag_dir: Path) -> dict:
     return facts
 
 
-def infer_config(directory: Path, tag_dir: Path, states: list, layouts: dict, hints: dict) -> ModelConfig:
-    """ModelConfig from tensor shapes plus hints (CLI), side files and presets, in that order."""
+def infer_config(directory: Path, tag_dir: Path, states: list, rank_layouts: list, hints: dict) -> ModelConfig:
+    """ModelConfig from tensor shapes plus hints (CLI), side files and presets, in that order;
+    `rank_layouts[r]` = {layer: master_layout} of rank r."""
     mp, s0 = len(states), states[0]
+    layouts = rank_layouts[0] if rank_layouts else {}
     need = ("embed.weight", "pos_embed.weight", "blocks.0.mlp.up.weight")
     for name in need:
         if name not in s0:
@@ -135,7 +137,7 @@ def infer_config(directory: Path, tag_dir: Path, states: list, layouts: dict, hi
     hidden = s0["embed.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[1]) for k in s0 if k.startswith("blocks."))
     padded = sum(s["embed.weight"].shape[0] for s in states)
-    side = _side_json(directory, tag_dir)
+    side = side_facts(directory, tag_dir)
     preset = next((p for p in PRESETS.values() if p.get("family") == "gpt3"
                    and p["hidden_size"] == hidden and p["num_layers"] == layers), {})
     heads = hints.get("num_attention_heads") or (
@@ -163,26 +165,46 @@ def infer_config(directory: Path, tag_dir: Path, states: list, layouts: dict, hi
             raise CheckpointError(f"{tag_dir} has sparse layers {sorted(layouts)} but no sparsity "
                                   "config: pass --sparse-config DEEPSPEED.json")
     try:
-        return ModelConfig(family="gpt3", num_layers=layers, hidden_size=hidden,
-                           num_attention_heads=heads,
-                           ffn_hidden_size=s0["blocks.0.mlp.up.weight"].shape[0] * mp,
-                           vocab_size=vocab, max_position_embeddings=s0["pos_embed.weight"].shape[0],
-                           sparse_attention=sparse, sparse_mode=mode,
-                           sparse_ru_gpts_head_indexing=bool(layouts) and mp > 1)
+        config = ModelConfig(family="gpt3", num_layers=layers, hidden_size=hidden,
+                             num_attention_heads=heads,
+                             ffn_hidden_size=s0["blocks.0.mlp.up.weight"].shape[0] * mp,
+                             vocab_size=vocab, max_position_embeddings=s0["pos_embed.weight"].shape[0],
+                             sparse_attention=sparse, sparse_mode=mode)
     except ConfigError as exc:
         raise CheckpointError(f"{tag_dir}: {exc}") from None
+    if layouts:
+        config.sparse_ru_gpts_head_indexing = _head_indexing(config, rank_layouts, tag_dir)
+    return config
+
+
+def _head_indexing(config: ModelConfig, rank_layouts: list, tag_dir: Path) -> bool:
+    """Which head indexing reproduces the stored master_layout of every rank: global (False) or
+    ru-gpts' per-rank local one (True; exact only at the source TP size)."""
+    mp = len(rank_layouts)
+    stored = [lay[min(lay)] for lay in rank_layouts]  # one sparse layer per rank decides
+    seq = stored[0].shape[-1] * int(config.sparse_attention.get("block", 16))
+    for compat in (False, True):
+        built = [layout_for_tp_rank(config.sparse_attention, config.num_attention_heads, seq, r, mp,
+                                    ru_gpts_compat=compat) for r in range(mp)]
+        if all(b.shape == s.shape and torch.equal(b.to(s.dtype), s) for b, s in zip(built, stored)):
+            if compat and mp > 1:
+                print(f"warning: {tag_dir} was trained with ru-gpts' per-rank sparse layouts: "
+                      f"outputs are exact at TP={mp} only", flush=True)
+            return compat
+    raise CheckpointError(f"{tag_dir}: the stored sparse master_layout matches neither the global "
+                          "nor ru-gpts' per-rank layout of the sparsity config; check --sparse-config")
 
 
 def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
     """(ModelConfig, full state dict or None, meta) of a ru-gpts checkpoint."""
     tag_dir = find_tag(directory, tag)
     files = rank_files(tag_dir)
-    states, layouts = [], {}
+    states, layouts = [], []
     for f in files:
         state, lay = rename(load_rank(f), f)
         states.append(state)
-        layouts = layouts or lay
-    config = infer_config(directory, tag_dir, states, layouts, hints)
+        layouts.append(lay)
+    config = infer_config(directory, tag_dir, states, layouts if any(layouts) else [], hints)
     meta = {"format": "ru_gpts", "model": config.to_dict(), "tensor_model_parallel_size": len(files),
             "tokenizer_dir": str(directory) if (directory / "vocab.json").is_file() else None,
             "source_files": [str(f) for f in files]}

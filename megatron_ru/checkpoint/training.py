@@ -20,7 +20,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
-from .model_io import (CheckpointError, atomic_write_text, latest_tag, rank_files, read_config,
+from .model_io import (CheckpointError, atomic_write_text, latest_tag, model_files, read_config,
                        write_config)
 
 # Fields that may change between a checkpoint and a resumed run without changing the model.
@@ -54,11 +54,16 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
         raise ConfigError(f"checkpoint {directory} holds a different model; differing fields: "
                           + "; ".join(diff))
     src_tp = int(meta.get("tensor_model_parallel_size", 1))
+    if meta.get("format") != "megatron_ru":  # HF / ru-gpts / Megatron-LM: weights only
+        if not weights_only:
+            raise ConfigError(f"{directory} is a {meta.get('format')} checkpoint without our training "
+                              "state; add --finetune to start from its weights")
+        return None
     if not weights_only and src_tp != tp_size:
         raise ConfigError(f"resuming {directory} (saved at TP={src_tp}) at TP={tp_size} would lose "
                           "the optimizer state; use --finetune to load the weights at a new TP size")
     tag = latest_tag(Path(directory))
-    for f in rank_files(Path(directory), tag, src_tp):
+    for f in model_files(Path(directory), tag, src_tp):
         if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; truncation breaks it
             raise CheckpointError(f"{f} is corrupted or truncated (not a readable torch archive)")
     return tag

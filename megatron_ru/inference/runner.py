@@ -58,7 +58,7 @@ class Session:
     def open(cls, settings: Settings, launch: LaunchInfo) -> "Session":
         args = settings.args
         config, meta = read_config(Path(args.load))
-        saved = Path(args.load) / "tokenizer"  # training checkpoints carry their tokenizer
+        saved = Path(meta.get("tokenizer_dir") or Path(args.load) / "tokenizer")  # its own tokenizer
         if not (args.vocab_file or args.merge_file or args.tokenizer_model or args.tokenizer_path) \
                 and saved.is_dir():
             args.tokenizer_path = str(saved)

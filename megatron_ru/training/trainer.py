@@ -127,8 +127,9 @@ class Trainer:
         if "optimizer" not in ds:
             offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
             # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW
-            # (decoupled decay, compiled on first use) instead of torch's.
-            if offload == "cpu":
+            # (decoupled decay, compiled on first use) instead of torch's, unless the JSON
+            # allows a client optimizer ("zero_force_ds_cpu_optimizer": false).
+            if offload == "cpu" and ds.get("zero_force_ds_cpu_optimizer", True):
                 from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw
                 extra = {"adamw_mode": True}
             else:

@@ -1,0 +1,72 @@
+r"""Converts a checkpoint between formats (source detected) and tensor-parallel sizes.
+
+    python tools/convert_checkpoint.py --load SRC --save DST --to {hf,megatron_ru} \
+        [--target-tensor-parallel-size M] [--dtype fp16|bf16|fp32]
+
+SRC may be one of our checkpoints (any TP, ZeRO stages included), a Hugging Face directory
+(GPT2LMHeadModel / LlamaForCausalLM, safetensors), a ru-gpts DeepSpeed checkpoint, or a Megatron-LM
+legacy checkpoint. ru-gpts and Megatron pad the vocabulary: the real size is read from vocab.json /
+config.json next to the weights or a matching preset; --vocab-size overrides. Output is written to
+a temporary directory and renamed to DST when complete. Exit status 2 on bad input.
+"""
+import argparse
+import json
+import os
+import sys
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_ru.checkpoint.convert import convert  # noqa: E402
+from megatron_ru.checkpoint.model_io import CheckpointError  # noqa: E402
+from megatron_ru.config import ConfigError  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--load", required=True, help="source checkpoint directory (format detected)")
+    p.add_argument("--save", required=True, help="destination directory (must not exist)")
+    p.add_argument("--to", required=True, choices=["hf", "megatron_ru"])
+    p.add_argument("--target-tensor-parallel-size", type=int, default=None,
+                   help="TP size of a megatron_ru output (default 1)")
+    p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
+                   help="output precision (default: the source's)")
+    p.add_argument("--tag", default=None, help="source tag / iteration directory (default: latest)")
+    p.add_argument("--vocab-size", type=int, default=None,
+                   help="real vocabulary size of a ru-gpts / Megatron source (drops padding rows)")
+    p.add_argument("--num-attention-heads", type=int, default=None,
+                   help="heads of a ru-gpts source when neither the weights nor a config say")
+    p.add_argument("--sparse-config", default=None,
+                   help="DeepSpeed JSON with the sparse_attention section of a sparse ru-gpts source")
+    p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="HF safetensors shard size")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    hints = {"vocab_size": args.vocab_size, "num_attention_heads": args.num_attention_heads}
+    try:
+        if args.sparse_config:
+            with open(args.sparse_config, encoding="utf-8") as f:
+                section = json.load(f).get("sparse_attention")
+            if not isinstance(section, dict):
+                raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
+            hints["sparse_attention"] = section
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+            dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
+                          dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
+                          max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                          **{k: v for k, v in hints.items() if v is not None})
+    except (CheckpointError, ConfigError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
