@@ -119,11 +119,12 @@ def check_shapes(config: ModelConfig, full: dict, source) -> None:
     for name in VOCAB_PARAMS:
         if name in expected:
             expected[name] = (config.vocab_size, *expected[name][1:])
+    shape_of = getattr(full, "shape_of", lambda n: tuple(full[n].shape))  # lazy: no merge
     for name, shape in expected.items():
         if name not in full:
             raise CheckpointError(f"{source}: tensor {name} is missing")
-        if tuple(full[name].shape) != shape:
-            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(full[name].shape)}, "
+        if tuple(shape_of(name)) != shape:
+            raise CheckpointError(f"{source}: tensor {name} has shape {tuple(shape_of(name))}, "
                                   f"the model config implies {shape}")
     extra = sorted(set(full) - set(expected))
     if extra:

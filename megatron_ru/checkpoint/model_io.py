@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Optional
 
@@ -155,17 +156,7 @@ def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[Mo
     if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
         from .convert import load_zero3  # ZeRO-3: the weights live in the optimizer partitions
         return config, load_zero3(Path(directory), tag, config, tp)
-    files = rank_files(directory, tag, tp)
-    states = []
-    for f in files:
-        try:
-            blob = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as exc:  # a truncated or foreign file: say which one
-            raise CheckpointError(f"cannot read {f}: {exc}") from None
-        if "module" not in blob:
-            raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(blob)[:8]})")
-        states.append(blob["module"])
-    return config, merge_shards(config, states, Path(directory) / tag)
+    return config, LazyFullState(config, rank_files(directory, tag, tp), Path(directory) / tag)
 
 
 def merge_shards(config: ModelConfig, states: list, source) -> dict:
@@ -184,6 +175,61 @@ def merge_shards(config: ModelConfig, states: list, source) -> dict:
             tensor = tensor[: config.vocab_size]
         full[name] = tensor
     return full
+
+
+def _load_module(f: Path) -> dict:
+    try:
+        blob = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read {f}: {exc}") from None
+    if "module" not in blob:
+        raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(blob)[:8]})")
+    return blob["module"]
+
+
+class LazyFullState(Mapping):
+    """Full tensors (real vocabulary rows) of our checkpoint, merged from the TP rank files when
+    a tensor is asked for. The files are memory-mapped only while one tensor is merged, so a
+    conversion holds its output plus one tensor, never the source and a full copy at once.
+    Names, shard presence and shapes are checked up front."""
+
+    def __init__(self, config: ModelConfig, files: list, source) -> None:
+        self.config, self.files, self.source = config, list(files), source
+        self.specs = _shard_specs(config, len(self.files))
+        shapes = [{k: tuple(v.shape) for k, v in _load_module(f).items()} for f in self.files]
+        self.shapes = {}
+        for name, spec in self.specs.items():
+            parts = [s.get(name) for s in shapes]
+            if any(p is None for p in parts):
+                raise CheckpointError(f"parameter {name} is missing from {source}")
+            shape = list(parts[0])
+            if spec is not None and len(parts) > 1:
+                shape[spec.dim] = sum(p[spec.dim] for p in parts)
+            if name in VOCAB_PARAMS:
+                if shape[0] < config.vocab_size:
+                    raise CheckpointError(f"tensor {name} in {source} has {shape[0]} rows, fewer "
+                                          f"than the vocabulary size {config.vocab_size}")
+                shape[0] = config.vocab_size
+            self.shapes[name] = tuple(shape)
+
+    def __iter__(self):
+        return iter(self.specs)
+
+    def __len__(self) -> int:
+        return len(self.specs)
+
+    def shape_of(self, name: str) -> tuple:
+        return self.shapes[name]
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.specs:
+            raise KeyError(name)
+        parts = [_load_module(f)[name] for f in self.files]
+        tensor = unshard(parts, self.specs[name])
+        if name in VOCAB_PARAMS:
+            tensor = tensor[: self.config.vocab_size]
+        # own the memory: a view would keep the whole memory-mapped file resident
+        return tensor.clone() if len(parts) == 1 or self.specs[name] is None else tensor
 
 
 def shard_state_dict(full: dict, model: GPTModel) -> dict:
