@@ -96,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--attention-dropout", type=float)
     m.add_argument("--checkpoint-activations", action="store_true", default=None)
     m.add_argument("--sparse-mode", choices=SPARSE_MODES,
-                   help="which layers use the DeepSpeed config's sparse_attention layout")
+                   help="which layers use the DeepSpeed config's sparse_attention layout "
+                        "(dense: none, e.g. the 13B preset run dense)")
     m.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"))
     m.add_argument("--tensor-model-parallel-size", "--model-parallel-size", type=int, default=1)
 

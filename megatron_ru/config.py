@@ -16,7 +16,7 @@ class ConfigError(ValueError):
 
 
 FAMILIES = ("gpt3", "llama")
-SPARSE_MODES = SPARSE_LAYER_MODES
+SPARSE_MODES = SPARSE_LAYER_MODES + ("dense",)  # dense: ignore the layout, every layer dense
 
 
 @dataclass
@@ -119,7 +119,8 @@ class ModelConfig:
 
     def sparse_layers(self) -> list[bool]:
         """Which layers use block-sparse attention (ru-gpts' --sparse-mode rules)."""
-        if self.sparse_attention is None or self.sparse_attention.get("mode", "fixed") == "dense":
+        if self.sparse_attention is None or self.sparse_attention.get("mode", "fixed") == "dense" \
+                or self.sparse_mode == "dense":
             return [False] * self.num_layers
         return sparse_layer_indices(self.num_layers, self.sparse_mode)
 

@@ -87,6 +87,9 @@ def detect_format(path, requested):
     stem = path[:-3] if path.endswith(".gz") else path
     if stem.endswith((".jsonl", ".json")):
         return "jsonl"
+    if not os.path.isfile(path):  # a pipe or FIFO: peeking would consume it
+        raise InputError(f"--input {path} is not a regular file: give --input-format "
+                              "jsonl, lines or blocks explicitly")
     with _open(path) as f:
         return "blocks" if any(not line.strip() for line in f) else "lines"
 

@@ -264,8 +264,9 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp."))
     total = len(hf.key_map(config)) if to == "hf" else len(full) * tp
+    sink = open(os.devnull, "w") if quiet else None
     progress = Progress(f"converting {meta['format']} → {to}", total=total, unit="tensors",
-                        stream=open(os.devnull, "w") if quiet else None)
+                        stream=sink)
     try:
         tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
         if to == "hf":
@@ -283,6 +284,8 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
             shutil.rmtree(dst)
         os.replace(tmp, dst)
     finally:
+        if sink is not None:
+            sink.close()
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dst

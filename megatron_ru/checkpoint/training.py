@@ -23,6 +23,19 @@ from ..parallel.state import ParallelState
 from .model_io import (CheckpointError, atomic_write_text, latest_tag, model_files, read_config,
                        write_config)
 
+# Tokenizer files as stored in a checkpoint's tokenizer/ directory (the names HF and
+# generate.py's --tokenizer-path look for).
+CANONICAL = ("vocab_file", "merge_file", "tokenizer_model")
+
+
+def canonical_name(key: str, src: str) -> str:
+    if key == "vocab_file":
+        return "vocab.json"
+    if key == "merge_file":
+        return "merges.txt"
+    return "tokenizer.json" if str(src).endswith(".json") else "tokenizer.model"
+
+
 # Fields that may change between a checkpoint and a resumed run without changing the model.
 RUNTIME_FIELDS = {"hidden_dropout", "attention_dropout", "checkpoint_activations", "sparse_impl"}
 
@@ -83,17 +96,16 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
             tok_dir = root / "tokenizer"
             tok_dir.mkdir(exist_ok=True)
             for key, src in tokenizer_files.items():
-                if key != "type":
-                    shutil.copyfile(src, tok_dir / Path(src).name)
+                if key in CANONICAL:  # canonical names: loaders find them without config.json
+                    shutil.copyfile(src, tok_dir / canonical_name(key, src))
     ps.barrier()
     engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
     ps.barrier()
     if ps.rank == 0:
         tokenizer = None
         if tokenizer_files:
-            tokenizer = {k: f"tokenizer/{Path(v).name}" for k, v in tokenizer_files.items()
-                         if k != "type"}
-            tokenizer["type"] = tokenizer_files.get("type")
+            tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
+                         for k, v in tokenizer_files.items()}
         write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
         old = root / f"{tag}.old"
         if final.exists():

@@ -50,11 +50,15 @@ def collate(samples):
     return {k: torch.as_tensor(np.stack([np.asarray(s[k]) for s in samples])) for k in samples[0]}
 
 
-def build_data_loader(dataset, *, consumed_samples, micro_batch_size, dp_rank, dp_size, num_workers=0):
-    """A torch DataLoader over `dataset` for one DP rank, resumable from `consumed_samples`."""
+def build_data_loader(dataset, *, consumed_samples, micro_batch_size, dp_rank, dp_size, num_workers=0,
+                      seed=0):
+    """A torch DataLoader over `dataset` for one DP rank, resumable from `consumed_samples`.
+    It has its own generator: creating its iterator must not draw from the global RNG, or a
+    resumed run would see other dropout masks than an uninterrupted one."""
     sampler = DataParallelSampler(len(dataset), consumed_samples, micro_batch_size, dp_rank, dp_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       collate_fn=collate, pin_memory=False)
+                                       collate_fn=collate, pin_memory=False,
+                                       generator=torch.Generator().manual_seed(seed))
 
 
 def get_batch(text, eod, *, eod_mask_loss=False, reset_position_ids=False, reset_attention_mask=False):

@@ -117,6 +117,9 @@ def parse(argv=None) -> Settings:
     args = build_parser().parse_args(argv)
     if args.fp16 and args.bf16:
         raise InputError("--fp16 and --bf16 exclude each other")
+    if args.sample_output_file and not Path(args.sample_output_file).parent.is_dir():
+        out = Path(args.sample_output_file)  # say it now, not after hours of sampling
+        raise InputError(f"--sample-output-file {out}: directory {out.parent} does not exist")
     try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty,

@@ -86,12 +86,7 @@ class Generator:
 
     # ---- the two phases -------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        if not self.static:
-            return self.model.new_cache(batch_size, max_length)
-        cfg = self.config
-        return KVCache(num_layers=cfg.num_layers, batch_size=batch_size, max_length=max_length,
-                       kv_heads=cfg.num_key_value_heads // self.ps.tp_size, head_dim=cfg.head_dim,
-                       device=self.device, dtype=self.model.embed.weight.dtype, static_window=True)
+        return self.model.new_cache(batch_size, max_length, static_window=self.static)
 
     def prefill(self, cache: KVCache, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Right-padded prompts (B, T) with real lengths (B,) → full logits (B, V) at each

@@ -62,6 +62,10 @@ class Session:
         if not (args.vocab_file or args.merge_file or args.tokenizer_model or args.tokenizer_path) \
                 and saved.is_dir():
             args.tokenizer_path = str(saved)
+            recorded = meta.get("tokenizer") or {}  # what training used, e.g. --eod-token <pad>
+            args.tokenizer_type = args.tokenizer_type or recorded.get("type")
+            if args.eod_token is None:
+                args.eod_token = recorded.get("eod_token")
         tokenizer = build_tokenizer(**tokenizer_kwargs(args))
         overrides = check_model_flags(args, meta["model"], args.load)
         tp = args.tp or launch.world_size
@@ -102,10 +106,7 @@ class Session:
             lines += self.generate_rows(rows[start:start + self.args.batch_size], show_prompt=True)
         elapsed = time.perf_counter() - t0
         if self.writer and self.args.sample_output_file:
-            out = Path(self.args.sample_output_file)
-            if not out.parent.is_dir():
-                raise InputError(f"--sample-output-file {out}: directory {out.parent} does not exist")
-            atomic_write_text(out, "".join(line + "\n" for line in lines))
+            atomic_write_text(Path(self.args.sample_output_file), "".join(line + "\n" for line in lines))
         if self.writer:
             print(f"[{len(rows)} samples, {self.new_tokens} new tokens in {elapsed:.2f} s: "
                   f"{self.new_tokens / max(elapsed, 1e-9):.1f} tokens/s, {self.ps}]",

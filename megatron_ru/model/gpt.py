@@ -229,10 +229,11 @@ class GPTModel(nn.Module):
         dist.all_gather(parts, logits.contiguous(), group=group)
         return torch.cat(parts, dim=-1)[..., : self.config.vocab_size]
 
-    def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None) -> KVCache:
+    def new_cache(self, batch_size: int, max_length: Optional[int] = None, dtype=None,
+                  static_window: bool = False) -> KVCache:
         cfg = self.config
         param = self.embed.weight
         return KVCache(num_layers=cfg.num_layers, batch_size=batch_size,
                        max_length=max_length or cfg.max_position_embeddings,
                        kv_heads=cfg.num_key_value_heads // self.ps.tp_size, head_dim=cfg.head_dim,
-                       device=param.device, dtype=dtype or param.dtype)
+                       device=param.device, dtype=dtype or param.dtype, static_window=static_window)

@@ -102,17 +102,19 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
             "e.g. the one from the `mpich` wheel in your virtual environment)")
     local_rank = comm.Split_type(MPI.COMM_TYPE_SHARED).Get_rank()
     hosts = comm.allgather(socket.gethostname())
-    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        addr, port = os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]
-    else:
-        if comm.Get_rank() == 0:
+    # Rank 0 decides (its own MASTER_ADDR/PORT if set, since mpirun may not forward them to other
+    # nodes) and every rank takes part in the broadcast, also when rank 0 fails to choose.
+    choice = None
+    if comm.Get_rank() == 0:
+        try:
             single_node = all(h == hosts[0] for h in hosts)
             addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if single_node else _routable_address())
-            port = os.environ.get("MASTER_PORT") or str(_free_port())
-            choice = (addr, port)
-        else:
-            choice = None
-        addr, port = comm.bcast(choice, root=0)
+            choice = (addr, os.environ.get("MASTER_PORT") or str(_free_port()))
+        except ConfigError as exc:
+            choice = ("error", str(exc))
+    addr, port = comm.bcast(choice, root=0)
+    if addr == "error":
+        raise ConfigError(port)
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = addr, str(port)
     return LaunchInfo(info.launcher, comm.Get_rank(), comm.Get_size(), local_rank)
 

@@ -139,6 +139,9 @@ def build(args, dp_size: int, log) -> tuple[dict, Optional[dict], str]:
     for section in ("optimizer", "scheduler"):
         if section in ds:
             log(f"{section} {ds[section].get('type', '?')} from {path} wins over the flags")
+    if "activation_checkpointing" in ds:
+        log(f"the activation_checkpointing section of {path} is passed to DeepSpeed, but our model "
+            "checkpoints activations only with --checkpoint-activations")
     ds.setdefault("steps_per_print", 10**9)  # we log ourselves
     ds.setdefault("zero_allow_untested_optimizer", True)
     return ds, sparse, precision

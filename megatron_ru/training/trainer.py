@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -13,7 +14,7 @@ from ..arguments import TrainArgs, model_config
 from ..checkpoint import training as ckpt
 from ..checkpoint.model_io import load_full_state_dict, shard_state_dict
 from ..data import build_train_valid_test_datasets
-from ..data.batch import DataParallelSampler, collate, get_batch
+from ..data.batch import build_data_loader, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
@@ -61,7 +62,20 @@ def rank0_first(ps: ParallelState, build: Callable):
             raise RankFailed("rank 0 failed (it reports the error)")
     if error is not None:
         raise error
-    return result if ps.rank == 0 else build()
+    if ps.rank != 0:
+        try:
+            result = build()
+        except Exception as exc:
+            error = exc
+    if dist.is_initialized() and ps.world_size > 1:  # a rank that cannot see the data
+        failed = torch.tensor([0.0 if error is None else 1.0], device=ps.device)
+        dist.all_reduce(failed)
+        if error is not None:  # rank 0 only says that another rank failed: say what
+            print(f"pretrain_gpt.py: error on rank {ps.rank}: {error}", file=sys.stderr, flush=True)
+            raise RankFailed(f"rank {ps.rank}: {error}") from error
+        if failed.item():
+            raise ValueError(f"rank {ps.rank}: another rank failed to build the datasets")
+    return result
 
 
 class RankFailed(ValueError):
@@ -81,6 +95,7 @@ class Trainer:
         self.args, self.ps = args, ps
         self.log = log or (lambda msg: print(msg, flush=True) if ps.rank == 0 else None)
         self.iteration = self.consumed = self.consumed_valid = 0
+        self.loaded_iteration = None
         self.setup()
 
     # ---- construction ---------------------------------------------------------------------
@@ -136,7 +151,8 @@ class Trainer:
                 adamw, extra = torch.optim.AdamW, {}
             optimizer = adamw(param_groups(model, args.weight_decay), lr=args.lr,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **extra)
-            scheduler = ScheduledLR(optimizer, self._schedule())
+        if "scheduler" not in ds:  # ours, around whichever optimizer DeepSpeed ends up stepping
+            scheduler = lambda opt: ScheduledLR(opt, self._schedule())  # noqa: E731
         if ds.get("zero_optimization", {}).get("stage", 0) == 3:
             # weights used outside their own module's forward (tied / untied output head)
             for p in {id(model.embed.weight): model.embed.weight,
@@ -148,7 +164,7 @@ class Trainer:
         if args.load and not args.finetune:
             client = ckpt.load_training_checkpoint(self.engine, args.load,
                                                    load_optimizer=not args.no_load_optim)
-            self.iteration = int(client.get("iteration", 0))
+            self.iteration = self.loaded_iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_samples", 0))
             self.consumed_valid = int(client.get("consumed_valid_samples", 0))
             if "rng" in client:
@@ -177,14 +193,10 @@ class Trainer:
         return (a.train_iters * gb, evals * a.eval_iters * gb, a.eval_iters * gb)
 
     def _loader(self, dataset, consumed: int):
-        sampler = DataParallelSampler(len(dataset), consumed, self.ds["train_micro_batch_size_per_gpu"],
-                                      self.ps.dp_rank, self.ps.dp_size)
-        # Own generator: creating the iterator must not draw from the global RNG, or a resumed
-        # run would see different dropout masks than an uninterrupted one.
-        loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=self.args.num_workers,
-                                             generator=torch.Generator().manual_seed(self.args.seed))
-        return iter(loader)
+        return iter(build_data_loader(dataset, consumed_samples=consumed,
+                                      micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
+                                      dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
+                                      num_workers=self.args.num_workers, seed=self.args.seed))
 
     # ---- one forward ----------------------------------------------------------------------
     def _forward(self, batch) -> torch.Tensor:
@@ -248,7 +260,8 @@ class Trainer:
                 self.save()
         if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval:
             self.evaluate()
-        if a.save and (not a.save_interval or self.iteration % a.save_interval):
+        if a.save and (not a.save_interval or self.iteration % a.save_interval) and \
+                self.iteration != self.loaded_iteration:  # a resumed run that had nothing to do
             self.save()
         self.sink.close()
         return history
@@ -283,12 +296,16 @@ class Trainer:
     def evaluate(self) -> float:
         a, accum = self.args, self.engine.gradient_accumulation_steps()
         self.engine.eval()
-        data_iter = self._loader(self.data[1], self.consumed_valid)
-        losses = []
+        valid, gb = self.data[1], self.ds["train_batch_size"]
+        losses, data_iter = [], None
         for _ in range(a.eval_iters):
+            if self.consumed_valid + gb > len(valid):  # sized for the planned evaluations; a
+                self.consumed_valid, data_iter = 0, None  # resumed/extended run starts over
+            if data_iter is None:
+                data_iter = self._loader(valid, self.consumed_valid)
             for _ in range(accum):
                 losses.append(self._forward(next(data_iter)).float().item())
-            self.consumed_valid += self.ds["train_batch_size"]
+            self.consumed_valid += gb
         self.engine.train()
         val = self._dp_mean(sum(losses) / len(losses))
         ppl = math.exp(min(val, 50.0))
@@ -300,7 +317,7 @@ class Trainer:
         a = self.args
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps)}
-        files = {"type": a.tokenizer_type}
+        files = {"type": a.tokenizer_type, "eod_token": a.eod_token}
         for key in ("vocab_file", "merge_file", "tokenizer_model"):
             if getattr(a, key):
                 files[key] = getattr(a, key)

@@ -32,10 +32,10 @@ def run(np_: int, *args, timeout=240):
     return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_ranks_found_and_all_reduce_without_master_env():
-    proc = run(2, "tests/e2e/mpi_probe.py", "2")
+def test_two_ranks_found_and_all_reduce_without_master_env(tmp_path):
+    proc = run(2, "tests/e2e/mpi_probe.py", "2", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
-    rows = sorted((json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")),
+    rows = sorted((json.loads(f.read_text()) for f in tmp_path.glob("rank*.json")),
                   key=lambda r: r["rank"])
     assert [r["rank"] for r in rows] == [0, 1]
     assert all(r["world"] == 2 and r["launcher"] == "mpich" for r in rows)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from megatron_ru.training.optim import LRSchedule
+
 from tests.e2e.test_mpirun import clean_env, mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -118,7 +120,7 @@ def test_mpirun_end_to_end_loss_falls_and_checkpoint_written(tmp_path):
     assert (ckpt / "iter_0000015").is_dir() and not list(ckpt.glob("*.tmp"))
     meta = json.loads((ckpt / "config.json").read_text())
     assert meta["tensor_model_parallel_size"] == 2 and meta["model"]["sparse_attention"]["block"] == 8
-    assert meta["tokenizer"]["vocab_file"] == "tokenizer/vocab.json"
+    assert meta["tokenizer"]["vocab_file"] == "tokenizer/vocab.json" and "eod_token" in meta["tokenizer"]
     assert (ckpt / "tokenizer" / "vocab.json").is_file()
     # generate.py samples from the training checkpoint (its own tokenizer copy), under mpirun at
     # the checkpoint's TP=2 and resharded to TP=1: the greedy continuations are identical.
@@ -207,3 +209,24 @@ def test_error_on_rank0_stops_every_rank(tmp_path):
                        "--max-position-embeddings", "8192", np_=2, check=False, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count("pretrain_gpt.py: error:") == 1, proc.stderr[-2000:]
+
+
+def test_json_optimizer_keeps_our_schedule_and_json_scheduler_wins(tmp_path):
+    opt = {"type": "AdamW", "params": {"lr": 3e-3, "betas": [0.9, 0.95], "eps": 1e-8,
+                                       "weight_decay": 0.01, "torch_adam": True}}
+    cfg = tmp_path / "opt.json"
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "optimizer": opt}))
+    proc, rec = pretrain(tmp_path, "opt", "--train-iters", "3", "--lr", "3e-3",
+                         "--lr-warmup-iters", "2", "--deepspeed_config", str(cfg))
+    assert "optimizer AdamW from" in proc.stdout
+    ours = LRSchedule(lr=3e-3, min_lr=0.0, warmup=2, decay_iters=6, style="cosine")
+    # logged: the LR the next step uses, i.e. the schedule after 1, 2, 3 optimizer steps
+    assert [r["lr"] for r in rec] == pytest.approx([ours(1), ours(2), ours(3)])
+    assert rec[2]["lr"] < rec[1]["lr"]  # the cosine decay really runs with the JSON optimizer
+    sched = {"type": "WarmupLR", "params": {"warmup_min_lr": 0, "warmup_max_lr": 1e-3,
+                                            "warmup_num_steps": 10}}
+    cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "scheduler": sched}))
+    proc, rec = pretrain(tmp_path, "sched", "--train-iters", "3", "--lr", "3e-3",
+                         "--deepspeed_config", str(cfg))
+    assert "scheduler WarmupLR from" in proc.stdout
+    assert all(r["lr"] <= 1e-3 for r in rec), [r["lr"] for r in rec]  # the JSON's, not --lr

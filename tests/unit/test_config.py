@@ -92,3 +92,5 @@ def test_sparse_modes():
     assert ModelConfig(num_layers=4, sparse_attention=sparse, sparse_mode="all").sparse_layers() == [True] * 4
     assert ModelConfig(num_layers=4, sparse_attention=sparse, sparse_mode="top_bottom").sparse_layers() == [True, True, False, False]
     assert ModelConfig(num_layers=4).sparse_layers() == [False] * 4
+    assert ModelConfig(num_layers=4, sparse_attention=sparse, sparse_mode="dense").sparse_layers() == [False] * 4
+    assert not any(ModelConfig.from_preset("rugpt3-13b", sparse_mode="dense").sparse_layers())
