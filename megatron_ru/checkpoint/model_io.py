@@ -177,14 +177,17 @@ def merge_shards(config: ModelConfig, states: list, source) -> dict:
     return full
 
 
-def _load_module(f: Path) -> dict:
+def load_module(path: Path) -> dict:
+    """The `module` state dict of one DeepSpeed model-states file (memory-mapped)."""
     try:
-        blob = torch.load(f, map_location="cpu", weights_only=False, mmap=True)
+        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     except Exception as exc:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"cannot read {f}: {exc}") from None
-    if "module" not in blob:
-        raise CheckpointError(f"{f} has no 'module' entry (keys: {sorted(blob)[:8]})")
-    return blob["module"]
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    state = blob.get("module") if isinstance(blob, dict) else None
+    if not isinstance(state, dict):
+        keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__
+        raise CheckpointError(f"{path} has no 'module' state dict (keys: {keys})")
+    return state
 
 
 class LazyFullState(Mapping):
@@ -196,7 +199,7 @@ class LazyFullState(Mapping):
     def __init__(self, config: ModelConfig, files: list, source) -> None:
         self.config, self.files, self.source = config, list(files), source
         self.specs = _shard_specs(config, len(self.files))
-        shapes = [{k: tuple(v.shape) for k, v in _load_module(f).items()} for f in self.files]
+        shapes = [{k: tuple(v.shape) for k, v in load_module(f).items()} for f in self.files]
         self.shapes = {}
         for name, spec in self.specs.items():
             parts = [s.get(name) for s in shapes]
@@ -224,7 +227,7 @@ class LazyFullState(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
             raise KeyError(name)
-        parts = [_load_module(f)[name] for f in self.files]
+        parts = [load_module(f)[name] for f in self.files]
         tensor = unshard(parts, self.specs[name])
         if name in VOCAB_PARAMS:
             tensor = tensor[: self.config.vocab_size]

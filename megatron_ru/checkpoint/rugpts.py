@@ -19,7 +19,7 @@ import torch
 
 from ..config import PRESETS, ConfigError, ModelConfig
 from ..model.sparsity import layout_for_tp_rank, sparse_layer_indices
-from .model_io import CheckpointError, merge_shards
+from .model_io import CheckpointError, load_module, merge_shards
 
 RENAMES = [(r"^word_embeddings\.", "embed."), (r"^position_embeddings\.", "pos_embed."),
            (r"^transformer\.final_layernorm\.", "final_norm."),
@@ -88,17 +88,6 @@ def rank_files(tag_dir: Path) -> list[Path]:
     if missing:
         raise CheckpointError(f"checkpoint {tag_dir} is incomplete: missing {', '.join(missing)}")
     return [tag_dir / f"mp_rank_{r:02d}_model_states.pt" for r in ranks]
-
-
-def load_rank(path: Path) -> dict:
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
-    state = blob.get("module") if isinstance(blob, dict) else None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path} has no 'module' state dict (keys: {sorted(blob)[:8]})")
-    return state
 
 
 def side_facts(directory: Path, tag_dir: Path) -> dict:
@@ -201,7 +190,7 @@ def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hin
     files = rank_files(tag_dir)
     states, layouts = [], []
     for f in files:
-        state, lay = rename(load_rank(f), f)
+        state, lay = rename(load_module(f), f)
         states.append(state)
         layouts.append(lay)
     config = infer_config(directory, tag_dir, states, layouts if any(layouts) else [], hints)
