@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ModelConfig
-from .model_io import CheckpointError, merge_shards
+from .model_io import CheckpointError, merge_shards, rename_key
 from .rugpts import side_facts, rename as rugpts_rename
 
 RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position_embeddings\.", "pos_embed."),
@@ -98,13 +98,10 @@ def rename(flat: dict, source) -> dict:
     for key, value in flat.items():
         if key.endswith("_extra_state") or "rotary" in key:
             continue
-        for pattern, repl in RENAMES:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                out[new] = value
-                break
-        else:
+        new = rename_key(key, RENAMES)
+        if new is None:
             raise CheckpointError(f"{source}: tensor {key} is not part of a supported Megatron GPT")
+        out[new] = value
     return out
 
 

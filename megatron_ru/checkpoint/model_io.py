@@ -12,8 +12,10 @@ written at TP=4 samples at TP=1 or TP=2 without a conversion step.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -156,25 +158,22 @@ def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[Mo
     if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
         from .convert import load_zero3  # ZeRO-3: the weights live in the optimizer partitions
         return config, load_zero3(Path(directory), tag, config, tp)
-    return config, LazyFullState(config, rank_files(directory, tag, tp), Path(directory) / tag)
+    loaders = [functools.partial(load_module, f) for f in rank_files(directory, tag, tp)]
+    return config, LazyFullState(config, loaders, Path(directory) / tag)
 
 
 def merge_shards(config: ModelConfig, states: list, source) -> dict:
     """Full tensors (real vocabulary rows) from the per-TP-rank state dicts, in our names."""
-    specs = _shard_specs(config, len(states))
-    full = {}
-    for name, spec in specs.items():
-        parts = [s.get(name) for s in states]
-        if any(p is None for p in parts):
-            raise CheckpointError(f"parameter {name} is missing from {source}")
-        tensor = unshard(parts, spec)
-        if name in VOCAB_PARAMS:
-            if tensor.shape[0] < config.vocab_size:
-                raise CheckpointError(f"tensor {name} in {source} has {tensor.shape[0]} rows, fewer "
-                                      f"than the vocabulary size {config.vocab_size}")
-            tensor = tensor[: config.vocab_size]
-        full[name] = tensor
-    return full
+    return dict(LazyFullState(config, [lambda s=s: s for s in states], source, own_memory=False))
+
+
+def rename_key(name: str, renames) -> Optional[str]:
+    """`name` after the first (pattern, replacement) of `renames` that matches, else None."""
+    for pattern, repl in renames:
+        new, n = re.subn(pattern, repl, name)
+        if n:
+            return new
+    return None
 
 
 def load_module(path: Path) -> dict:
@@ -191,15 +190,16 @@ def load_module(path: Path) -> dict:
 
 
 class LazyFullState(Mapping):
-    """Full tensors (real vocabulary rows) of our checkpoint, merged from the TP rank files when
-    a tensor is asked for. The files are memory-mapped only while one tensor is merged, so a
-    conversion holds its output plus one tensor, never the source and a full copy at once.
-    Names, shard presence and shapes are checked up front."""
+    """Full tensors (real vocabulary rows) merged from per-TP-rank state dicts when a tensor is
+    asked for. `loaders` give each rank's state dict; for checkpoint files they memory-map it
+    only while one tensor is merged, so a conversion holds its output plus one tensor, never the
+    source and a full copy at once. Names, shard presence and shapes are checked up front."""
 
-    def __init__(self, config: ModelConfig, files: list, source) -> None:
-        self.config, self.files, self.source = config, list(files), source
-        self.specs = _shard_specs(config, len(self.files))
-        shapes = [{k: tuple(v.shape) for k, v in load_module(f).items()} for f in self.files]
+    def __init__(self, config: ModelConfig, loaders: list, source, own_memory: bool = True) -> None:
+        self.config, self.loaders, self.source = config, list(loaders), source
+        self.own_memory = own_memory
+        self.specs = _shard_specs(config, len(self.loaders))
+        shapes = [{k: tuple(v.shape) for k, v in load().items()} for load in self.loaders]
         self.shapes = {}
         for name, spec in self.specs.items():
             parts = [s.get(name) for s in shapes]
@@ -227,12 +227,13 @@ class LazyFullState(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         if name not in self.specs:
             raise KeyError(name)
-        parts = [load_module(f)[name] for f in self.files]
+        parts = [load()[name] for load in self.loaders]
         tensor = unshard(parts, self.specs[name])
         if name in VOCAB_PARAMS:
             tensor = tensor[: self.config.vocab_size]
+        copied = len(parts) > 1 and self.specs[name] is not None  # unshard concatenated
         # own the memory: a view would keep the whole memory-mapped file resident
-        return tensor.clone() if len(parts) == 1 or self.specs[name] is None else tensor
+        return tensor.clone() if self.own_memory and not copied else tensor
 
 
 def shard_state_dict(full: dict, model: GPTModel) -> dict:

@@ -19,7 +19,7 @@ import torch
 
 from ..config import PRESETS, ConfigError, ModelConfig
 from ..model.sparsity import layout_for_tp_rank, sparse_layer_indices
-from .model_io import CheckpointError, load_module, merge_shards
+from .model_io import CheckpointError, load_module, merge_shards, rename_key
 
 RENAMES = [(r"^word_embeddings\.", "embed."), (r"^position_embeddings\.", "pos_embed."),
            (r"^transformer\.final_layernorm\.", "final_norm."),
@@ -49,13 +49,10 @@ def rename(state: dict, source) -> tuple[dict, dict]:
             if m and name.endswith("master_layout"):
                 layouts[int(m.group(1))] = value
             continue
-        for pattern, repl in RENAMES:
-            new, n = re.subn(pattern, repl, name)
-            if n:
-                out[new] = value
-                break
-        else:
+        new = rename_key(name, RENAMES)
+        if new is None:
             raise CheckpointError(f"{source}: tensor {key} is not part of a ru-gpts GPT-3 model")
+        out[new] = value
     return out, layouts
 
 
