@@ -5,7 +5,8 @@ Flags: `python generate.py --help`; the work lives in megatron_ru/inference/ (ru
 """
 import sys
 
+from megatron_ru import runtime
 from megatron_ru.inference.runner import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run(main, "generate.py"))

@@ -7,24 +7,19 @@ Also runs under torchrun and the deepspeed launcher. `--help` lists every flag.
 """
 import sys
 
-from megatron_ru.arguments import parse_pretrain_args
-from megatron_ru.config import ConfigError
-from megatron_ru.parallel.state import ParallelState, discover_launch
+from megatron_ru import runtime
 
 
 def main(argv=None) -> int:
-    try:
-        args = parse_pretrain_args(argv)
-        ps = ParallelState.from_environment(tensor_model_parallel_size=args.tensor_model_parallel_size)
-        from megatron_ru.training.trainer import Trainer
-        trainer = Trainer(args, ps)
-    except (ConfigError, ValueError, FileNotFoundError, OSError) as exc:
-        if discover_launch().rank == 0:  # every rank fails alike: say it once
-            print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    trainer.fit()
-    return 0
+    from megatron_ru.arguments import parse_pretrain_args
+    from megatron_ru.parallel.state import ParallelState
+
+    args = parse_pretrain_args(argv)
+    ps = ParallelState.from_environment(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                                        timeout_s=60.0 * args.distributed_timeout_minutes)
+    from megatron_ru.training.trainer import Trainer
+    return Trainer(args, ps).run()
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run(main, "pretrain_gpt.py", graceful=True))

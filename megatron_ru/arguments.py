@@ -9,6 +9,7 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
+from . import runtime
 from .config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
 
 MFU_HELP = ("MFU = achieved model FLOP/s per device / peak. Model FLOPs per token = 6*N + "
@@ -69,6 +70,15 @@ class TrainArgs:
     tensorboard_dir: Optional[str] = None
     metrics_file: Optional[str] = None
     peak_tflops: Optional[float] = None
+    # run lifecycle (megatron_ru/runtime.py)
+    exit_duration_in_mins: Optional[float] = None
+    exit_interval: Optional[int] = None
+    exit_signal_handler: bool = True
+    keep_last_n: Optional[int] = None
+    use_checkpoint_args: bool = False
+    distributed_timeout_minutes: float = 10.0
+    hang_timeout_minutes: Optional[float] = 30.0
+    debug: bool = False
     # DeepSpeed
     deepspeed_config: Optional[str] = None
     debug_inject_overflow_iters: list = field(default_factory=list)
@@ -141,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--load")
     c.add_argument("--finetune", action="store_true", help="load weights only; restart the run")
     c.add_argument("--no-load-optim", action="store_true")
+    c.add_argument("--use-checkpoint-args", action="store_true",
+                   help="take the model settings from --load's config.json (no model flags needed)")
+    c.add_argument("--keep-last-n", type=int, metavar="K",
+                   help="keep only the K newest checkpoints in --save (never the one `latest` names)")
+
+    x = p.add_argument_group("stopping (SIGTERM / first Ctrl-C: finish the step, save, exit 0)")
+    x.add_argument("--exit-duration-in-mins", type=float, metavar="M",
+                   help="stop and save before M minutes of wall time (e.g. a Slurm time limit)")
+    x.add_argument("--exit-interval", type=int, metavar="N", help="stop and save at iteration N")
+    x.add_argument("--exit-signal-handler", action="store_true", default=True,
+                   help="accepted for Megatron scripts; signals are always handled")
+    runtime.add_arguments(p, hang_default=30.0)
 
     e = p.add_argument_group("evaluation and logging")
     e.add_argument("--eval-interval", type=int, default=1000)

@@ -9,9 +9,10 @@ from typing import Any, Optional
 
 from .model.sparsity import (SPARSE_LAYER_MODES, SparsityConfigError, normalize_sparse_attention,
                              sparse_layer_indices)
+from .runtime import UsageError
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A model or parallel configuration breaks a rule; the message names the value and the rule."""
 
 

@@ -19,7 +19,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ru.checkpoint.convert import convert  # noqa: E402
 from megatron_ru.checkpoint.model_io import CheckpointError  # noqa: E402
-from megatron_ru.config import ConfigError  # noqa: E402
+from megatron_ru import runtime  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -41,32 +41,35 @@ def parse_args(argv=None):
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="HF safetensors shard size")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    runtime.add_arguments(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     hints = {"vocab_size": args.vocab_size, "num_attention_heads": args.num_attention_heads}
-    try:
-        if args.sparse_config:
+    runtime.start_watchdog(args.hang_timeout_minutes)
+    if runtime.discover_rank() != 0:  # under mpirun: rank 0 converts, the others have nothing to do
+        return 0
+    if args.sparse_config:
+        try:
             with open(args.sparse_config, encoding="utf-8") as f:
                 section = json.load(f).get("sparse_attention")
-            if not isinstance(section, dict):
-                raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
-            hints["sparse_attention"] = section
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
-                          dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
-                          max_shard_bytes=int(args.max_shard_size_gb * 2**30),
-                          **{k: v for k, v in hints.items() if v is not None})
-    except (CheckpointError, ConfigError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"--sparse-config {args.sparse_config}: invalid JSON ({exc})") from None
+        if not isinstance(section, dict):
+            raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
+        hints["sparse_attention"] = section
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
+                      dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
+                      max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                      **{k: v for k, v in hints.items() if v is not None})
     print(f"wrote {dst}", file=sys.stderr)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(runtime.run(main, "convert_checkpoint.py"))

@@ -28,11 +28,12 @@ import numpy as np  # noqa: E402
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
 from megatron_ru.data.progress import Progress  # noqa: E402
 from megatron_ru.data.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron_ru.runtime import UsageError  # noqa: E402
 
 BATCH_DOCS = 128
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input data; the message starts with FILE:LINE."""
 
 

@@ -19,9 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ru.data.bpe_trainer import train_bpe_from_texts  # noqa: E402
 from megatron_ru.data.progress import Progress  # noqa: E402
+from megatron_ru.runtime import UsageError  # noqa: E402
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """Bad input file or line; the message names it."""
 
 

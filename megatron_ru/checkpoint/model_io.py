@@ -27,12 +27,13 @@ from ..config import ConfigError, ModelConfig
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard, unshard
 from ..parallel.state import ParallelState
+from ..runtime import UsageError
 
 FORMAT = "megatron_ru"
 VOCAB_PARAMS = ("embed.weight", "lm_head.weight")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError):
     """A checkpoint directory is missing, incomplete or inconsistent; the message names the file."""
 
 

@@ -17,12 +17,13 @@ import warnings
 import numpy as np
 
 from .indexed_dataset import IndexedDataset
+from ..runtime import UsageError
 
 INDEX_VERSION = 1  # bump when the index layout or algorithm changes: invalidates caches
 SEPARATE_LAST_EPOCH_THRESHOLD = 0.8
 
 
-class DatasetConfigError(ValueError):
+class DatasetConfigError(UsageError):
     """Inconsistent dataset settings (flag values, sizes); the message names the flag or file."""
 
 

@@ -16,6 +16,7 @@ import os
 import struct
 
 import numpy as np
+from ..runtime import UsageError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -25,7 +26,7 @@ CODE_OF_DTYPE = {np.dtype(t): c for c, t in DTYPE_CODES.items()}
 _HEADER_SIZE = len(MAGIC) + 8 + 1 + 8 + 8  # 34 bytes
 
 
-class IndexedDatasetError(ValueError):
+class IndexedDatasetError(UsageError):
     """A .bin/.idx pair is missing, truncated or not in Megatron's mmap format; names the file."""
 
 

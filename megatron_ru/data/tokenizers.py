@@ -8,6 +8,7 @@ import json
 import os
 
 import regex
+from ..runtime import UsageError
 
 # The GPT-2 pre-tokenizer: contractions, letter runs, number runs, other-symbol runs, each with an
 # optional leading space; whitespace runs keep their last space for the next word (`\s+(?!\S)`).
@@ -16,7 +17,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 DEFAULT_EOD = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UsageError):
     """A tokenizer file is missing, unreadable or inconsistent; the message names the file."""
 
 

@@ -10,11 +10,13 @@ from typing import Optional
 
 from ..config import SPARSE_MODES
 from .sampling import SamplingParams, SamplingError
+from .. import runtime
+from ..runtime import UsageError
 
 MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 
 
-class InputError(ValueError):
+class InputError(UsageError):
     """A flag or an input file breaks a rule; the message names the flag or file and the rule."""
 
 
@@ -90,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON lines {prompt, text, tokens, finish_reason} in input order "
                          "(written atomically at the end)")
     io.add_argument("--quiet", action="store_true", help="do not print samples to stdout")
+    runtime.add_arguments(p)
     return p
 
 

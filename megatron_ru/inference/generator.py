@@ -22,6 +22,7 @@ from ..model.gpt import GPTModel
 from ..model.kv_cache import KVCache
 from .sampling import (GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, sample,
                        seen_mask)
+from ..runtime import UsageError
 
 ACTIVE, EOD, STOP, LENGTH = 0, 1, 2, 3
 FINISH_REASONS = {EOD: "eod", STOP: "stop", LENGTH: "length"}
@@ -32,7 +33,7 @@ StopCriterion = Callable[[int, Sequence[int]], bool]
 TokenCallback = Callable[[int, int], None]
 
 
-class PromptError(ValueError):
+class PromptError(UsageError):
     """A prompt does not fit: empty, or too long for the context; the message says by how much."""
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .. import runtime
 from ..checkpoint.model_io import CheckpointError, atomic_write_text, load_model, read_config
 from ..config import ConfigError
 from ..data.tokenizers import TokenizerError, build_tokenizer
@@ -28,16 +29,10 @@ INTERACTIVE_PROMPT = "Model prompt (\"stop\" or end of input to quit) >>> "
 
 
 def main(argv=None) -> int:
-    launch = discover_launch()
-    try:
-        settings = parse(argv)
-        return Session.open(settings, launch).run()
-    except USER_ERRORS as exc:
-        if launch.rank == 0:  # every rank fails alike (the checks are deterministic): say it once
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    """generate.py's main; run it under `runtime.run`, which reports errors and contains failures."""
+    settings = parse(argv)
+    runtime.start_watchdog(settings.args.hang_timeout_minutes)
+    return Session.open(settings, discover_launch()).run()
 
 
 class Session:
@@ -80,7 +75,8 @@ class Session:
         if launch.world_size == 1 and tp == 1:
             ps = ParallelState.single("cuda" if torch.cuda.is_available() else "cpu")
         else:
-            ps = ParallelState.from_environment(tensor_model_parallel_size=tp)
+            ps = ParallelState.from_environment(
+                tensor_model_parallel_size=tp, timeout_s=60.0 * args.distributed_timeout_minutes)
         if ps.dp_size > 1 and ps.rank == 0:
             print(f"note: {ps.world_size} processes at TP={tp}: the {ps.dp_size} replicas decode "
                   "the same prompts; only rank 0 writes", file=sys.stderr)

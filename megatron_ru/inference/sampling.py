@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+from ..runtime import UsageError
 
 NEG_INF = float("-inf")
 
 
-class SamplingError(ValueError):
+class SamplingError(UsageError):
     """A sampling parameter breaks its rule; the message names the flag and the rule."""
 
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from ..runtime import UsageError
 
 __all__ = [
     "DEFAULT_LAYOUT_SEED", "SPARSE_LAYER_MODES", "SparsityConfigError", "normalize_sparse_attention",
@@ -46,7 +47,7 @@ _INT_MIN = {"block": 1, "num_local_blocks": 1, "num_global_blocks": 1, "num_diff
 _INT_LISTS = ("local_window_blocks", "global_block_indices", "global_block_end_indices")
 
 
-class SparsityConfigError(ValueError):
+class SparsityConfigError(UsageError):
     """A `sparse_attention` section that DeepSpeed would reject, or that is malformed (bad type, unknown key)."""
 
 

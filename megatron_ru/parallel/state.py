@@ -146,7 +146,7 @@ class ParallelState:
 
     @classmethod
     def from_environment(cls, tensor_model_parallel_size: int = 1, *, backend: Optional[str] = None,
-                         timeout_s: float = 1800.0) -> "ParallelState":
+                         timeout_s: float = 600.0) -> "ParallelState":
         """Discover the launcher, initialise torch.distributed (once) and build TP and DP groups."""
         tp = tensor_model_parallel_size
         if not isinstance(tp, int) or tp <= 0:

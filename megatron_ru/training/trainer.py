@@ -10,6 +10,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 
+from .. import runtime
 from ..arguments import TrainArgs, model_config
 from ..checkpoint import training as ckpt
 from ..checkpoint.model_io import load_full_state_dict, shard_state_dict
@@ -47,39 +48,22 @@ def tp_grad_norm(model: GPTModel, ps: ParallelState) -> float:
 
 
 def rank0_first(ps: ParallelState, build: Callable):
-    """Run `build` on rank 0, then on the others; if rank 0 fails, every rank fails (rank 0
-    with the real error, the others quietly) instead of the others waiting forever."""
+    """Run `build` on rank 0 (which fills caches), then on the others; a failure on any rank
+    stops every rank together (`runtime.agree`), reported once, instead of peers waiting."""
     error, result = None, None
     if ps.rank == 0:
         try:
             result = build()
-        except Exception as exc:  # re-raised below, after telling the other ranks
+        except Exception as exc:  # noqa: BLE001 - shared with every rank by agree()
             error = exc
-    if dist.is_initialized() and ps.world_size > 1:
-        failed = torch.tensor([0.0 if error is None else 1.0], device=ps.device)
-        dist.all_reduce(failed)
-        if failed.item() and error is None:
-            raise RankFailed("rank 0 failed (it reports the error)")
-    if error is not None:
-        raise error
+    runtime.agree(ps, error)
     if ps.rank != 0:
         try:
             result = build()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             error = exc
-    if dist.is_initialized() and ps.world_size > 1:  # a rank that cannot see the data
-        failed = torch.tensor([0.0 if error is None else 1.0], device=ps.device)
-        dist.all_reduce(failed)
-        if error is not None:  # rank 0 only says that another rank failed: say what
-            print(f"pretrain_gpt.py: error on rank {ps.rank}: {error}", file=sys.stderr, flush=True)
-            raise RankFailed(f"rank {ps.rank}: {error}") from error
-        if failed.item():
-            raise ValueError(f"rank {ps.rank}: another rank failed to build the datasets")
+    runtime.agree(ps, error)
     return result
-
-
-class RankFailed(ValueError):
-    """Another rank failed and reported the error; this one exits quietly."""
 
 
 def _fmt_time(seconds: float) -> str:
@@ -239,6 +223,11 @@ class Trainer:
         norm = float(gn) if gn is not None else norm
         return {"loss": self._dp_mean(sum(losses) / len(losses)), "grad_norm": norm,
                 "skipped": self.engine.skipped_steps - skipped_before}
+
+    def run(self) -> int:
+        """The whole job; returns the exit status."""
+        self.fit()
+        return 0
 
     def fit(self) -> list[dict]:
         a = self.args

@@ -12,13 +12,18 @@ import pytest
 
 from megatron_ru import GPTModel, ModelConfig
 from megatron_ru.checkpoint.model_io import save_model, write_config
-from megatron_ru.inference.runner import main as generate_main
+from megatron_ru import runtime
+from megatron_ru.inference import runner
 from tests.e2e.test_mpirun import clean_env
 
 transformers = pytest.importorskip("transformers")
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
 VOCAB = 1815
+
+
+def generate_main(argv):
+    return runtime.run(runner.main, "generate.py", argv)
 
 
 def tool():
@@ -77,7 +82,7 @@ def test_cli_bad_input_exits_2_and_writes_nothing(ours, tmp_path, capsys):
                                   env=clean_env(), capture_output=True, text=True, timeout=120)
             code, err = proc.returncode, proc.stderr
         else:
-            code = tool().main(argv)
+            code = runtime.run(tool().main, "convert_checkpoint.py", argv)
             err = capsys.readouterr().err
         assert code == 2 and message in err and "Traceback" not in err, err
         assert err.count("error: ") == 1

@@ -11,7 +11,8 @@ import pytest
 
 from megatron_ru.data.tokenizers import build_tokenizer
 from megatron_ru.inference.cli import build_parser
-from megatron_ru.inference.runner import main
+from megatron_ru import runtime
+from megatron_ru.inference import runner
 from tests.distributed import gen_workers
 from tests.e2e.test_mpirun import clean_env, mpirun
 from tests.helpers import run_ranks
@@ -20,6 +21,10 @@ ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
 TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
 PROMPTS = ["Москва — столица", "В начале было слово, и слово было", "Привет"]
+
+
+def main(argv):
+    return runtime.run(runner.main, "generate.py", argv)
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +130,7 @@ def test_interactive_session_survives_bad_lines(checkpoint, capsys, monkeypatch)
 def test_bad_input_fails_with_one_clear_line(checkpoint, capsys, flags, message):
     code, out, err = run_main(["--load", str(checkpoint), *TOK_FLAGS, *flags], capsys)
     assert code == 2 and out == ""
-    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert err.startswith("generate.py: error: ") and err.count("\n") == 1 and message in err, err
 
 
 def test_missing_checkpoint_and_tokenizer(tmp_path, checkpoint, capsys):
