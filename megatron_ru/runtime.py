@@ -95,6 +95,8 @@ class _State:
     stop_signal: Optional[str] = None  # name of the signal that asked for a graceful stop
     interrupts = 0
     watchdog: Optional["Watchdog"] = None
+    started = time.time()  # when `run` was entered (wall clock, for --exit-duration-in-mins)
+    cleanups: list = []  # run before a hard exit too (e.g. release a save-directory lock)
 
 
 _state = _State()
@@ -111,8 +113,23 @@ def _mpi_comm():
         return None
 
 
+def on_exit(callback: Callable[[], None]) -> Callable[[], None]:
+    """Register a quick clean-up that runs when `run` ends, also through `hard_exit`."""
+    _state.cleanups.append(callback)
+    return callback
+
+
+def _run_cleanups() -> None:
+    while _state.cleanups:
+        try:
+            _state.cleanups.pop()()
+        except Exception:  # noqa: BLE001 - clean-ups are best effort
+            pass
+
+
 def hard_exit(code: int) -> None:
     """End this process now, and with it the job: MPI Abort, or os._exit (no exit hooks)."""
+    _run_cleanups()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
@@ -308,8 +325,10 @@ def checked(ps, build: Callable, *args, **kwargs):
 
 # ---- fault injection (tests) --------------------------------------------------------------------
 def fault_point(site: str, iteration: Optional[int] = None) -> None:
-    """Raise InjectedFault when MEGATRON_RU_FAULT="SITE[@RANK][:ITERATION]" names this site (and
-    this rank and iteration, when given). Several specs may be separated by commas."""
+    """Test-only fault hook. MEGATRON_RU_FAULT="SITE[@RANK][:ITERATION]" (several separated by
+    commas) names where to fail; MEGATRON_RU_FAULT_KIND says how: `error` (default: raise
+    InjectedFault), `enospc` (raise OSError "No space left on device"), `hang` (sleep forever, for
+    the watchdog), `exit` (os._exit(1) without any clean-up, like a crashed process)."""
     spec_all = os.environ.get("MEGATRON_RU_FAULT")
     if not spec_all:
         return
@@ -320,8 +339,22 @@ def fault_point(site: str, iteration: Optional[int] = None) -> None:
             continue
         if when and (iteration is None or int(when) != iteration):
             continue
-        raise InjectedFault(f"injected fault at {site}" + (f" (iteration {iteration})"
-                                                           if iteration is not None else ""))
+        kind = os.environ.get("MEGATRON_RU_FAULT_KIND", "error")
+        where = f"injected fault at {site}" + (f" (iteration {iteration})" if iteration is not None
+                                               else "")
+        if kind == "enospc":
+            raise OSError(errno.ENOSPC, f"No space left on device ({where})")
+        if kind == "hang":
+            while True:
+                time.sleep(3600)
+        if kind == "exit":
+            os._exit(1)
+        raise InjectedFault(where)
+
+
+def started_at() -> float:
+    """Wall-clock time (time.time()) at which the entry point started."""
+    return _state.started
 
 
 def discover_rank() -> int:
@@ -347,17 +380,17 @@ def add_arguments(parser, *, hang_default: Optional[float] = None) -> None:
 # ---- the entry-point wrapper --------------------------------------------------------------------
 def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
     """Run `main(argv)` under failure containment; returns the exit status for `sys.exit`."""
-    from .parallel.state import discover_launch
-
+    _state.prog, _state.started = prog, time.time()
+    previous = install_signal_handlers(graceful)  # first: a Ctrl-C during imports is handled too
+    words = sys.argv[1:] if argv is None else list(argv)
+    _state.debug = "--debug" in words or os.environ.get("MEGATRON_RU_DEBUG", "") not in ("", "0")
     try:
+        from .parallel.state import discover_launch
+
         launch = discover_launch()
         _state.rank, _state.world_size = launch.rank, launch.world_size
     except Exception:  # noqa: BLE001 - a malformed launcher environment is reported by main
         pass
-    _state.prog = prog
-    words = sys.argv[1:] if argv is None else list(argv)
-    _state.debug = "--debug" in words or os.environ.get("MEGATRON_RU_DEBUG", "") not in ("", "0")
-    previous = install_signal_handlers(graceful)
     try:
         code = main(argv)
     except SystemExit as exc:  # argparse: it printed its own message (every rank alike)
@@ -387,6 +420,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
 
 
 def _shutdown(previous: dict) -> None:
+    _run_cleanups()
     if _state.watchdog is not None:
         _state.watchdog.close()
         _state.watchdog = None

@@ -8,6 +8,8 @@ SRC may be one of our checkpoints (any TP, ZeRO stages included), a Hugging Face
 legacy checkpoint. ru-gpts and Megatron pad the vocabulary: the real size is read from vocab.json /
 config.json next to the weights or a matching preset; --vocab-size overrides. Output is written to
 a temporary directory and renamed to DST when complete. Exit status 2 on bad input.
+`--to universal` writes DeepSpeed's universal form of a training checkpoint of ours (resume at
+another data-parallel size; pretrain_gpt.py also does this by itself on resume).
 """
 import argparse
 import json
@@ -26,7 +28,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint directory (format detected)")
     p.add_argument("--save", required=True, help="destination directory (must not exist)")
-    p.add_argument("--to", required=True, choices=["hf", "megatron_ru"])
+    p.add_argument("--to", required=True, choices=["hf", "megatron_ru", "universal"],
+                   help="universal: DeepSpeed's universal checkpoint of a training checkpoint of "
+                        "ours, to resume at another data-parallel size (done automatically on "
+                        "resume when --load is writable)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
                    help="TP size of a megatron_ru output (default 1)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
@@ -50,6 +55,11 @@ def main(argv=None) -> int:
     hints = {"vocab_size": args.vocab_size, "num_attention_heads": args.num_attention_heads}
     runtime.start_watchdog(args.hang_timeout_minutes)
     if runtime.discover_rank() != 0:  # under mpirun: rank 0 converts, the others have nothing to do
+        return 0
+    if args.to == "universal":
+        from megatron_ru.checkpoint.universal import convert_directory
+        dst = convert_directory(args.load, args.save, tag=args.tag, overwrite=args.overwrite)
+        print(f"wrote {dst}", file=sys.stderr)
         return 0
     if args.sparse_config:
         try:

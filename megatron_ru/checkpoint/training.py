@@ -9,6 +9,8 @@ loadable by generate.py and converters without the original flags.
 """
 from __future__ import annotations
 
+import errno
+import os
 import random
 import shutil
 import zipfile
@@ -18,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
 from .model_io import (CheckpointError, atomic_write_text, latest_tag, model_files, read_config,
@@ -57,7 +60,8 @@ def set_rng_state(state: dict, ps: ParallelState) -> None:
     ps.rng.set_state(state["tracker"])
 
 
-def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weights_only: bool) -> str:
+def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weights_only: bool,
+                     tag: Optional[str] = None) -> str:
     """Raise naming every differing field when the checkpoint's model is not this run's."""
     saved, meta = read_config(Path(directory))
     a, b = saved.to_dict(), config.to_dict()
@@ -75,51 +79,81 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
     if not weights_only and src_tp != tp_size:
         raise ConfigError(f"resuming {directory} (saved at TP={src_tp}) at TP={tp_size} would lose "
                           "the optimizer state; use --finetune to load the weights at a new TP size")
-    tag = latest_tag(Path(directory))
-    for f in model_files(Path(directory), tag, src_tp):
+    tag = tag or latest_tag(Path(directory))
+    files = set(model_files(Path(directory), tag, src_tp))
+    if not weights_only:  # resuming reads the optimizer shards too
+        files |= set((Path(directory) / tag).glob("*.pt"))
+    for f in sorted(files):
         if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; truncation breaks it
             raise CheckpointError(f"{f} is corrupted or truncated (not a readable torch archive)")
     return tag
 
 
+def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
+    tok_dir = root / "tokenizer"
+    tok_dir.mkdir(exist_ok=True)
+    for key, src in tokenizer_files.items():
+        if key not in CANONICAL:
+            continue
+        dst = tok_dir / canonical_name(key, src)  # canonical names: loaders find them alone
+        if dst.exists() and os.path.samefile(src, dst):  # --vocab-file DIR/tokenizer/vocab.json
+            continue
+        tmp = dst.with_name(f".{dst.name}.tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+
+
 def save_training_checkpoint(engine, directory: str, iteration: int, client_state: dict,
                              config: ModelConfig, ps: ParallelState,
-                             tokenizer_files: Optional[dict] = None) -> Path:
-    """Collective: every rank calls it."""
+                             tokenizer_files: Optional[dict] = None,
+                             needed_bytes: Optional[int] = None) -> Path:
+    """Collective: every rank calls it. On any error the partial `<tag>.tmp` is removed and the
+    previous checkpoint stays `latest`; a full disk is named as such with the size needed."""
     root = Path(directory)
     tag = f"iter_{iteration:07d}"
     tmp, final = root / f"{tag}.tmp", root / tag
-    if ps.rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
-        if tokenizer_files:
-            tok_dir = root / "tokenizer"
-            tok_dir.mkdir(exist_ok=True)
-            for key, src in tokenizer_files.items():
-                if key in CANONICAL:  # canonical names: loaders find them without config.json
-                    shutil.copyfile(src, tok_dir / canonical_name(key, src))
-    ps.barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
-    ps.barrier()
-    if ps.rank == 0:
-        tokenizer = None
-        if tokenizer_files:
-            tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
-                         for k, v in tokenizer_files.items()}
-        write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
-        old = root / f"{tag}.old"
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-        atomic_write_text(root / "latest", tag + "\n")
+    try:
+        if ps.rank == 0:
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
+            if tokenizer_files:
+                _copy_tokenizer(root, tokenizer_files)
+        ps.barrier()
+        runtime.fault_point("save", iteration)
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+        ps.barrier()
+        if ps.rank == 0:
+            tokenizer = None
+            if tokenizer_files:
+                tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
+                             for k, v in tokenizer_files.items()}
+            runtime.fault_point("save_config", iteration)
+            write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
+            old = root / f"{tag}.old"
+            if final.exists():
+                final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+            atomic_write_text(root / "latest", tag + "\n")
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:
+            need = f" (one checkpoint needs about {needed_bytes / 2**30:.2f} GiB)" if needed_bytes else ""
+            raise OSError(errno.ENOSPC, f"No space left on device while saving {tag} to {root}"
+                          f"{need}; the previous checkpoint stays `latest`") from None
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     ps.barrier()
     return final
 
 
-def load_training_checkpoint(engine, directory: str, *, load_optimizer: bool) -> dict:
+def load_training_checkpoint(engine, directory: str, *, load_optimizer: bool,
+                             tag: Optional[str] = None) -> dict:
     """Restore module, optimizer, scheduler, loss scaler; returns our client state."""
-    tag = latest_tag(Path(directory))
+    tag = tag or latest_tag(Path(directory))
+    runtime.fault_point("load")
     path, client = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=load_optimizer)
     if path is None:

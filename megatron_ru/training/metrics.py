@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 
+from ..checkpoint.model_io import atomic_write_text
 from ..config import ModelConfig
 from ..model.sparsity import causal_density, make_layout
 
@@ -56,17 +57,48 @@ def memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB → GiB
 
 
-class MetricsSink:
-    """Rank 0 writes one JSON object per record to --metrics-file and scalars to TensorBoard."""
+def truncate_after(path: Path, iteration: int) -> int:
+    """Drop the JSON-lines rows of `path` whose "iteration" is above `iteration` (atomic
+    rewrite; a line cut short by a crash goes too); returns how many were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                if line.strip():  # a line cut by a crash: drop it, it would break readers
+                    dropped += 1
+                continue
+            if isinstance(row, dict) and isinstance(row.get("iteration"), int) \
+                    and row["iteration"] > iteration:
+                dropped += 1
+                continue
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        atomic_write_text(path, "".join(kept))
+    return dropped
 
-    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], active: bool):
+
+class MetricsSink:
+    """Rank 0 writes one JSON object per record to --metrics-file and scalars to TensorBoard.
+
+    A run that starts at iteration `start_iteration` (0, or the one it resumed from) first drops
+    the file's rows after that iteration (rewritten atomically), so a resumed run never leaves
+    duplicate iterations; TensorBoard purges its later events the same way (`purge_step`)."""
+
+    def __init__(self, metrics_file: Optional[str], tensorboard_dir: Optional[str], active: bool,
+                 start_iteration: int = 0):
         self.active = active
         self.file = None
         self.tb = None
+        self.dropped = 0
         if not active:
             return
         if metrics_file:
             Path(metrics_file).parent.mkdir(parents=True, exist_ok=True)
+            self.dropped = truncate_after(Path(metrics_file), start_iteration)
             self.file = open(metrics_file, "a", encoding="utf-8")
         if tensorboard_dir:
             try:
@@ -74,7 +106,7 @@ class MetricsSink:
             except ImportError as exc:
                 raise RuntimeError(f"--tensorboard-dir needs the tensorboard package ({exc}); "
                                    "pip install tensorboard") from None
-            self.tb = SummaryWriter(log_dir=tensorboard_dir)
+            self.tb = SummaryWriter(log_dir=tensorboard_dir, purge_step=start_iteration + 1)
 
     def write(self, record: dict) -> None:
         if not self.active:

@@ -12,6 +12,8 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..arguments import TrainArgs, model_config
+from ..config import ConfigError
+from ..checkpoint import save_dir, universal
 from ..checkpoint import training as ckpt
 from ..checkpoint.model_io import load_full_state_dict, shard_state_dict
 from ..data import build_train_valid_test_datasets
@@ -19,7 +21,7 @@ from ..data.batch import build_data_loader, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
-from . import ds_config
+from . import ds_config, lifecycle
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
 
@@ -88,25 +90,15 @@ class Trainer:
         from deepspeed.accelerator import get_accelerator
 
         args, ps = self.args, self.ps
-        self.tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
-                                         merge_file=args.merge_file,
-                                         tokenizer_model=args.tokenizer_model,
-                                         eod_token=args.eod_token)
-        ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
-        self.ds = ds
-        self.config = model_config(args, self.tokenizer.vocab_size, sparse)
-        self.config.validate_parallel(ps.tp_size)
-        if args.load:
-            ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=args.finetune)
-        self.tokens_per_iter = ds["train_batch_size"] * args.seq_length
-        self.flops_per_iter = flops_per_token(self.config, args.seq_length) * self.tokens_per_iter
-        self.peak = device_peak_tflops(args.peak_tflops)
+        runtime.start_watchdog(args.hang_timeout_minutes)
+        self.resume_tag = None  # the checkpoint tag this run resumes from (not with --finetune)
+        runtime.checked(ps, self._prepare)  # flags, tokenizer, paths, lock: all ranks agree
+        ds = self.ds
         # rank 0 builds (and caches) the indices first; the others then load them
-        self.data = rank0_first(ps, lambda: build_train_valid_test_datasets(
-            args.data_path, args.split, args.seq_length, args.seed, self._sample_counts(),
-            cache_path=args.data_cache_path))
-        if self.data[0] is None:
-            raise ValueError(f"--split {args.split} leaves no training documents")
+        runtime.heartbeat("checks")
+        self.data = rank0_first(ps, self._build_data)
+        runtime.heartbeat("data")
+        runtime.fault_point("model")
 
         ps.seed(args.seed)
         model = GPTModel(self.config, ps, seed=args.seed)
@@ -145,8 +137,8 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
             model_parameters=None if optimizer else param_groups(model, args.weight_decay))
-        if args.load and not args.finetune:
-            client = ckpt.load_training_checkpoint(self.engine, args.load,
+        if self.resume_tag is not None:
+            client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
                                                    load_optimizer=not args.no_load_optim)
             self.iteration = self.loaded_iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_samples", 0))
@@ -155,7 +147,11 @@ class Trainer:
                 ckpt.set_rng_state(client["rng"], ps)
             self.log(f"resumed from {args.load} at iteration {self.iteration} "
                      f"({self.consumed} samples consumed)")
-        self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=ps.rank == 0)
+        self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=ps.rank == 0,
+                                start_iteration=self.iteration)
+        if self.sink.dropped:
+            self.log(f"{args.metrics_file}: dropped {self.sink.dropped} row(s) after iteration "
+                     f"{self.iteration} (written by a run that did not save them)")
         n = self.config.num_parameters()
         self.log(f"model: {self.config.family}, {n / 1e6:.2f}M parameters, "
                  f"{sum(self.config.sparse_layers())}/{self.config.num_layers} sparse layers; "
@@ -163,6 +159,62 @@ class Trainer:
                  f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch "
                  f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
                  f"{ds['gradient_accumulation_steps']} x DP {ps.dp_size}")
+
+    def _build_data(self):
+        a = self.args
+        runtime.fault_point("data")
+        data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed,
+                                               self._sample_counts(), cache_path=a.data_cache_path)
+        if data[0] is None:
+            raise ConfigError(f"--split {a.split} leaves no training documents")
+        return data
+
+    def _prepare(self) -> None:
+        """Everything that can fail on a user mistake or on one rank's paths, before compute."""
+        args, ps = self.args, self.ps
+        runtime.fault_point("setup")
+        if args.use_checkpoint_args:
+            lifecycle.apply_checkpoint_args(args, self.log)
+        self.tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file,
+                                         merge_file=args.merge_file,
+                                         tokenizer_model=args.tokenizer_model,
+                                         eod_token=args.eod_token)
+        self.ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
+        self.config = model_config(args, self.tokenizer.vocab_size, sparse)
+        self.config.validate_parallel(ps.tp_size)
+        self.tokens_per_iter = self.ds["train_batch_size"] * args.seq_length
+        self.flops_per_iter = flops_per_token(self.config, args.seq_length) * self.tokens_per_iter
+        self.peak = device_peak_tflops(args.peak_tflops)
+        self.checkpoint_bytes = save_dir.checkpoint_bytes(
+            self.config.num_parameters(), 4 if self.precision == "fp32" else 2)
+        lifecycle.check_outputs(args, ps, self.checkpoint_bytes)
+        if args.save and ps.rank == 0:  # one owner per save directory, then its leftovers
+            self.lock = save_dir.SaveLock(args.save).acquire()
+            runtime.on_exit(self.lock.release)
+            if self.lock.note:
+                self.log(f"note: {self.lock.note}")
+            removed = save_dir.remove_leftovers(args.save)
+            if removed:
+                self.log(f"removed leftovers of an interrupted save in {args.save}: "
+                         + ", ".join(removed))
+        if args.load:
+            self.resume_tag = lifecycle.resume_tag(args, self.log)
+            if self.resume_tag is not None or args.finetune:
+                ckpt.check_compatible(args.load, self.config, ps.tp_size,
+                                      weights_only=args.finetune, tag=self.resume_tag)
+        if args.save:
+            lifecycle.check_save_holds_this_run(args, self.config, resuming=self.resume_tag)
+        if self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
+            self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
+                                                                    ps.dp_size)
+            if load_universal:
+                self.ds.setdefault("checkpoint", {})["load_universal"] = True
+                target = Path(args.load) / self.resume_tag
+                if ps.rank == 0 and not universal.is_universal(target):
+                    source = target.name[:-len(universal.SUFFIX)]
+                    self.log(f"{args.load}/{source} was saved at another data-parallel size: "
+                             f"converting it to a DeepSpeed universal checkpoint {target}")
+                    universal.convert(Path(args.load) / source, target)
 
     def _schedule(self) -> LRSchedule:
         a = self.args
@@ -227,30 +279,52 @@ class Trainer:
     def run(self) -> int:
         """The whole job; returns the exit status."""
         self.fit()
-        return 0
+        return runtime.EXIT_OK
 
     def fit(self) -> list[dict]:
         a = self.args
         data_iter = self._loader(self.data[0], self.consumed)
         history, window, t_start = [], [], time.perf_counter()
         t_last, it_last = t_start, self.iteration
+        stop = lifecycle.StopPolicy(a, self.ps, runtime.started_at())
+        saved_at = self.loaded_iteration
         self.engine.train()
         while self.iteration < a.train_iters:
+            t_step = time.perf_counter()
+            runtime.fault_point("step", self.iteration + 1)
             window.append(self.train_step(data_iter))
+            runtime.heartbeat(f"iteration {self.iteration}")
+            step_s = time.perf_counter() - t_step
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
+                runtime.fault_point("log", self.iteration)
                 now = time.perf_counter()
                 its = self.iteration - it_last
                 record = self._log_record(window, (now - t_last) / its, now - t_start)
                 history.append(record)
                 window, t_last, it_last = [], now, self.iteration
+            if stop.should_stop(self.iteration, step_s):
+                break
             if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval == 0:
                 self.evaluate()
             if a.save and a.save_interval and self.iteration % a.save_interval == 0:
+                t_save = time.perf_counter()
                 self.save()
+                saved_at, stop.last_save_s = self.iteration, time.perf_counter() - t_save
+        if stop.reason is not None:
+            if a.save and saved_at != self.iteration:
+                path = self.save()
+                where = f"checkpoint {path} saved; resume with --load {a.save}"
+            elif a.save:
+                where = f"checkpoint of iteration {self.iteration} already in {a.save}"
+            else:
+                where = "nothing saved (no --save)"
+            self.log(f"stopped at iteration {self.iteration}/{a.train_iters} by {stop.reason}: "
+                     f"{where}")
+            self.sink.close()
+            return history
         if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval:
             self.evaluate()
-        if a.save and (not a.save_interval or self.iteration % a.save_interval) and \
-                self.iteration != self.loaded_iteration:  # a resumed run that had nothing to do
+        if a.save and saved_at != self.iteration:  # a resumed run that had nothing to do
             self.save()
         self.sink.close()
         return history
@@ -287,7 +361,9 @@ class Trainer:
         self.engine.eval()
         valid, gb = self.data[1], self.ds["train_batch_size"]
         losses, data_iter = [], None
+        runtime.fault_point("eval", self.iteration)
         for _ in range(a.eval_iters):
+            runtime.heartbeat(f"evaluation at iteration {self.iteration}")
             if self.consumed_valid + gb > len(valid):  # sized for the planned evaluations; a
                 self.consumed_valid, data_iter = 0, None  # resumed/extended run starts over
             if data_iter is None:
@@ -302,14 +378,23 @@ class Trainer:
         self.sink.write({"iteration": self.iteration, "val_loss": val, "val_ppl": ppl})
         return val
 
-    def save(self) -> None:
+    def save(self) -> Path:
         a = self.args
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
-                  "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps)}
+                  "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
+                  "universal_checkpoint_info": universal.checkpoint_info(self.model)}
         files = {"type": a.tokenizer_type, "eod_token": a.eod_token}
         for key in ("vocab_file", "merge_file", "tokenizer_model"):
             if getattr(a, key):
                 files[key] = getattr(a, key)
+        runtime.heartbeat(f"saving iteration {self.iteration}")
         path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
-                                             self.config, self.ps, tokenizer_files=files)
+                                             self.config, self.ps, tokenizer_files=files,
+                                             needed_bytes=self.checkpoint_bytes)
+        runtime.heartbeat(f"saved iteration {self.iteration}")
         self.log(f"saved checkpoint {path}")
+        if a.keep_last_n and self.ps.rank == 0:
+            removed = save_dir.prune(a.save, a.keep_last_n, latest=path.name)
+            if removed:
+                self.log(f"--keep-last-n {a.keep_last_n}: removed {', '.join(removed)}")
+        return path

@@ -1,0 +1,125 @@
+"""Resume on another number of GPUs: DeepSpeed universal checkpoints around our training checkpoints.
+
+ZeRO 1-3 partition the optimizer state by data-parallel rank, so a checkpoint saved at DP=1 cannot
+be loaded at DP=2 as it is (DeepSpeed raises ZeRORuntimeException). DeepSpeed's universal format
+stores every parameter's fp32 weight and Adam moments whole (`<tag>/zero/<param>/...`); its loader
+re-partitions them for any DP size. We:
+
+- save `universal_checkpoint_info` with every checkpoint: which parameters are replicated across
+  the tensor-parallel group and which are row-parallel (split along dim 1), taken from each
+  parameter's `shard_spec`, so DeepSpeed's converter merges TP slices correctly;
+- on resume, compare the checkpoint's DP size with the run's; when they differ (ZeRO >= 1),
+  rank 0 converts `<tag>` to `<tag>_universal` next to it (once; written under a temporary name
+  and renamed) and DeepSpeed loads that with `checkpoint.load_universal`;
+- `tools/convert_checkpoint.py --to universal` does the conversion by hand.
+
+A tensor-parallel size change is not covered: our fused QKV / gate-up weights would need
+DeepSpeed's sub-parameter shapes and the TP=2 -> 4 parity was not tested; use --finetune there.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+import shutil
+import types
+from pathlib import Path
+from typing import Optional
+
+from .model_io import CheckpointError
+
+SUFFIX = "_universal"
+_OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+def checkpoint_info(model) -> dict:
+    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for a GPTModel (exact-name regex patterns)."""
+    from deepspeed.checkpoint import constants as c
+
+    replicated, row = [], []
+    for name, p in model.named_parameters():
+        spec = getattr(p, "shard_spec", None)
+        if spec is None:
+            replicated.append(re.escape(name) + "$")
+        elif spec.dim == 1:
+            row.append(re.escape(name) + "$")
+    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+            c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
+            c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row}
+
+
+def saved_dp_size(tag_dir: Path) -> Optional[int]:
+    """Data-parallel size a ZeRO checkpoint was saved with (None: no partitioned optimizer)."""
+    ranks = [int(m.group(1)) for p in tag_dir.glob("*optim_states.pt")
+             if (m := _OPTIM_RE.match(p.name))]
+    return max(ranks) + 1 if ranks else None
+
+
+def is_universal(tag_dir: Path) -> bool:
+    return (tag_dir / "zero").is_dir()
+
+
+def convert(tag_dir: Path, out_dir: Path) -> Path:
+    """Write the universal form of the DeepSpeed checkpoint `tag_dir` to `out_dir` (atomic)."""
+    from deepspeed.checkpoint import ds_to_universal
+
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir} does not exist")
+    if saved_dp_size(tag_dir) is None:
+        raise CheckpointError(f"{tag_dir} has no ZeRO optimizer partitions (zero_pp_rank_*); a "
+                              "ZeRO-0 checkpoint loads at any data-parallel size as it is")
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    args = types.SimpleNamespace(input_folder=str(tag_dir), output_folder=str(tmp),
+                                 num_extract_workers=1, num_merge_workers=1,
+                                 keep_temp_folder=False, strict=True, inject_missing_state=True)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter; errors still raise
+            ds_to_universal.main(args)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def plan_resume(load_dir: str, tag: str, dp_size: int) -> tuple[str, bool]:
+    """(tag to load, whether it is universal). Rank 0 converts when the DP size changed."""
+    tag_dir = Path(load_dir) / tag
+    if is_universal(tag_dir):
+        return tag, True
+    saved = saved_dp_size(tag_dir)
+    if saved is None or saved == dp_size:  # ZeRO-0 state is not partitioned by DP rank
+        return tag, False
+    return tag + SUFFIX, True
+
+
+def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False) -> Path:
+    """`convert_checkpoint.py --to universal`: DST = SRC's config.json + tokenizer + the universal
+    form of SRC/<tag> (default: latest) under the same tag, and a `latest` naming it."""
+    from .model_io import atomic_write_text, is_own_checkpoint, latest_tag
+
+    source, target = Path(src), Path(dst)
+    if not is_own_checkpoint(source):
+        raise CheckpointError(f"--to universal needs a megatron_ru training checkpoint; {source} "
+                              "is not one (no config.json with format megatron_ru)")
+    tag = tag or latest_tag(source)
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"--save {target} exists (add --overwrite to replace it)")
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        shutil.copy2(source / "config.json", tmp / "config.json")
+        if (source / "tokenizer").is_dir():
+            shutil.copytree(source / "tokenizer", tmp / "tokenizer")
+        convert(source / tag, tmp / tag)
+        atomic_write_text(tmp / "latest", tag + "\n")
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
