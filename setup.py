@@ -20,8 +20,10 @@ setup(
         "regex",
     ],
     extras_require={
-        "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers"],
+        "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "fastapi", "uvicorn",
+                 "openai>=1.0"],
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
+        "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
     },
     license="Apache-2.0",
 )

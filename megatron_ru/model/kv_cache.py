@@ -67,6 +67,16 @@ class KVCache:
             self.v[layer][rows, :, self._positions] = v.transpose(1, 2)
         return self.k[layer, :, :, :self._end], self.v[layer, :, :, :self._end]
 
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """An empty cache (length 0) over rows [start, stop) that shares this cache's buffers:
+        serving prefills one row into a free slot of a running batch, and decodes the rows in
+        use at their own explicit positions."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = self.k[:, start:stop], self.v[:, start:stop]  # views, not copies
+        view.max_length, view.static_window = self.max_length, self.static_window
+        view.length, view._end, view._positions = 0, 0, None
+        return view
+
     def advance(self) -> None:
         self.length, self._positions = self._end, None
 

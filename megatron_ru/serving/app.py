@@ -1,0 +1,383 @@
+"""The HTTP side: FastAPI routes of the OpenAI API (completions, chat, models), health, metrics, errors.
+
+Every route answers errors with OpenAI's error JSON; a bad request never reaches the model
+thread. Requests become sequences (prompts × n) handed to the Scheduler; their tokens come
+back as events on this event loop and are sent whole or as server-sent events.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import secrets
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..inference.sampling import SamplingParams
+from .metrics import Metrics
+from .protocol import (ApiError, ChatBody, ChatRenderer, CompletionBody, Limits, check_common,
+                       check_range, message_dicts, parse_body, render_rugpt3, stop_strings)
+from .responses import Choice, Handle, chat_logprobs, legacy_logprobs, new_id, sse
+from .scheduler import QueueFull, Scheduler, Seq, SeqOptions
+
+
+@dataclass
+class Service:
+    """What the routes need: the tokenizer, the scheduler and the server's settings."""
+
+    tokenizer: object
+    scheduler: Scheduler
+    model_name: str
+    limits: Limits
+    metrics: Metrics
+    api_key: Optional[str] = None
+    request_timeout_s: float = 600.0
+    render_chat: ChatRenderer = render_rugpt3
+    log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+
+    @property
+    def max_length(self) -> int:
+        return self.scheduler.max_length
+
+
+def build_app(service: Service) -> FastAPI:
+    app = FastAPI(title="megatron_ru", docs_url=None, redoc_url=None, openapi_url=None)
+    routes = Routes(service)
+    app.add_api_route("/health", routes.health, methods=["GET"])
+    app.add_api_route("/metrics", routes.metrics, methods=["GET"])
+    app.add_api_route("/v1/models", routes.models, methods=["GET"])
+    app.add_api_route("/v1/completions", routes.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", routes.chat, methods=["POST"])
+
+    known = {r.path for r in app.routes}
+
+    async def api_error(request: Request, exc: ApiError):
+        route = request.url.path if request.url.path in known else "other"
+        service.metrics.count_request(route, exc.status)
+        service.log(f"{request.method} {request.url.path} {exc.status} {exc.code or ''}: {exc.message}")
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        message = {404: f"no route {request.url.path}",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(
+            exc.status_code, str(exc.detail))
+        return await api_error(request, ApiError(exc.status_code, message, code=code))
+
+    async def internal_error(request: Request, exc: Exception):
+        return await api_error(request, ApiError(500, f"internal error: {type(exc).__name__}",
+                                                 code="internal_error"))
+
+    app.add_exception_handler(ApiError, api_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, internal_error)
+    return app
+
+
+class Routes:
+    def __init__(self, service: Service) -> None:
+        self.s = service
+
+    # ---- small routes ---------------------------------------------------------------------
+    async def health(self):
+        if self.s.scheduler.stopping:
+            raise ApiError(503, "shutting down", code="shutting_down")
+        return {"status": "ok"}
+
+    async def metrics(self, request: Request):
+        self.authorize(request)
+        return PlainTextResponse(self.s.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    async def models(self, request: Request):
+        self.authorize(request)
+        return {"object": "list", "data": [{
+            "id": self.s.model_name, "object": "model", "created": int(self.s.metrics.started),
+            "owned_by": "megatron_ru", "max_model_len": self.s.max_length}]}
+
+    # ---- checks ---------------------------------------------------------------------------
+    def authorize(self, request: Request) -> None:
+        key = self.s.api_key
+        if key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), key)):
+            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
+                           code="invalid_api_key")
+
+    async def read_json(self, request: Request):
+        limit = self.s.limits.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
+                           code="body_too_large")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"request body exceeds the limit of {limit} bytes",
+                               code="body_too_large")
+            chunks.append(chunk)
+        try:
+            return json.loads(b"".join(chunks))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}",
+                           code="invalid_json") from None
+
+    def check_model(self, name: Optional[str]) -> None:
+        if name is not None and name != self.s.model_name:
+            raise ApiError(404, f"the model {name!r} does not exist; this server serves "
+                                f"{self.s.model_name!r}", param="model", code="model_not_found")
+
+    def check_prompt(self, ids: list[int], param: str, max_tokens: int) -> None:
+        vocab = self.s.scheduler.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ApiError(400, f"'{param}' holds token id {bad[0]} outside the vocabulary "
+                                f"[0, {vocab})", param=param, code="invalid_value")
+        limit = self.s.max_length - (1 if max_tokens > 0 else 0)
+        if len(ids) > limit:
+            raise ApiError(400, f"'{param}' is {len(ids)} tokens, {len(ids) - limit} over the "
+                                f"limit of {limit} (context of {self.s.max_length} positions)",
+                           param=param, code="context_length_exceeded")
+
+    def max_tokens(self, value: Optional[int], default: Optional[int], low: int,
+                   name: str = "max_tokens") -> int:
+        cap = self.s.limits.max_tokens
+        if value is None:
+            return min(default or cap, cap)
+        check_range(name, value, low <= value <= cap, f"in [{low}, {cap}]")
+        return value
+
+    def options(self, body, max_tokens: int, *, logprobs: Optional[int],
+                prompt_logprobs: bool = False, extra_stops=()) -> SeqOptions:
+        check_common(body, self.s.limits)
+        min_tokens = body.min_tokens or 0
+        if min_tokens > max_tokens:
+            raise ApiError(400, f"'min_tokens' {min_tokens} exceeds the token budget "
+                                f"{max_tokens}", param="min_tokens", code="invalid_value")
+        if logprobs is not None:
+            top = self.s.limits.max_logprobs
+            check_range("logprobs", logprobs, 0 <= logprobs <= top, f"in [0, {top}]")
+        t = 1.0 if body.temperature is None else body.temperature
+        sampling = SamplingParams(temperature=t, top_k=body.top_k or 0,
+                                  top_p=1.0 if body.top_p is None else body.top_p,
+                                  repetition_penalty=body.repetition_penalty or 1.0)
+        return SeqOptions(sampling, max_tokens, min_tokens,
+                          tuple(stop_strings(body)) + tuple(extra_stops), logprobs,
+                          prompt_logprobs, self.s.request_timeout_s)
+
+    # ---- submission -----------------------------------------------------------------------
+    def submit(self, prompts: list[list[int]], n: int, options: SeqOptions,
+               seed: Optional[int]) -> Handle:
+        rows = len(prompts) * n
+        most = min(self.s.limits.max_rows, self.s.scheduler.max_batch + self.s.scheduler.max_queue)
+        if rows > most:
+            raise ApiError(400, f"the request asks for {rows} sequences (prompts x n); this "
+                                f"server takes at most {most} per request", param="n",
+                           code="invalid_value")
+        base = secrets.randbits(62) if seed is None else seed
+        handle = Handle(asyncio.get_running_loop())
+        detok = self.s.tokenizer.detokenize
+        for i, ids in enumerate(p for p in prompts for _ in range(n)):
+            seq = Seq(ids, options, (base + i) % 2 ** 63, handle.sink(i))
+            handle.choices.append(Choice(i, seq, detok, list(options.stops)))
+        try:
+            self.s.scheduler.submit(handle.seqs)
+        except QueueFull as exc:
+            raise ApiError(429, f"the server is busy: {exc}; retry later", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        return handle
+
+    def encode(self, text: str) -> list[int]:
+        tok = self.s.tokenizer
+        return tok.tokenize(text) if text else [tok.eod]  # empty: unconditional, as generate.py
+
+    async def collect(self, request: Request, handle: Handle) -> None:
+        """Wait for every sequence; a client that goes away cancels them."""
+        async def watch():
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+            self.s.scheduler.cancel(handle.seqs)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            async for _ in handle.events(self.s.request_timeout_s + 60):
+                pass
+        finally:
+            watcher.cancel()
+            self.s.scheduler.cancel(handle.seqs)
+
+    def finished(self, route: str, rid: str, handle: Handle, prompt_tokens: int,
+                 status: int = 200) -> None:
+        m = self.s.metrics
+        m.count_request(route, status, prompt_tokens)
+        elapsed = time.monotonic() - handle.t0
+        m.observe_latency(elapsed)
+        u = handle.usage(prompt_tokens)
+        ttft = handle.ttft_ms()
+        reasons = ",".join(sorted({c.finish or "cancelled" for c in handle.choices}))  # None: gone
+        self.s.log(f"POST {route} {status} id={rid} seqs={len(handle.choices)} "
+                   f"prompt_tokens={u['prompt_tokens']} completion_tokens={u['completion_tokens']} "
+                   f"ttft_ms={'-' if ttft is None else f'{ttft:.1f}'} "
+                   f"total_ms={1000 * elapsed:.1f} finish={reasons}")
+
+    # ---- /v1/completions ------------------------------------------------------------------
+    async def completions(self, request: Request):
+        self.authorize(request)
+        body = parse_body(CompletionBody, await self.read_json(request))
+        self.check_model(body.model)
+        echo = bool(body.echo)
+        max_tokens = self.max_tokens(body.max_tokens, 16, 0 if echo else 1)
+        if body.suffix:
+            raise ApiError(400, "'suffix' is not supported by this server", param="suffix",
+                           code="unsupported")
+        if body.best_of not in (None, body.n or 1):
+            raise ApiError(400, "'best_of' other than n is not supported", param="best_of",
+                           code="unsupported")
+        p = body.prompt
+        if isinstance(p, list) and not p:
+            raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
+        texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
+        prompts = [self.encode(t) for t in texts] if texts is not None else \
+            [p] if isinstance(p[0], int) else p
+        for i, ids in enumerate(prompts):
+            if not ids:
+                raise ApiError(400, f"'prompt[{i}]' is empty", param="prompt", code="invalid_value")
+            self.check_prompt(ids, "prompt", max_tokens)
+        options = self.options(body, max_tokens, logprobs=body.logprobs,
+                               prompt_logprobs=echo and body.logprobs is not None)
+        n = body.n or 1
+        handle = self.submit(prompts, n, options, body.seed)
+        rid, created = new_id("cmpl"), int(time.time())
+        prompt_tokens = sum(len(ids) for ids in prompts)
+        detok = self.s.tokenizer.detokenize
+        prompt_texts = [texts[i // n] if texts is not None else detok(prompts[i // n])
+                        for i in range(len(handle.choices))] if echo else None
+
+        def head(choices):
+            return {"id": rid, "object": "text_completion", "created": created,
+                    "model": self.s.model_name, "choices": choices}
+
+        def logprobs_of(c: Choice, tokens, entries, offset=0):
+            return None if body.logprobs is None else legacy_logprobs(tokens, entries, detok, offset)
+
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+            async def chunks():
+                try:
+                    if echo:
+                        for c in handle.choices:
+                            yield sse(head([{"index": c.index, "text": prompt_texts[c.index],
+                                             "logprobs": None, "finish_reason": None}]))
+                    left = len(handle.choices)
+                    async for c, event, text in handle.events(self.s.request_timeout_s + 60):
+                        lp = None
+                        if event[0] == "token":
+                            lp = logprobs_of(c, [event[1]], [event[2]])
+                        elif event[0] == "prompt_logprobs":
+                            lp = logprobs_of(c, c.seq.prompt, event[1])
+                        left -= event[0] == "done"
+                        if not text and lp is None and event[0] != "done":
+                            continue
+                        chunk = head([{"index": c.index, "text": text, "logprobs": lp,
+                                       "finish_reason": c.finish_reason}])
+                        if left == 0 and not include_usage:
+                            chunk["usage"] = handle.usage(prompt_tokens)
+                        yield sse(chunk)
+                    if include_usage:
+                        yield sse({**head([]), "usage": handle.usage(prompt_tokens)})
+                    yield sse("[DONE]")
+                finally:
+                    self.s.scheduler.cancel(handle.seqs)
+                    self.finished(request.url.path, rid, handle, prompt_tokens)
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        await self.collect(request, handle)
+        choices = []
+        for c in handle.choices:
+            text, lp = c.text(), None
+            if body.logprobs is not None:
+                tokens, entries, offset = list(c.tokens), list(c.logprobs), 0
+                if echo:
+                    prompt_entries = c.prompt_logprobs or [None] * len(c.seq.prompt)
+                    tokens, entries = c.seq.prompt + tokens, prompt_entries + entries
+                lp = legacy_logprobs(tokens, entries, detok, offset)
+            if echo:
+                text = prompt_texts[c.index] + text
+            choices.append({"index": c.index, "text": text, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+        self.finished(request.url.path, rid, handle, prompt_tokens)
+        return {**head(choices), "usage": handle.usage(prompt_tokens)}
+
+    # ---- /v1/chat/completions -------------------------------------------------------------
+    async def chat(self, request: Request):
+        self.authorize(request)
+        body = parse_body(ChatBody, await self.read_json(request))
+        self.check_model(body.model)
+        text, extra_stops = self.s.render_chat(message_dicts(body))
+        ids = self.encode(text)
+        given = body.max_completion_tokens if body.max_completion_tokens is not None \
+            else body.max_tokens
+        max_tokens = self.max_tokens(given, max(self.s.max_length - len(ids), 1), 1)
+        self.check_prompt(ids, "messages", max_tokens)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs",
+                           code="invalid_value")
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        options = self.options(body, max_tokens, logprobs=logprobs, extra_stops=extra_stops)
+        handle = self.submit([ids], body.n or 1, options, body.seed)
+        rid, created = new_id("chatcmpl"), int(time.time())
+        detok = self.s.tokenizer.detokenize
+
+        def head(kind, choices):
+            return {"id": rid, "object": kind, "created": created, "model": self.s.model_name,
+                    "choices": choices}
+
+        if body.stream:
+            include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+            async def chunks():
+                try:
+                    for c in handle.choices:
+                        yield sse(head("chat.completion.chunk", [{
+                            "index": c.index, "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None, "finish_reason": None}]))
+                    left = len(handle.choices)
+                    async for c, event, text in handle.events(self.s.request_timeout_s + 60):
+                        lp = None
+                        if event[0] == "token" and logprobs is not None:
+                            lp = chat_logprobs([event[1]], [event[2]], detok)
+                        left -= event[0] == "done"
+                        if not text and lp is None and event[0] != "done":
+                            continue
+                        chunk = head("chat.completion.chunk", [{
+                            "index": c.index, "delta": {"content": text} if text else {},
+                            "logprobs": lp, "finish_reason": c.finish_reason}])
+                        if left == 0 and not include_usage:
+                            chunk["usage"] = handle.usage(len(ids))
+                        yield sse(chunk)
+                    if include_usage:
+                        yield sse({**head("chat.completion.chunk", []),
+                                   "usage": handle.usage(len(ids))})
+                    yield sse("[DONE]")
+                finally:
+                    self.s.scheduler.cancel(handle.seqs)
+                    self.finished(request.url.path, rid, handle, len(ids))
+
+            return StreamingResponse(chunks(), media_type="text/event-stream")
+
+        await self.collect(request, handle)
+        choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text()},
+                    "logprobs": None if logprobs is None else
+                    chat_logprobs(c.tokens, c.logprobs, detok),
+                    "finish_reason": c.finish_reason} for c in handle.choices]
+        self.finished(request.url.path, rid, handle, len(ids))
+        return {**head("chat.completion", choices), "usage": handle.usage(len(ids))}

@@ -1,0 +1,94 @@
+"""The forwards of one serving step over a static KV cache of max-batch rows, and the TP step plan.
+
+A step plan says what every rank computes in one step: a decode of rows [0, hi) (each row's
+last token at its own position; free rows get a pad token at position 0, which only writes
+junk into their own slot 0) and then the prefill of each joining prompt into its free row.
+The decode runs first, so a row that joins in this step is never written by it.
+
+Tensor parallelism: rank 0 of the TP group runs the HTTP server and the scheduler; it
+broadcasts each plan (a small pickled object) and all ranks run the same forwards, whose
+collectives need every rank. Only rank 0 samples; the next plan carries the sampled tokens,
+so the other ranks never need the random streams, the tokenizer or the requests.
+"""
+from __future__ import annotations
+
+import signal
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from .. import runtime
+from ..inference.generator import Generator
+
+
+@dataclass
+class StepPlan:
+    decode_tokens: list[int] = field(default_factory=list)  # (hi,) row r's input token
+    decode_positions: list[int] = field(default_factory=list)  # (hi,) its position
+    joins: list[tuple[int, list[int], bool]] = field(default_factory=list)  # (row, prompt, all logits)
+    stop: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode_tokens and not self.joins
+
+
+class BatchEngine:
+    """Runs step plans on every rank; `execute` returns the full logits (rank 0 uses them)."""
+
+    def __init__(self, generator: Generator, max_batch: int, max_length: int) -> None:
+        self.gen, self.ps = generator, generator.ps
+        self.max_batch, self.max_length = max_batch, max_length
+        self.cache = generator.new_cache(max_batch, max_length)  # (L, rows, H_kv, S, D) buffers
+        self.device = generator.device
+        self._src = self.ps.rank - self.ps.tp_rank  # global rank of TP rank 0
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
+        """→ decode logits (hi, V) or None, and per join: (1, V) at the last prompt token, or
+        (T, V) at every prompt position when all logits were asked for (prompt scoring)."""
+        decoded = None
+        if plan.decode_tokens:
+            hi = len(plan.decode_tokens)
+            tokens = torch.tensor(plan.decode_tokens, device=self.device).unsqueeze(1)  # (hi, 1)
+            pos = torch.tensor(plan.decode_positions, device=self.device).unsqueeze(1)  # (hi, 1)
+            decoded = self.gen.decode_one_token(self.cache.rows(0, hi), tokens, pos)
+        prefilled = []
+        for row, ids, all_logits in plan.joins:
+            view = self.cache.rows(row, row + 1)
+            x = torch.tensor([ids], device=self.device)  # (1, T)
+            if all_logits:
+                logits = self.gen.model.gather_logits(self.gen.model(x, None, view))[0]  # (T, V)
+            else:  # the same call generate.py makes: identical numbers for a lone prompt
+                logits = self.gen.prefill(view, x, torch.tensor([len(ids)], device=self.device))
+            prefilled.append(logits)
+        return decoded, prefilled
+
+    # ---- tensor parallelism ---------------------------------------------------------------
+    def share(self, plan: StepPlan) -> None:
+        """Rank 0: send the plan to the other ranks of the TP group (no-op at TP=1)."""
+        if self.ps.tp_comm is not None:
+            dist.broadcast_object_list([plan], src=self._src, group=self.ps.tp_group)
+
+    def receive(self) -> StepPlan:
+        box = [None]
+        dist.broadcast_object_list(box, src=self._src, group=self.ps.tp_group)
+        return box[0]
+
+    def follow(self) -> int:
+        """TP ranks other than 0: run every plan rank 0 sends until it says stop. Signals are
+        rank 0's business (it finishes the requests, then sends stop), so they are only noted."""
+        stopping = threading.Event()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stopping.set())
+        while True:
+            plan = self.receive()
+            if plan.stop:
+                return 0
+            if not plan.empty:
+                self.execute(plan)
+            runtime.heartbeat("a serving step")

@@ -1,0 +1,120 @@
+"""One request's side of serving: its sequences' events on the event loop, and OpenAI response/chunk bodies."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from typing import AsyncIterator, Callable, Optional
+
+from ..inference.text import StopStrings, TextStream
+from .scheduler import Seq
+
+FINISH = {"eod": "stop", "stop": "stop", "length": "length"}  # others pass through as they are
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class Choice:
+    """What one sequence produced, as seen by the HTTP side."""
+
+    def __init__(self, index: int, seq: Seq, detokenize: Callable, stops: list[str]) -> None:
+        self.index, self.seq, self.detokenize = index, seq, detokenize
+        self.stops = StopStrings(stops, detokenize)
+        self.tokens: list[int] = []
+        self.logprobs: list[Optional[tuple]] = []  # per token: (lp, [(id, lp), ...]) or None
+        self.prompt_logprobs: Optional[list] = None
+        self.finish: Optional[str] = None
+        self.stream = TextStream(detokenize, self.stops if self.stops else None)
+
+    @property
+    def finish_reason(self) -> Optional[str]:
+        return None if self.finish is None else FINISH.get(self.finish, self.finish)
+
+    def text(self) -> str:
+        text = self.detokenize(self.tokens)
+        return self.stops.truncate(text) if self.finish == "stop" else text
+
+    def take(self, event: tuple) -> str:
+        """Record an event; returns newly printable text (streaming)."""
+        kind = event[0]
+        if kind == "token":
+            self.tokens.append(event[1])
+            self.logprobs.append(event[2])
+            return self.stream.push(event[1])
+        if kind == "prompt_logprobs":
+            self.prompt_logprobs = event[1]
+        elif kind == "done":
+            self.finish = event[1]
+            return self.stream.finish(self.text())
+        return ""
+
+
+class Handle:
+    """A request's sequences and the queue their events arrive in (thread-safe sinks)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop, self.queue = loop, asyncio.Queue()
+        self.choices: list[Choice] = []
+        self.t0 = time.monotonic()
+
+    def sink(self, index: int) -> Callable[[tuple], None]:
+        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+
+    @property
+    def seqs(self) -> list[Seq]:
+        return [c.seq for c in self.choices]
+
+    async def events(self, timeout_s: float) -> AsyncIterator[tuple[Choice, tuple, str]]:
+        """(choice, event, new text) until every sequence is done."""
+        pending = sum(c.finish is None for c in self.choices)
+        while pending:
+            index, event = await asyncio.wait_for(self.queue.get(), timeout_s)
+            choice = self.choices[index]
+            text = choice.take(event)
+            if event[0] == "done":
+                pending -= 1
+            yield choice, event, text
+
+    def usage(self, prompt_tokens: int) -> dict:
+        done = sum(len(c.tokens) for c in self.choices)
+        return {"prompt_tokens": prompt_tokens, "completion_tokens": done,
+                "total_tokens": prompt_tokens + done}
+
+    def ttft_ms(self) -> Optional[float]:
+        firsts = [c.seq.t_first - c.seq.t_submit for c in self.choices if c.seq.t_first]
+        return 1000 * min(firsts) if firsts else None
+
+
+def sse(data) -> str:
+    return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
+
+
+# ---- log-probabilities -----------------------------------------------------------------------
+def legacy_logprobs(tokens: list[int], entries: list, detokenize: Callable, offset: int = 0) -> dict:
+    """The completions API's {tokens, token_logprobs, top_logprobs, text_offset}."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for token, entry in zip(tokens, entries):
+        piece = detokenize([token])
+        out["tokens"].append(piece)
+        out["text_offset"].append(offset)
+        offset += len(piece)
+        if entry is None:
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+        else:
+            out["token_logprobs"].append(entry[0])
+            out["top_logprobs"].append({detokenize([i]): lp for i, lp in entry[1]})
+    return out
+
+
+def chat_logprobs(tokens: list[int], entries: list, detokenize: Callable) -> dict:
+    """The chat API's {content: [{token, logprob, bytes, top_logprobs}]}."""
+    def one(token, lp):
+        piece = detokenize([token])
+        return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
+
+    return {"content": [{**one(t, e[0]), "top_logprobs": [one(i, lp) for i, lp in e[1]]}
+                        for t, e in zip(tokens, entries) if e is not None]}

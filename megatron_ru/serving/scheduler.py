@@ -1,0 +1,276 @@
+"""Continuous batching: sequences join a running batch at the next step in a free KV-cache row, leave when done.
+
+One thread owns the model. Each step it drops cancelled and timed-out sequences (their rows are
+free at once), admits waiting sequences into free rows (lowest first, so the decoded block of
+rows [0, hi) stays short), runs the step plan (decode of the running rows, then the joiners'
+prefills), and samples one token per row. Each sequence has its own torch.Generator seeded
+from its request, and its own sampling settings, so with a fixed seed a sequence draws the
+same tokens whatever else shares the batch (the logits it draws from agree to fp32
+rounding: the decode's batch width and key length vary with the batch).
+
+The HTTP side talks to this thread through `submit`, `cancel` and each sequence's `sink`,
+which receives events: ("token", id, logprob), ("prompt_logprobs", [None, lp, ...]),
+("done", finish_reason); `logprob` is (chosen log-probability, [(id, lp), ...] top
+alternatives) from the model's raw distribution, or None when not asked for.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import torch
+
+from .. import runtime
+from ..inference.sampling import (NEG_INF, SamplingParams, apply_repetition_penalty, sample,
+                                  seen_mask)
+from ..inference.text import StopStrings
+from .engine import BatchEngine, StepPlan
+
+IDLE_BEAT_S = 2.0  # an idle scheduler still sends an empty plan this often (TP ranks wait in it)
+
+Event = tuple
+Sink = Callable[[Event], None]
+
+
+class QueueFull(Exception):
+    """No room: every row is busy and the waiting queue is full."""
+
+
+@dataclass(frozen=True)
+class SeqOptions:
+    sampling: SamplingParams
+    max_tokens: int  # 0: only score the prompt (echo)
+    min_tokens: int = 0
+    stops: tuple[str, ...] = ()
+    logprobs: Optional[int] = None  # alternatives per token (0: the chosen one only)
+    prompt_logprobs: bool = False
+    timeout_s: float = 600.0
+
+
+class Seq:
+    """One choice of one request: a prompt, its options and seed, and what it produced."""
+
+    def __init__(self, prompt: Sequence[int], options: SeqOptions, seed: int, sink: Sink) -> None:
+        self.prompt, self.options, self.seed, self.sink = list(prompt), options, seed, sink
+        self.out: list[int] = []
+        self.row: Optional[int] = None
+        self.budget = options.max_tokens
+        self.finish: Optional[str] = None
+        self.cancelled = False
+        self.t_submit = time.monotonic()
+        self.deadline = self.t_submit + options.timeout_s
+        self.t_first: Optional[float] = None
+        self.generator: Optional[torch.Generator] = None
+        self.seen: Optional[torch.Tensor] = None  # (1, V) ids seen, for the repetition penalty
+        self.stopper: Optional[StopStrings] = None
+
+    @property
+    def position(self) -> int:
+        """Position of the last sampled token: the decode's input."""
+        return len(self.prompt) + len(self.out) - 1
+
+
+class Scheduler:
+    """Rank 0's loop around a BatchEngine; start() runs it in a thread, stop() ends it."""
+
+    def __init__(self, engine: BatchEngine, *, eod: Optional[int], vocab_size: int,
+                 detokenize: Callable, max_queue: int, metrics=None) -> None:
+        self.engine, self.eod, self.vocab_size = engine, eod, vocab_size
+        self.detokenize, self.max_queue, self.metrics = detokenize, max_queue, metrics
+        self.max_batch, self.max_length = engine.max_batch, engine.max_length
+        self.pad = eod if eod is not None else 0
+        self.rows: list[Optional[Seq]] = [None] * self.max_batch
+        self.waiting: deque[Seq] = deque()
+        self.cv = threading.Condition()
+        self.stopping = False
+        self.thread: Optional[threading.Thread] = None
+        self.steps = 0
+
+    # ---- the HTTP side --------------------------------------------------------------------
+    @property
+    def running(self) -> int:
+        return sum(s is not None for s in self.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self.waiting)
+
+    def submit(self, seqs: list[Seq]) -> None:
+        """Queue all of a request's sequences, or none (QueueFull)."""
+        with self.cv:
+            if self.stopping or self.running + len(self.waiting) + len(seqs) > \
+                    self.max_batch + self.max_queue:
+                raise QueueFull(f"{self.running} rows busy and {len(self.waiting)} sequences "
+                                f"waiting (--max-batch-size {self.max_batch}, --max-queue "
+                                f"{self.max_queue})")
+            for s in seqs:
+                s.budget = min(s.options.max_tokens, self.max_length - len(s.prompt))
+            self.waiting.extend(seqs)
+            self.cv.notify()
+
+    def cancel(self, seqs: Sequence[Seq]) -> None:
+        """The client went away: the rows are freed at the next step."""
+        with self.cv:
+            for s in seqs:
+                if s.finish is None:
+                    s.cancelled = True
+            self.cv.notify()
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._run, name="megatron_ru-scheduler", daemon=True)
+        self.thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Cancel what is left, tell the other TP ranks to stop, end the thread."""
+        with self.cv:
+            self.stopping = True
+            self.cv.notify()
+        if self.thread is not None:
+            self.thread.join(timeout_s)
+
+    # ---- the loop -------------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                with self.cv:
+                    if not self.stopping and not self.waiting and not self.running:
+                        self.cv.wait(IDLE_BEAT_S)
+                    if self.stopping:
+                        break
+                    self._drop_finished()
+                    joins = self._admit()
+                plan, running = self._plan(joins)
+                self.engine.share(plan)  # also the idle heartbeat of the other TP ranks
+                if plan.empty:
+                    continue
+                decoded, prefilled = self.engine.execute(plan)
+                for seq in running:  # decoded (hi, V): row r's next-token logits
+                    self._choose(seq, decoded[seq.row])
+                for seq, logits in zip(joins, prefilled):
+                    self._take_prefilled(seq, logits)
+                self.steps += 1
+                if self.metrics is not None:
+                    self.metrics.count_step(len(running), len(joins))
+                runtime.heartbeat("a serving step")
+            with self.cv:
+                for s in [s for s in self.rows if s is not None] + list(self.waiting):
+                    self._finish(s, "cancelled")
+                self.waiting.clear()
+            self.engine.share(StepPlan(stop=True))
+        except BaseException as exc:  # noqa: BLE001 - a broken model step ends the job
+            runtime.hard_exit(runtime.report(exc))
+
+    def _drop_finished(self) -> None:
+        now = time.monotonic()
+        for s in list(self.waiting):
+            if s.cancelled or now > s.deadline:
+                self.waiting.remove(s)
+                self._finish(s, "cancelled" if s.cancelled else "timeout")
+        for s in self.rows:
+            if s is not None and (s.cancelled or now > s.deadline):
+                self._finish(s, "cancelled" if s.cancelled else "timeout")
+
+    def _admit(self) -> list[Seq]:
+        joins = []
+        for row in range(self.max_batch):
+            if not self.waiting:
+                break
+            if self.rows[row] is None:
+                seq = self.waiting.popleft()
+                seq.row, self.rows[row] = row, seq
+                self._prepare(seq)
+                joins.append(seq)
+        return joins
+
+    def _prepare(self, seq: Seq) -> None:
+        dev = self.engine.device
+        seq.generator = torch.Generator(device=dev).manual_seed(seq.seed)
+        if seq.options.sampling.repetition_penalty != 1.0:
+            seq.seen = seen_mask(torch.tensor([seq.prompt], device=dev), self.vocab_size)
+        if seq.options.stops:
+            seq.stopper = StopStrings(seq.options.stops, self.detokenize)
+
+    def _plan(self, joins: list[Seq]) -> tuple[StepPlan, list[Seq]]:
+        running = [s for s in self.rows if s is not None and s not in joins]
+        plan = StepPlan(joins=[(s.row, s.prompt, s.options.prompt_logprobs) for s in joins])
+        if running:
+            hi = max(s.row for s in running) + 1
+            plan.decode_tokens, plan.decode_positions = [self.pad] * hi, [0] * hi
+            for s in running:
+                plan.decode_tokens[s.row], plan.decode_positions[s.row] = s.out[-1], s.position
+        return plan, running
+
+    # ---- sampling -------------------------------------------------------------------------
+    def _take_prefilled(self, seq: Seq, logits: torch.Tensor) -> None:
+        if seq.options.prompt_logprobs:  # logits (T, V): row i predicts prompt[i + 1]
+            logp = torch.log_softmax(logits[:-1].float(), dim=-1)
+            k = seq.options.logprobs or 0
+            scores = [None] + [_entry(logp[i], seq.prompt[i + 1], k) for i in range(len(seq.prompt) - 1)]
+            self._emit(seq, ("prompt_logprobs", scores))
+        if seq.budget <= 0:
+            self._finish(seq, "length")
+            return
+        self._choose(seq, logits[-1])
+
+    def _choose(self, seq: Seq, logits: torch.Tensor) -> None:
+        """Draw seq's next token from its (V,) logits; record, emit, and finish when due."""
+        opts = seq.options
+        try:
+            x = logits.float().unsqueeze(0).clone()  # (1, V)
+            raw = torch.log_softmax(x, dim=-1)[0] if opts.logprobs is not None else None
+            if seq.seen is not None:
+                x = apply_repetition_penalty(x, seq.seen, opts.sampling.repetition_penalty)
+            if len(seq.out) < opts.min_tokens and self.eod is not None:
+                x[:, self.eod] = NEG_INF
+            token = int(sample(x, opts.sampling, seq.generator))
+        except RuntimeError as exc:  # e.g. a distribution with no mass left: this row only
+            runtime.say(f"error: sampling failed for one sequence: {exc}")
+            self._finish(seq, "error")
+            return
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        if seq.t_first is None:
+            seq.t_first = time.monotonic()
+            if self.metrics is not None:
+                self.metrics.observe_ttft(seq.t_first - seq.t_submit)
+        if token == self.eod:
+            self._finish(seq, "eod")
+            return
+        seq.out.append(token)
+        if self.metrics is not None:
+            self.metrics.count_tokens(1)
+        self._emit(seq, ("token", token, None if raw is None else _entry(raw, token, opts.logprobs)))
+        if seq.stopper is not None and len(seq.out) >= opts.min_tokens and \
+                seq.stopper(0, seq.out):
+            self._finish(seq, "stop")
+        elif len(seq.out) >= seq.budget:
+            self._finish(seq, "length")
+
+    def _finish(self, seq: Seq, reason: str) -> None:
+        if seq.finish is not None:
+            return
+        seq.finish = reason
+        if seq.row is not None and self.rows[seq.row] is seq:
+            self.rows[seq.row] = None
+        if self.metrics is not None:
+            self.metrics.count_finish(reason)
+        self._emit(seq, ("done", reason))
+
+    @staticmethod
+    def _emit(seq: Seq, event: Event) -> None:
+        try:
+            seq.sink(event)
+        except Exception:  # noqa: BLE001 - a gone client must not stop the batch
+            seq.cancelled = True
+
+
+def _entry(logp: torch.Tensor, token: int, k: int) -> tuple[float, list[tuple[int, float]]]:
+    """(log-probability of `token`, the k most likely (id, log-probability)) from (V,) logp."""
+    top = []
+    if k:
+        values, ids = torch.topk(logp, k)
+        top = list(zip(ids.tolist(), values.tolist()))
+    return float(logp[token]), top
