@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(PY) bench/attention.py
 	$(PY) bench/train.py
 	$(PY) bench/generate.py
+	$(PY) bench/serve.py
 	$(PY) bench/data.py
 
 clean:

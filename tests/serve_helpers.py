@@ -24,7 +24,7 @@ class ServerProcess:
         cmd = [sys.executable, str(ROOT / "tools" / "serve.py"), *flags, "--port", "0"]
         if mpirun is not None:
             cmd = [mpirun, "--np", str(np_), *cmd]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or _env(), stdout=subprocess.DEVNULL,
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env or server_env(), stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True, start_new_session=True)
         self.lines: list[str] = []
         self._ready = threading.Event()
@@ -77,7 +77,7 @@ class ServerProcess:
         self.kill()
 
 
-def _env() -> dict:
+def server_env() -> dict:
     drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
     env = {k: v for k, v in os.environ.items()
            if k not in drop and not k.startswith(("PMI_", "OMPI_", "SLURM_"))}

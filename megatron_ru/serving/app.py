@@ -83,6 +83,9 @@ def build_app(service: Service) -> FastAPI:
 class Routes:
     def __init__(self, service: Service) -> None:
         self.s = service
+        limit = service.scheduler.token_limit  # alternatives in logprobs may lie beyond it
+        self.detokenize = service.tokenizer.detokenize if limit is None else \
+            (lambda ids: service.tokenizer.detokenize([i for i in ids if i < limit]))
 
     # ---- small routes ---------------------------------------------------------------------
     async def health(self):
@@ -135,7 +138,7 @@ class Routes:
                                 f"{self.s.model_name!r}", param="model", code="model_not_found")
 
     def check_prompt(self, ids: list[int], param: str, max_tokens: int) -> None:
-        vocab = self.s.scheduler.vocab_size
+        vocab = self.s.scheduler.token_limit or self.s.scheduler.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
             raise ApiError(400, f"'{param}' holds token id {bad[0]} outside the vocabulary "
@@ -181,9 +184,11 @@ class Routes:
             raise ApiError(400, f"the request asks for {rows} sequences (prompts x n); this "
                                 f"server takes at most {most} per request", param="n",
                            code="invalid_value")
+        if self.s.scheduler.stopping:
+            raise ApiError(503, "the server is shutting down", code="shutting_down")
         base = secrets.randbits(62) if seed is None else seed
         handle = Handle(asyncio.get_running_loop())
-        detok = self.s.tokenizer.detokenize
+        detok = self.detokenize
         for i, ids in enumerate(p for p in prompts for _ in range(n)):
             seq = Seq(ids, options, (base + i) % 2 ** 63, handle.sink(i))
             handle.choices.append(Choice(i, seq, detok, list(options.stops)))
@@ -207,7 +212,7 @@ class Routes:
 
         watcher = asyncio.create_task(watch())
         try:
-            async for _ in handle.events(self.s.request_timeout_s + 60):
+            async for _ in handle.events():
                 pass
         finally:
             watcher.cancel()
@@ -256,7 +261,7 @@ class Routes:
         handle = self.submit(prompts, n, options, body.seed)
         rid, created = new_id("cmpl"), int(time.time())
         prompt_tokens = sum(len(ids) for ids in prompts)
-        detok = self.s.tokenizer.detokenize
+        detok = self.detokenize
         prompt_texts = [texts[i // n] if texts is not None else detok(prompts[i // n])
                         for i in range(len(handle.choices))] if echo else None
 
@@ -277,7 +282,7 @@ class Routes:
                             yield sse(head([{"index": c.index, "text": prompt_texts[c.index],
                                              "logprobs": None, "finish_reason": None}]))
                     left = len(handle.choices)
-                    async for c, event, text in handle.events(self.s.request_timeout_s + 60):
+                    async for c, event, text in handle.events():
                         lp = None
                         if event[0] == "token":
                             lp = logprobs_of(c, [event[1]], [event[2]])
@@ -335,7 +340,7 @@ class Routes:
         options = self.options(body, max_tokens, logprobs=logprobs, extra_stops=extra_stops)
         handle = self.submit([ids], body.n or 1, options, body.seed)
         rid, created = new_id("chatcmpl"), int(time.time())
-        detok = self.s.tokenizer.detokenize
+        detok = self.detokenize
 
         def head(kind, choices):
             return {"id": rid, "object": kind, "created": created, "model": self.s.model_name,
@@ -351,7 +356,7 @@ class Routes:
                             "index": c.index, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None}]))
                     left = len(handle.choices)
-                    async for c, event, text in handle.events(self.s.request_timeout_s + 60):
+                    async for c, event, text in handle.events():
                         lp = None
                         if event[0] == "token" and logprobs is not None:
                             lp = chat_logprobs([event[1]], [event[2]], detok)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import time
 import uuid
@@ -53,25 +54,44 @@ class Choice:
 
 
 class Handle:
-    """A request's sequences and the queue their events arrive in (thread-safe sinks)."""
+    """A request's sequences and their events. The scheduler thread appends to `inbox` and wakes
+    the event loop at most once per batch of events (not once per token)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop, self.queue = loop, asyncio.Queue()
+        self.loop = loop
+        self.inbox: collections.deque = collections.deque()  # (choice index, event)
+        self.ready = asyncio.Event()
+        self._wake_pending = False
         self.choices: list[Choice] = []
         self.t0 = time.monotonic()
 
     def sink(self, index: int) -> Callable[[tuple], None]:
-        return lambda event: self.loop.call_soon_threadsafe(self.queue.put_nowait, (index, event))
+        def put(event: tuple) -> None:  # on the scheduler thread
+            self.inbox.append((index, event))
+            if not self._wake_pending:
+                self._wake_pending = True
+                self.loop.call_soon_threadsafe(self._wake)
+        return put
+
+    def _wake(self) -> None:
+        self._wake_pending = False
+        self.ready.set()
 
     @property
     def seqs(self) -> list[Seq]:
         return [c.seq for c in self.choices]
 
-    async def events(self, timeout_s: float) -> AsyncIterator[tuple[Choice, tuple, str]]:
-        """(choice, event, new text) until every sequence is done."""
+    async def events(self) -> AsyncIterator[tuple[Choice, tuple, str]]:
+        """(choice, event, new text) until every sequence is done (the scheduler ends every
+        sequence: done, stopped, timed out or cancelled)."""
         pending = sum(c.finish is None for c in self.choices)
         while pending:
-            index, event = await asyncio.wait_for(self.queue.get(), timeout_s)
+            if not self.inbox:
+                self.ready.clear()
+                if not self.inbox:
+                    await self.ready.wait()
+                continue
+            index, event = self.inbox.popleft()
             choice = self.choices[index]
             text = choice.take(event)
             if event[0] == "done":

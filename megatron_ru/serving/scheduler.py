@@ -3,10 +3,11 @@
 One thread owns the model. Each step it drops cancelled and timed-out sequences (their rows are
 free at once), admits waiting sequences into free rows (lowest first, so the decoded block of
 rows [0, hi) stays short), runs the step plan (decode of the running rows, then the joiners'
-prefills), and samples one token per row. Each sequence has its own torch.Generator seeded
-from its request, and its own sampling settings, so with a fixed seed a sequence draws the
-same tokens whatever else shares the batch (the logits it draws from agree to fp32
-rounding: the decode's batch width and key length vary with the batch).
+prefills), and samples one token per row: processing batched by sampling settings, then an
+inverse-CDF draw with one uniform from the sequence's own torch.Generator (seeded from its
+request). So with a fixed seed a sequence draws the same tokens whatever else shares the batch
+(the logits it draws from agree to fp32 rounding: the decode's batch width and key length vary
+with the batch). Greedy rows take the argmax exactly as Generator does.
 
 The HTTP side talks to this thread through `submit`, `cancel` and each sequence's `sink`,
 which receives events: ("token", id, logprob), ("prompt_logprobs", [None, lp, ...]),
@@ -24,8 +25,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import runtime
-from ..inference.sampling import (NEG_INF, SamplingParams, apply_repetition_penalty, sample,
-                                  seen_mask)
+from ..inference.sampling import (NEG_INF, SamplingParams, apply_repetition_penalty, draw,
+                                  logits_to_probs, seen_mask)
 from ..inference.text import StopStrings
 from .engine import BatchEngine, StepPlan
 
@@ -77,8 +78,11 @@ class Scheduler:
     """Rank 0's loop around a BatchEngine; start() runs it in a thread, stop() ends it."""
 
     def __init__(self, engine: BatchEngine, *, eod: Optional[int], vocab_size: int,
-                 detokenize: Callable, max_queue: int, metrics=None) -> None:
+                 detokenize: Callable, max_queue: int, metrics=None,
+                 token_limit: Optional[int] = None) -> None:
         self.engine, self.eod, self.vocab_size = engine, eod, vocab_size
+        # ids >= token_limit (model rows the tokenizer has no piece for) are never drawn
+        self.token_limit = token_limit if token_limit is not None and token_limit < vocab_size else None
         self.detokenize, self.max_queue, self.metrics = detokenize, max_queue, metrics
         self.max_batch, self.max_length = engine.max_batch, engine.max_length
         self.pad = eod if eod is not None else 0
@@ -135,6 +139,7 @@ class Scheduler:
     def _run(self) -> None:
         try:
             while True:
+                runtime.heartbeat("a serving step")  # idle beats too: idle is not a hang
                 with self.cv:
                     if not self.stopping and not self.waiting and not self.running:
                         self.cv.wait(IDLE_BEAT_S)
@@ -147,14 +152,15 @@ class Scheduler:
                 if plan.empty:
                     continue
                 decoded, prefilled = self.engine.execute(plan)
-                for seq in running:  # decoded (hi, V): row r's next-token logits
-                    self._choose(seq, decoded[seq.row])
-                for seq, logits in zip(joins, prefilled):
-                    self._take_prefilled(seq, logits)
+                first = [(seq, self._take_prefilled(seq, logits))
+                         for seq, logits in zip(joins, prefilled)]
+                first = [(seq, row) for seq, row in first if row is not None]
+                seqs = running + [seq for seq, _ in first]
+                rows = [decoded[seq.row] for seq in running] + [row for _, row in first]
+                self._choose(seqs, torch.stack(rows) if rows else None)  # (N, V)
                 self.steps += 1
                 if self.metrics is not None:
                     self.metrics.count_step(len(running), len(joins))
-                runtime.heartbeat("a serving step")
             with self.cv:
                 for s in [s for s in self.rows if s is not None] + list(self.waiting):
                     self._finish(s, "cancelled")
@@ -204,7 +210,8 @@ class Scheduler:
         return plan, running
 
     # ---- sampling -------------------------------------------------------------------------
-    def _take_prefilled(self, seq: Seq, logits: torch.Tensor) -> None:
+    def _take_prefilled(self, seq: Seq, logits: torch.Tensor) -> Optional[torch.Tensor]:
+        """Emit prompt scores; → the (V,) logits to draw the first token from, or None."""
         if seq.options.prompt_logprobs:  # logits (T, V): row i predicts prompt[i + 1]
             logp = torch.log_softmax(logits[:-1].float(), dim=-1)
             k = seq.options.logprobs or 0
@@ -212,24 +219,50 @@ class Scheduler:
             self._emit(seq, ("prompt_logprobs", scores))
         if seq.budget <= 0:
             self._finish(seq, "length")
-            return
-        self._choose(seq, logits[-1])
+            return None
+        return logits[-1]
 
-    def _choose(self, seq: Seq, logits: torch.Tensor) -> None:
-        """Draw seq's next token from its (V,) logits; record, emit, and finish when due."""
-        opts = seq.options
-        try:
-            x = logits.float().unsqueeze(0).clone()  # (1, V)
-            raw = torch.log_softmax(x, dim=-1)[0] if opts.logprobs is not None else None
-            if seq.seen is not None:
-                x = apply_repetition_penalty(x, seq.seen, opts.sampling.repetition_penalty)
-            if len(seq.out) < opts.min_tokens and self.eod is not None:
-                x[:, self.eod] = NEG_INF
-            token = int(sample(x, opts.sampling, seq.generator))
-        except RuntimeError as exc:  # e.g. a distribution with no mass left: this row only
-            runtime.say(f"error: sampling failed for one sequence: {exc}")
-            self._finish(seq, "error")
+    def _choose(self, seqs: list[Seq], logits: torch.Tensor) -> None:
+        """Draw every sequence's next token from its row of logits (N, V), batched by sampling
+        settings; each row's draw uses one uniform from its own generator (sampling.draw)."""
+        if not seqs:
             return
+        x = logits.float().clone()  # (N, V)
+        raw = torch.log_softmax(x, dim=-1) if any(s.options.logprobs is not None for s in seqs) \
+            else None
+        if self.token_limit is not None:
+            x[:, self.token_limit:] = NEG_INF
+        groups: dict[SamplingParams, list[int]] = {}
+        for i, s in enumerate(seqs):
+            if s.seen is not None:
+                x[i] = apply_repetition_penalty(x[i], s.seen[0], s.options.sampling.repetition_penalty)
+            if len(s.out) < s.options.min_tokens and self.eod is not None:
+                x[i, self.eod] = NEG_INF
+            groups.setdefault(s.options.sampling, []).append(i)
+        tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
+        failed: set[int] = set()
+        for params, rows in groups.items():
+            idx = torch.tensor(rows, device=x.device)
+            try:
+                if params.is_greedy:
+                    tokens[idx] = x[idx].argmax(dim=-1)
+                else:
+                    u = torch.stack([1.0 - torch.rand((), generator=seqs[i].generator,
+                                                      device=x.device) for i in rows])  # (0, 1]
+                    tokens[idx] = draw(logits_to_probs(x[idx], params), u)
+            except RuntimeError as exc:  # e.g. no probability mass left: these rows only
+                runtime.say(f"error: sampling failed for {len(rows)} sequence(s): {exc}")
+                failed.update(rows)
+        for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
+            if i in failed:
+                self._finish(s, "error")
+            else:
+                self._record(s, token, None if s.options.logprobs is None
+                             else _entry(raw[i], token, s.options.logprobs))
+
+    def _record(self, seq: Seq, token: int, logprob) -> None:
+        """Append a drawn token, emit it, and finish the sequence when due."""
+        opts = seq.options
         if seq.seen is not None:
             seq.seen[0, token] = True
         if seq.t_first is None:
@@ -242,7 +275,7 @@ class Scheduler:
         seq.out.append(token)
         if self.metrics is not None:
             self.metrics.count_tokens(1)
-        self._emit(seq, ("token", token, None if raw is None else _entry(raw, token, opts.logprobs)))
+        self._emit(seq, ("token", token, logprob))
         if seq.stopper is not None and len(seq.out) >= opts.min_tokens and \
                 seq.stopper(0, seq.out):
             self._finish(seq, "stop")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -41,7 +42,9 @@ def build_serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed)")
     g.add_argument("--model-name", help="the model id clients send (default: the --load "
                                         "directory's name)")
-    g.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/* and /metrics")
+    g.add_argument("--api-key", default=os.environ.get("MEGATRON_RU_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /metrics (default: "
+                        "$MEGATRON_RU_API_KEY; the variable keeps the key out of `ps`)")
     g.add_argument("--max-batch-size", type=int, default=8,
                    help="rows of the KV cache: sequences decoded together (default 8)")
     g.add_argument("--max-queue", type=int, default=64,
@@ -137,7 +140,7 @@ def _serve(args, session, engine, sock: socket.socket) -> int:
     })
     scheduler = holder["s"] = Scheduler(engine, eod=tok.eod, vocab_size=gen.config.vocab_size,
                                         detokenize=tok.detokenize, max_queue=args.max_queue,
-                                        metrics=metrics)
+                                        metrics=metrics, token_limit=tok.vocab_size)
     name = args.model_name or Path(args.load).resolve().name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_n=args.max_n)

@@ -1,15 +1,16 @@
-"""Continuous batching (serving Scheduler + BatchEngine, no HTTP) against the reference Generator:
-each sequence, joining and leaving a shared batch of fewer rows than sequences, gets exactly the
-tokens Generator.generate gives it alone (greedy and seeded sampling, repetition penalty,
-min tokens, stop strings), on dense and block-sparse layers; logprobs and prompt scores match a
-full recompute; a cancelled sequence frees its row."""
+"""Continuous batching (serving Scheduler + BatchEngine, no HTTP): each sequence, joining and
+leaving a shared batch of fewer rows than sequences, gets exactly the tokens it gets alone
+(seeded sampling with repetition penalty, min tokens, a stop string), and greedy ones exactly
+what the reference Generator gives, on dense and block-sparse layers; logprobs and prompt
+scores match a full recompute; a cancelled sequence frees its row; the queue limit holds;
+sampling.draw follows its distribution."""
 import threading
 
 import pytest
 import torch
 
 from megatron_ru.inference import Generator, SamplingParams
-from megatron_ru.inference.sampling import GREEDY
+from megatron_ru.inference.sampling import GREEDY, draw
 from megatron_ru.serving.engine import BatchEngine
 from megatron_ru.serving.scheduler import QueueFull, Scheduler, Seq, SeqOptions
 from tests.helpers import assert_rel_close
@@ -52,27 +53,27 @@ def setup(request):
     assert not sched.thread.is_alive()
 
 
-def test_each_sequence_equals_generator_alone(setup):
+def test_batched_sequences_equal_each_alone(setup):
     gen, sched = setup
     cases = []  # (prompt, options, seed)
     for i, p in enumerate(PROMPTS):
         sampling = GREEDY if i % 2 == 0 else SAMPLED
         cases.append((p, SeqOptions(sampling, max_tokens=5 + 4 * i, min_tokens=2), 40 + i))
-    free = gen.generate([PROMPTS[0]], max_new_tokens=30, sampling=SAMPLED, seed=99)[0].tokens
-    stop = str(free[5])  # text of the 6th token: stops there at the latest
-    cases.append((PROMPTS[0], SeqOptions(SAMPLED, max_tokens=30, stops=(stop,)), 99))
+    alone = [tokens_of(run_all(sched, [s])[id(s)]) for s in [Seq(p, o, seed, None) for p, o, seed in cases]]
+    stop = str(alone[5][5])  # text of a token: that sequence stops there at the latest
+    cases.append((PROMPTS[5], SeqOptions(SAMPLED, max_tokens=25, min_tokens=2, stops=(stop,)), 45))
     seqs = [Seq(p, o, seed, None) for p, o, seed in cases]
     events = run_all(sched, seqs)  # 7 sequences through 3 rows: joins and leaves
-    for (p, o, seed), s in zip(cases, seqs):
-        ref = gen.generate([p], max_new_tokens=o.max_tokens, sampling=o.sampling, seed=seed,
-                           min_new_tokens=o.min_tokens,
-                           stop=(lambda _r, toks: stop in " ".join(map(str, toks))) if o.stops else None)[0]
-        got = events[id(s)]
-        assert tokens_of(got) == ref.tokens, (p, o)
-        assert got[-1] == ("done", ref.finish_reason) and s.row is not None
+    got = [tokens_of(events[id(s)]) for s in seqs]
+    assert got[:-1] == alone
+    cut = next(i for i in range(1, len(alone[5])) if stop in " ".join(map(str, alone[5][:i + 1])))
+    assert got[-1] == alone[5][:cut + 1] and events[id(seqs[-1])][-1] == ("done", "stop")
+    for (p, o, seed), s, toks in zip(cases, seqs, got):
+        if o.sampling.is_greedy:  # greedy: exactly the reference Generator's tokens
+            ref = gen.generate([p], max_new_tokens=o.max_tokens, min_new_tokens=o.min_tokens)[0]
+            assert toks == ref.tokens and events[id(s)][-1] == ("done", ref.finish_reason), p
+    assert len({tuple(t) for t in got}) == len(got)
     assert sched.running == 0 and sched.queued == 0
-    reasons = [events[id(s)][-1][1] for s in seqs]
-    assert "stop" in reasons and "length" in reasons, reasons  # every way out was taken
 
 
 def test_logprobs_and_prompt_scores_match_recompute(setup):
@@ -116,3 +117,14 @@ def test_cancel_frees_the_row_and_queue_limit(setup):
     with pytest.raises(QueueFull):  # rows (3) + queue (16) < 20: none of them is taken
         sched.submit(too_many)
     assert sched.queued == 0
+
+
+def test_draw_follows_the_distribution():
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
+    u = 1.0 - torch.rand(20000, generator=torch.Generator().manual_seed(0))  # (0, 1]
+    ids = draw(probs, u)
+    freq = torch.bincount(ids, minlength=6).float() / 20000
+    assert freq[[0, 2, 5]].sum() == 0  # zero probability: never drawn
+    assert (freq - probs[0]).abs().max() < 0.015, freq
+    edge = draw(probs[:3] * 3.0, torch.tensor([1.0, 1e-9, 0.5]))  # unnormalised is fine
+    assert edge.tolist() == [4, 1, 1]
