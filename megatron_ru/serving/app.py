@@ -177,7 +177,7 @@ class Routes:
 
     # ---- submission -----------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, options: SeqOptions,
-               seed: Optional[int]) -> Handle:
+               seed: Optional[int], streaming: bool) -> Handle:
         rows = len(prompts) * n
         most = min(self.s.limits.max_rows, self.s.scheduler.max_batch + self.s.scheduler.max_queue)
         if rows > most:
@@ -191,7 +191,7 @@ class Routes:
         detok = self.detokenize
         for i, ids in enumerate(p for p in prompts for _ in range(n)):
             seq = Seq(ids, options, (base + i) % 2 ** 63, handle.sink(i))
-            handle.choices.append(Choice(i, seq, detok, list(options.stops)))
+            handle.choices.append(Choice(i, seq, detok, list(options.stops), streaming))
         try:
             self.s.scheduler.submit(handle.seqs)
         except QueueFull as exc:
@@ -212,7 +212,7 @@ class Routes:
 
         watcher = asyncio.create_task(watch())
         try:
-            async for _ in handle.events():
+            async for _ in handle.updates():
                 pass
         finally:
             watcher.cancel()
@@ -258,7 +258,7 @@ class Routes:
         options = self.options(body, max_tokens, logprobs=body.logprobs,
                                prompt_logprobs=echo and body.logprobs is not None)
         n = body.n or 1
-        handle = self.submit(prompts, n, options, body.seed)
+        handle = self.submit(prompts, n, options, body.seed, bool(body.stream))
         rid, created = new_id("cmpl"), int(time.time())
         prompt_tokens = sum(len(ids) for ids in prompts)
         detok = self.detokenize
@@ -269,9 +269,6 @@ class Routes:
             return {"id": rid, "object": "text_completion", "created": created,
                     "model": self.s.model_name, "choices": choices}
 
-        def logprobs_of(c: Choice, tokens, entries, offset=0):
-            return None if body.logprobs is None else legacy_logprobs(tokens, entries, detok, offset)
-
         if body.stream:
             include_usage = bool((body.stream_options or {}).get("include_usage"))
 
@@ -281,21 +278,21 @@ class Routes:
                         for c in handle.choices:
                             yield sse(head([{"index": c.index, "text": prompt_texts[c.index],
                                              "logprobs": None, "finish_reason": None}]))
-                    left = len(handle.choices)
-                    async for c, event, text in handle.events():
-                        lp = None
-                        if event[0] == "token":
-                            lp = logprobs_of(c, [event[1]], [event[2]])
-                        elif event[0] == "prompt_logprobs":
-                            lp = logprobs_of(c, c.seq.prompt, event[1])
-                        left -= event[0] == "done"
-                        if not text and lp is None and event[0] != "done":
-                            continue
-                        chunk = head([{"index": c.index, "text": text, "logprobs": lp,
-                                       "finish_reason": c.finish_reason}])
-                        if left == 0 and not include_usage:
-                            chunk["usage"] = handle.usage(prompt_tokens)
-                        yield sse(chunk)
+                    async for updates in handle.updates():
+                        for i, u in enumerate(updates):
+                            c, lp = u.choice, None
+                            if body.logprobs is not None and (u.tokens or u.prompt_scores):
+                                toks, ents = u.tokens, u.entries
+                                if u.prompt_scores is not None:
+                                    toks, ents = c.seq.prompt + toks, u.prompt_scores + ents
+                                lp = legacy_logprobs(toks, ents, detok)
+                            if not u.text and lp is None and not u.done:
+                                continue
+                            chunk = head([{"index": c.index, "text": u.text, "logprobs": lp,
+                                           "finish_reason": c.finish_reason if u.done else None}])
+                            if i == len(updates) - 1 and handle.all_done and not include_usage:
+                                chunk["usage"] = handle.usage(prompt_tokens)
+                            yield sse(chunk)
                     if include_usage:
                         yield sse({**head([]), "usage": handle.usage(prompt_tokens)})
                     yield sse("[DONE]")
@@ -338,7 +335,7 @@ class Routes:
                            code="invalid_value")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
         options = self.options(body, max_tokens, logprobs=logprobs, extra_stops=extra_stops)
-        handle = self.submit([ids], body.n or 1, options, body.seed)
+        handle = self.submit([ids], body.n or 1, options, body.seed, bool(body.stream))
         rid, created = new_id("chatcmpl"), int(time.time())
         detok = self.detokenize
 
@@ -355,20 +352,19 @@ class Routes:
                         yield sse(head("chat.completion.chunk", [{
                             "index": c.index, "delta": {"role": "assistant", "content": ""},
                             "logprobs": None, "finish_reason": None}]))
-                    left = len(handle.choices)
-                    async for c, event, text in handle.events():
-                        lp = None
-                        if event[0] == "token" and logprobs is not None:
-                            lp = chat_logprobs([event[1]], [event[2]], detok)
-                        left -= event[0] == "done"
-                        if not text and lp is None and event[0] != "done":
-                            continue
-                        chunk = head("chat.completion.chunk", [{
-                            "index": c.index, "delta": {"content": text} if text else {},
-                            "logprobs": lp, "finish_reason": c.finish_reason}])
-                        if left == 0 and not include_usage:
-                            chunk["usage"] = handle.usage(len(ids))
-                        yield sse(chunk)
+                    async for updates in handle.updates():
+                        for i, u in enumerate(updates):
+                            c = u.choice
+                            lp = chat_logprobs(u.tokens, u.entries, detok) \
+                                if logprobs is not None and u.tokens else None
+                            if not u.text and lp is None and not u.done:
+                                continue
+                            chunk = head("chat.completion.chunk", [{
+                                "index": c.index, "delta": {"content": u.text} if u.text else {},
+                                "logprobs": lp, "finish_reason": c.finish_reason if u.done else None}])
+                            if i == len(updates) - 1 and handle.all_done and not include_usage:
+                                chunk["usage"] = handle.usage(len(ids))
+                            yield sse(chunk)
                     if include_usage:
                         yield sse({**head("chat.completion.chunk", []),
                                    "usage": handle.usage(len(ids))})

@@ -2,8 +2,10 @@
 
 A step plan says what every rank computes in one step: a decode of rows [0, hi) (each row's
 last token at its own position; free rows get a pad token at position 0, which only writes
-junk into their own slot 0) and then the prefill of each joining prompt into its free row.
-The decode runs first, so a row that joins in this step is never written by it.
+junk into their own slot 0) and then the prefill of the joining prompts into their free rows
+(one forward for all of them, right-padded; a lone prompt is prefilled exactly as
+generate.py does). The decode runs first, so a row that joins in this step is never written by
+it.
 
 Tensor parallelism: rank 0 of the TP group runs the HTTP server and the scheduler; it
 broadcasts each plan (a small pickled object) and all ranks run the same forwards, whose
@@ -56,16 +58,38 @@ class BatchEngine:
             tokens = torch.tensor(plan.decode_tokens, device=self.device).unsqueeze(1)  # (hi, 1)
             pos = torch.tensor(plan.decode_positions, device=self.device).unsqueeze(1)  # (hi, 1)
             decoded = self.gen.decode_one_token(self.cache.rows(0, hi), tokens, pos)
-        prefilled = []
-        for row, ids, all_logits in plan.joins:
+        prefilled: list = [None] * len(plan.joins)
+        batch = [i for i, (_, _, all_logits) in enumerate(plan.joins) if not all_logits]
+        if len(batch) > 1:  # several prompts joined: one padded forward, then copy into rows
+            for i, logits in zip(batch, self._prefill_together([plan.joins[i] for i in batch])):
+                prefilled[i] = logits
+        for i, (row, ids, all_logits) in enumerate(plan.joins):
+            if prefilled[i] is not None:
+                continue
             view = self.cache.rows(row, row + 1)
             x = torch.tensor([ids], device=self.device)  # (1, T)
             if all_logits:
                 logits = self.gen.model.gather_logits(self.gen.model(x, None, view))[0]  # (T, V)
             else:  # the same call generate.py makes: identical numbers for a lone prompt
                 logits = self.gen.prefill(view, x, torch.tensor([len(ids)], device=self.device))
-            prefilled.append(logits)
+            prefilled[i] = logits
         return decoded, prefilled
+
+    def _prefill_together(self, joins: list) -> list[torch.Tensor]:
+        """Right-padded prompts in a scratch cache (the Generator's batched prefill), whose
+        slots are then copied into each prompt's row; → (1, V) logits per prompt."""
+        lengths = [len(ids) for _, ids, _ in joins]
+        longest = max(lengths)
+        pad = self.gen.eod if self.gen.eod is not None else 0
+        tokens = torch.full((len(joins), longest), pad, dtype=torch.long, device=self.device)
+        for j, (_, ids, _) in enumerate(joins):
+            tokens[j, :len(ids)] = torch.tensor(ids, device=self.device)  # (J, T)
+        scratch = self.gen.new_cache(len(joins), longest)
+        logits = self.gen.prefill(scratch, tokens, torch.tensor(lengths, device=self.device))
+        rows = torch.tensor([row for row, _, _ in joins], device=self.device)
+        self.cache.k[:, rows, :, :longest] = scratch.k  # (L, J, H_kv, T, D); padding slots are
+        self.cache.v[:, rows, :, :longest] = scratch.v  # junk, overwritten before being read
+        return [logits[j:j + 1] for j in range(len(joins))]
 
     # ---- tensor parallelism ---------------------------------------------------------------
     def share(self, plan: StepPlan) -> None:

@@ -6,6 +6,7 @@ import collections
 import json
 import time
 import uuid
+from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable, Optional
 
 from ..inference.text import StopStrings, TextStream
@@ -21,14 +22,16 @@ def new_id(prefix: str) -> str:
 class Choice:
     """What one sequence produced, as seen by the HTTP side."""
 
-    def __init__(self, index: int, seq: Seq, detokenize: Callable, stops: list[str]) -> None:
+    def __init__(self, index: int, seq: Seq, detokenize: Callable, stops: list[str],
+                 streaming: bool = True) -> None:
         self.index, self.seq, self.detokenize = index, seq, detokenize
         self.stops = StopStrings(stops, detokenize)
         self.tokens: list[int] = []
         self.logprobs: list[Optional[tuple]] = []  # per token: (lp, [(id, lp), ...]) or None
         self.prompt_logprobs: Optional[list] = None
         self.finish: Optional[str] = None
-        self.stream = TextStream(detokenize, self.stops if self.stops else None)
+        self.stream = TextStream(detokenize, self.stops if self.stops else None) if streaming \
+            else None  # incremental text only when it is sent incrementally
 
     @property
     def finish_reason(self) -> Optional[str]:
@@ -44,13 +47,26 @@ class Choice:
         if kind == "token":
             self.tokens.append(event[1])
             self.logprobs.append(event[2])
-            return self.stream.push(event[1])
+            return self.stream.push(event[1]) if self.stream is not None else ""
         if kind == "prompt_logprobs":
             self.prompt_logprobs = event[1]
         elif kind == "done":
             self.finish = event[1]
-            return self.stream.finish(self.text())
+            return self.stream.finish(self.text()) if self.stream is not None else ""
         return ""
+
+
+@dataclass
+class Update:
+    """New output of one choice: text safe to send, tokens with their logprob entries, prompt
+    scores (echo), and whether the choice finished."""
+
+    choice: Choice
+    text: str = ""
+    tokens: list = field(default_factory=list)
+    entries: list = field(default_factory=list)
+    prompt_scores: Optional[list] = None
+    done: bool = False
 
 
 class Handle:
@@ -78,12 +94,17 @@ class Handle:
         self.ready.set()
 
     @property
+    def all_done(self) -> bool:
+        return all(c.finish is not None for c in self.choices)
+
+    @property
     def seqs(self) -> list[Seq]:
         return [c.seq for c in self.choices]
 
-    async def events(self) -> AsyncIterator[tuple[Choice, tuple, str]]:
-        """(choice, event, new text) until every sequence is done (the scheduler ends every
-        sequence: done, stopped, timed out or cancelled)."""
+    async def updates(self) -> AsyncIterator[list["Update"]]:
+        """Everything that arrived since the last look, merged per choice, until every sequence
+        is done (the scheduler ends each one: finished, timed out or cancelled). A slow reader
+        gets several tokens per update: fewer, larger chunks instead of a growing backlog."""
         pending = sum(c.finish is None for c in self.choices)
         while pending:
             if not self.inbox:
@@ -91,12 +112,21 @@ class Handle:
                 if not self.inbox:
                     await self.ready.wait()
                 continue
-            index, event = self.inbox.popleft()
-            choice = self.choices[index]
-            text = choice.take(event)
-            if event[0] == "done":
-                pending -= 1
-            yield choice, event, text
+            merged: dict[int, Update] = {}
+            while self.inbox:
+                index, event = self.inbox.popleft()
+                choice = self.choices[index]
+                u = merged.setdefault(index, Update(choice))
+                u.text += choice.take(event)
+                if event[0] == "token":
+                    u.tokens.append(event[1])
+                    u.entries.append(event[2])
+                elif event[0] == "prompt_logprobs":
+                    u.prompt_scores = event[1]
+                elif event[0] == "done":
+                    u.done = True
+                    pending -= 1
+            yield list(merged.values())
 
     def usage(self, prompt_tokens: int) -> dict:
         done = sum(len(c.tokens) for c in self.choices)
