@@ -86,7 +86,7 @@ def bench_model(name: str, new_tokens: int, repeats: int, threads: int, workdir:
     params = sum(p.numel() for p in model.parameters())
     save_model(path, model, tag="release")
     del model
-    rows = {c: {"model": f"{name} ({params / 1e6:.0f}M)", "clients": c} for c in CLIENTS}
+    rows = {c: {"model": f"{name} ({params / 1e6:.3g}M)", "clients": c} for c in CLIENTS}
     servers = {}
     try:
         for batch in (16, 1):  # both up at once; rounds alternate so machine noise hits both
