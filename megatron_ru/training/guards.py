@@ -120,13 +120,13 @@ class Guards:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             bad = flag.item() > 0
         optimizer = self.t.engine.optimizer
-        if bad:
-            for p in self.t.model.parameters():
-                p.grad = None
+        if bad:  # this one step() does nothing; the engine then zeroes the gradients
+            optimizer.step = lambda closure=None: None
         optimizer.overflow = bad  # DeepSpeed's engine: skipped_steps += 1, no LR step
 
     def engine_step(self) -> None:
         """engine.step(), with fp16's minimum-loss-scale error turned into the divergence stop."""
+        optimizer = self.t.engine.optimizer
         try:
             self.t.engine.step()
         except Exception as exc:  # noqa: BLE001 - DeepSpeed raises a bare Exception here
@@ -134,6 +134,8 @@ class Guards:
                 raise
             self.diverged("fp16 loss scaling reached its minimum (min_loss_scale) and the gradients "
                           "still overflow")
+        finally:
+            vars(optimizer).pop("step", None)  # undo before_update's one-step skip
 
     # ---- after each step (fit) ------------------------------------------------------------------
     def after_step(self, record: dict) -> bool:

@@ -163,3 +163,14 @@ def test_index_build_ten_million_documents_is_fast():
     assert time.perf_counter() - start < 3.0
     assert epochs == 1 and len(shuffle_index) == (int(sizes.sum(dtype=np.int64)) - 1) // 2048
     assert sample_index.shape == (len(shuffle_index) + 1, 2)
+
+
+def test_blend_prefix_does_not_depend_on_sample_count(tmp_path):
+    unique_token_dataset(tmp_path / "a", num_docs=30, seed=1)
+    unique_token_dataset(tmp_path / "b", num_docs=30, seed=2, first_id=10**6)
+    path = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")]
+    short, _, _ = build_train_valid_test_datasets(path, "100,0,0", 8, 3, (30, 0, 0), cache_path=str(tmp_path / "c"))
+    long, _, _ = build_train_valid_test_datasets(path, "100,0,0", 8, 3, (400, 0, 0), cache_path=str(tmp_path / "c"))
+    assert len(short) == 30 and len(long) == 400  # the long one runs through several epochs of both
+    for k in range(30):
+        np.testing.assert_array_equal(short[k]["text"], long[k]["text"])
