@@ -98,17 +98,22 @@ def test_injected_inf_step_is_skipped_like_a_skipped_batch(ps, work):
     assert [by_it[i] for i in (1, 2, 4, 5)] == losses(skipped)  # no update, no LR step: bit-exact
 
 
-def test_consecutive_non_finite_steps_stop_without_saving(ps, work):
+def test_consecutive_non_finite_steps_stop_without_saving(ps, work, capsys):
+    """pretrain_gpt.py's main under runtime.run (as the CLI runs it): one line, exit 3, no save."""
+    import pretrain_gpt
     save = work / "diverged"
-    t, lines = trainer(ps, work, "--train-iters", "8", "--debug-inject-overflow-iters", "3", "4", "5",
-                       "--max-skipped-steps", "3", "--save", str(save), "--save-interval", "2")
-    with pytest.raises(TrainingDiverged) as e:
-        t.fit()
-    msg = str(e.value)
-    assert e.value.exit_code == runtime.EXIT_DIVERGED == 3
-    assert "at iteration 5: 3 consecutive steps skipped" in msg and "last finite loss" in msg
-    assert "at iteration 2" in msg and "not saved" in msg
-    assert (save / "latest").read_text().strip() == "iter_0000002"  # nothing after the divergence
+    argv = [*BASE, "--data-path", DEMO, "--data-cache-path", str(work / "cache"), "--train-iters", "8",
+            "--debug-inject-overflow-iters", "3", "4", "5", "--max-skipped-steps", "3",
+            "--save", str(save), "--save-interval", "2"]
+    capsys.readouterr()
+    assert runtime.run(pretrain_gpt.main, "pretrain_gpt.py", argv, graceful=True) == runtime.EXIT_DIVERGED == 3
+    out, err = capsys.readouterr()
+    errors = [l for l in err.splitlines() if "error" in l]
+    assert len(errors) == 1, err
+    assert "training diverged at iteration 5: 3 consecutive steps skipped" in errors[0]
+    assert "last finite loss" in errors[0] and "at iteration 2" in errors[0] and "--lr" in errors[0]
+    assert "iteration 4: step skipped" in out
+    assert (save / "latest").read_text().strip() == "iter_0000002"  # no save inside the streak or after
 
 
 def test_fp16_minimum_loss_scale_is_a_clean_stop(ps, work):
@@ -168,19 +173,6 @@ def test_out_of_vocabulary_ids_at_tp2_exit_2(work, oov_data):
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = [l for l in proc.stderr.splitlines() if "token id 8000 in document 5" in l]
     assert len(lines) == 1 and "model:" not in proc.stdout
-
-
-def test_divergence_exit_status_3_from_the_cli(work):
-    """Non-finite steps in a row through pretrain_gpt.py: one line, exit 3, nothing saved."""
-    cmd = [sys.executable, "pretrain_gpt.py", *BASE, "--data-path", DEMO, "--data-cache-path", str(work / "cache"),
-           "--train-iters", "8", "--debug-inject-overflow-iters", "2", "3", "4", "--max-skipped-steps", "3",
-           "--save", str(work / "cli_diverged")]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 3, proc.stdout[-2000:] + proc.stderr[-2000:]
-    errors = [l for l in proc.stderr.splitlines() if "error" in l]
-    assert len(errors) == 1 and "training diverged at iteration 4" in errors[0], proc.stderr[-2000:]
-    assert "last finite loss" in errors[0] and "--lr" in errors[0]
-    assert not (work / "cli_diverged" / "latest").exists()
 
 
 @pytest.mark.parametrize("field,value,message", [
