@@ -84,6 +84,7 @@ class TrainArgs:
     debug_inject_overflow_iters: list = field(default_factory=list)
     # guards (training/guards.py)
     max_skipped_steps: int = 50
+    max_loss: Optional[float] = None
     spike_window: Optional[int] = None
     spike_threshold: float = 6.0
     rollback_on_nonfinite: bool = False
@@ -185,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-skipped-steps", type=int, default=50, metavar="N",
                    help="stop (exit 3, nothing saved) after N consecutive steps skipped for a NaN/inf "
                         "loss or gradient norm, fp16 loss-scale skips included (default 50)")
+    g.add_argument("--max-loss", type=float, metavar="L",
+                   help="a finite loss above L counts like a non-finite step towards "
+                        "--max-skipped-steps (the update is applied); default 4 ln(vocabulary "
+                        "size), four times the loss of guessing uniformly; 0 = off")
     g.add_argument("--spike-window", type=int, metavar="W",
                    help="detect loss spikes against the last W iterations (off by default)")
     g.add_argument("--spike-threshold", type=float, default=6.0, metavar="Z",

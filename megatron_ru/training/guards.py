@@ -4,8 +4,9 @@ Non-finite policy. A step whose loss or gradient norm is NaN/inf makes no update
 DeepSpeed already skips such steps for fp16 (loss scaling), ZeRO-1/2 and bf16 (ds_config turns on
 bf16.check_grad_overflow); on the plain fp32 path (ZeRO-0, a torch optimizer) `before_update`
 drops the gradients and raises the optimizer's `overflow` flag, which DeepSpeed's engine reads
-to count the skip and hold the LR schedule. After `--max-skipped-steps` consecutive skipped steps,
-or when fp16 loss scaling reaches its minimum, the run stops with one line and exit status
+to count the skip and hold the LR schedule. A finite loss above --max-loss (default 4 ln V, four
+times the loss of guessing uniformly) counts the same (its update is applied). After
+`--max-skipped-steps` such consecutive steps, or when fp16 loss scaling reaches its minimum, the run stops with one line and exit status
 runtime.EXIT_DIVERGED (3), without saving (or rolls back, with --rollback-on-nonfinite).
 
 Spike rollback. A finite loss more than Z standard deviations above the mean of the last W
@@ -89,6 +90,8 @@ class Guards:
     def __init__(self, trainer) -> None:
         self.t, a = trainer, trainer.args
         self.max_skipped = a.max_skipped_steps
+        # a finite loss far above guessing uniformly (ln V) has diverged too (fp32 --lr 100: ~4e5)
+        self.max_loss = a.max_loss if a.max_loss is not None else 4 * math.log(trainer.tokenizer.vocab_size)
         self.spikes = SpikeDetector(a.spike_window or 0, a.spike_threshold)
         self.consecutive = 0
         self.last_finite = None  # (iteration, loss)
@@ -144,21 +147,8 @@ class Guards:
         t, a = self.t, self.t.args
         loss, norm = record["loss"], record["grad_norm"]
         finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
-        if record["skipped"] or not finite:
-            self.consecutive += 1
-            t.log(f"iteration {t.iteration}: step skipped (loss {loss:.4g}, grad norm "
-                  f"{'n/a' if norm is None else f'{norm:.4g}'}); {self.consecutive} consecutive, "
-                  f"--max-skipped-steps {self.max_skipped}")
-            t.sink.write({"iteration": t.iteration, "event": "skipped_step", "loss": _json_num(loss),
-                          "grad_norm": _json_num(norm), "consecutive": self.consecutive})
-            if self.consecutive >= self.max_skipped:
-                reason = f"{self.consecutive} consecutive steps skipped for a non-finite loss or gradient norm"
-                if a.rollback_on_nonfinite and self.rollback(reason):
-                    return True
-                self.diverged(reason + f" (--max-skipped-steps {self.max_skipped})")
-            return False
-        self.consecutive = 0
-        if self.spikes.is_spike(loss):
+        exploded = finite and bool(self.max_loss) and loss > self.max_loss
+        if finite and not record["skipped"] and self.spikes.is_spike(loss):
             hist = list(self.spikes.history)
             mean = sum(hist) / len(hist)
             reason = (f"loss spike {loss:.4f} > mean {mean:.4f} of the last {len(hist)} iterations "
@@ -167,13 +157,30 @@ class Guards:
                 return True
             t.log(f"iteration {t.iteration}: {reason}; not rolled back "
                   f"({'no checkpoint in --save' if self.rollbacks < a.max_rollbacks else '--max-rollbacks reached'})")
+        if record["skipped"] or not finite or exploded:
+            self.consecutive += 1
+            what = (f"loss {loss:.4g} above --max-loss {self.max_loss:.4g}" if exploded and not record["skipped"]
+                    else "step skipped")
+            t.log(f"iteration {t.iteration}: {what} (loss {loss:.4g}, grad norm "
+                  f"{'n/a' if norm is None else f'{norm:.4g}'}); {self.consecutive} consecutive, "
+                  f"--max-skipped-steps {self.max_skipped}")
+            t.sink.write({"iteration": t.iteration, "event": "skipped_step" if not exploded else "exploded_loss",
+                          "loss": _json_num(loss), "grad_norm": _json_num(norm), "consecutive": self.consecutive})
+            if self.consecutive >= self.max_skipped:
+                reason = (f"{self.consecutive} consecutive steps skipped for a non-finite loss or gradient norm"
+                          " or with a loss above --max-loss " + f"{self.max_loss:.4g}")
+                if a.rollback_on_nonfinite and self.rollback(reason):
+                    return True
+                self.diverged(reason + f" (--max-skipped-steps {self.max_skipped})")
+            return False
+        self.consecutive = 0
         self.spikes.observe(loss)
         self.last_finite = (t.iteration, loss)
         return False
 
     def diverged(self, reason: str) -> None:
         t = self.t
-        last = (f"last finite loss {self.last_finite[1]:.4f} at iteration {self.last_finite[0]}"
+        last = (f"last good loss {self.last_finite[1]:.4f} at iteration {self.last_finite[0]}"
                 if self.last_finite else "no finite loss yet")
         t.sink.write({"iteration": t.iteration, "event": "diverged", "reason": reason})
         t.sink.close()

@@ -111,9 +111,22 @@ def test_consecutive_non_finite_steps_stop_without_saving(ps, work, capsys):
     errors = [l for l in err.splitlines() if "error" in l]
     assert len(errors) == 1, err
     assert "training diverged at iteration 5: 3 consecutive steps skipped" in errors[0]
-    assert "last finite loss" in errors[0] and "at iteration 2" in errors[0] and "--lr" in errors[0]
+    assert "last good loss" in errors[0] and "at iteration 2" in errors[0] and "--lr" in errors[0]
     assert "iteration 4: step skipped" in out
     assert (save / "latest").read_text().strip() == "iter_0000002"  # no save inside the streak or after
+
+
+def test_lr_100_fp32_diverges_and_stops(ps, work):
+    """The losses explode but stay finite (~1e5): above --max-loss (4 ln V) they count like
+    non-finite steps, and the run stops instead of saving the diverged model."""
+    save = work / "lr100"
+    t, lines = trainer(ps, work, "--train-iters", "30", "--lr", "100", "--max-skipped-steps", "3",
+                       "--save", str(save), "--save-interval", "10")
+    with pytest.raises(TrainingDiverged) as e:
+        t.fit()
+    assert "3 consecutive steps" in str(e.value) and "above --max-loss 30" in str(e.value)
+    assert t.iteration < 10 and not (save / "latest").exists()
+    assert any("above --max-loss" in l for l in lines)
 
 
 def test_fp16_minimum_loss_scale_is_a_clean_stop(ps, work):
