@@ -82,6 +82,16 @@ class TrainArgs:
     # DeepSpeed
     deepspeed_config: Optional[str] = None
     debug_inject_overflow_iters: list = field(default_factory=list)
+    # guards (training/guards.py)
+    max_skipped_steps: int = 50
+    max_loss: Optional[float] = None
+    spike_window: Optional[int] = None
+    spike_threshold: float = 6.0
+    rollback_on_nonfinite: bool = False
+    max_rollbacks: int = 3
+    override_data_args: bool = False
+    iterations_to_skip: list = field(default_factory=list)
+    debug_inject_spike_iters: list = field(default_factory=list)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -172,6 +182,29 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--metrics-file", help="JSON lines, one object per logged iteration / evaluation")
     e.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU")
 
+    g = p.add_argument_group("guards (non-finite steps, loss spikes, resumes)")
+    g.add_argument("--max-skipped-steps", type=int, default=50, metavar="N",
+                   help="stop (exit 3, nothing saved) after N consecutive steps skipped for a NaN/inf "
+                        "loss or gradient norm, fp16 loss-scale skips included (default 50)")
+    g.add_argument("--max-loss", type=float, metavar="L",
+                   help="a finite loss above L counts like a non-finite step towards "
+                        "--max-skipped-steps (the update is applied); default 4 ln(vocabulary "
+                        "size), four times the loss of guessing uniformly; 0 = off")
+    g.add_argument("--spike-window", type=int, metavar="W",
+                   help="detect loss spikes against the last W iterations (off by default)")
+    g.add_argument("--spike-threshold", type=float, default=6.0, metavar="Z",
+                   help="a loss > mean + Z std of the window is a spike: roll back to the last "
+                        "checkpoint of --save and skip the data since it (default 6)")
+    g.add_argument("--rollback-on-nonfinite", action="store_true",
+                   help="roll back instead of stopping when --max-skipped-steps is reached")
+    g.add_argument("--max-rollbacks", type=int, default=3, help="at most this many rollbacks (default 3)")
+    g.add_argument("--override-data-args", action="store_true",
+                   help="resume even though --data-path / --split / --seq-length / global batch / "
+                        "--seed differ from the checkpoint's")
+    g.add_argument("--iterations-to-skip", type=int, nargs="*", default=[], metavar="I",
+                   help="consume these iterations' batches without a forward pass or update")
+    g.add_argument("--debug-inject-spike-iters", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
+
     s = p.add_argument_group("DeepSpeed")
     s.add_argument("--deepspeed", action="store_true", help="accepted for ru-gpts scripts; always on")
     s.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
@@ -218,6 +251,13 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError("--data-path is required (a preprocessed PREFIX, see tools/preprocess_data.py)")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load DIR to take the weights from")
+    positive("max_skipped_steps", args.max_skipped_steps)
+    positive("spike_window", args.spike_window)
+    if args.spike_threshold <= 0 or args.max_rollbacks < 0:
+        raise ConfigError("--spike-threshold must be positive and --max-rollbacks >= 0")
+    if (args.spike_window or args.rollback_on_nonfinite) and not (args.save and args.save_interval):
+        raise ConfigError("--spike-window / --rollback-on-nonfinite roll back to the last checkpoint: "
+                          "give --save DIR and --save-interval N")
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
 

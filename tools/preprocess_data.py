@@ -27,6 +27,7 @@ import numpy as np  # noqa: E402
 
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
 from megatron_ru.data.progress import Progress  # noqa: E402
+from megatron_ru.data.validate import tokenizer_files, write_tokenizer_record  # noqa: E402
 from megatron_ru.data.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
 from megatron_ru.runtime import UsageError  # noqa: E402
 
@@ -260,6 +261,10 @@ def run(args, stream=None):
             pool = None
         for builder in builders:
             builder.finalize()
+        files = tokenizer_files(args.vocab_file, args.merge_file, args.tokenizer_model)
+        for prefix in prefixes:  # read by training: warns or stops when its tokenizer differs
+            write_tokenizer_record(prefix, tokenizer_type=args.tokenizer_type,
+                                   vocab_size=encoder.tokenizer.vocab_size, files=files)
     except BaseException:
         if pool is not None:
             pool.terminate()

@@ -151,12 +151,44 @@ def model_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
     return zero3_files(directory, tag, tp_size) or rank_files(directory, tag, tp_size)
 
 
-def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
-    """Parameter name → ShardSpec at `tp_size` (from a model built on the meta device)."""
+def _meta_model(config: ModelConfig, tp_size: int) -> GPTModel:
     ps = ParallelState(world_size=tp_size, tensor_model_parallel_size=tp_size)
     with torch.device("meta"):
-        model = GPTModel(config, ps)
-    return {n: getattr(p, "shard_spec", None) for n, p in model.named_parameters()}
+        return GPTModel(config, ps)
+
+
+def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
+    """Parameter name → ShardSpec at `tp_size` (from a model built on the meta device)."""
+    return {n: getattr(p, "shard_spec", None) for n, p in _meta_model(config, tp_size).named_parameters()}
+
+
+def _describe(config: ModelConfig) -> str:
+    return (f"num_layers={config.num_layers}, hidden_size={config.hidden_size}, "
+            f"vocab_size={config.vocab_size}")
+
+
+def check_weights_match_config(config: ModelConfig, shapes: list, source) -> None:
+    """Per-TP-rank {name: shape} of a checkpoint against the model its config describes: every
+    tensor present with the shape the config implies (vocabulary rows: at least the vocabulary),
+    and no weight the config has no place for (a truncated model would load silently)."""
+    model = _meta_model(config, len(shapes))
+    params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    buffers = {n for n, _ in model.named_buffers()}
+    for rank, rank_shapes in enumerate(shapes):
+        for name, expected in params.items():
+            got = rank_shapes.get(name)
+            if got is None:
+                raise CheckpointError(f"parameter {name} is missing from {source}")
+            same = got[1:] == expected[1:] if name in VOCAB_PARAMS else got == expected
+            if not same:
+                where = f" (TP rank {rank} of {len(shapes)})" if len(shapes) > 1 else ""
+                raise CheckpointError(f"tensor {name}{where} in {source} has shape {tuple(got)}, its config "
+                                      f"({_describe(config)}) implies {tuple(expected)}")
+        extra = [n for n in rank_shapes if n not in params and n not in buffers]
+        if extra:
+            raise CheckpointError(f"tensor {extra[0]} {tuple(rank_shapes[extra[0]])} in {source} has no place "
+                                  f"in the model its config describes ({_describe(config)}); "
+                                  f"{len(extra)} such tensor(s): config.json and the weights disagree")
 
 
 def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
@@ -214,6 +246,7 @@ class LazyFullState(Mapping):
         self.own_memory = own_memory
         self.specs = _shard_specs(config, len(self.loaders))
         shapes = [{k: tuple(v.shape) for k, v in load().items()} for load in self.loaders]
+        check_weights_match_config(config, shapes, source)
         self.shapes = {}
         for name, spec in self.specs.items():
             parts = [s.get(name) for s in shapes]

@@ -23,8 +23,8 @@ import torch
 from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
-from .model_io import (CheckpointError, atomic_write_text, latest_tag, model_files, read_config,
-                       write_config)
+from .model_io import (CheckpointError, atomic_write_text, check_weights_match_config, latest_tag,
+                       load_module, model_files, read_config, write_config, zero3_files)
 
 # Tokenizer files as stored in a checkpoint's tokenizer/ directory (the names HF and
 # generate.py's --tokenizer-path look for).
@@ -80,12 +80,16 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
         raise ConfigError(f"resuming {directory} (saved at TP={src_tp}) at TP={tp_size} would lose "
                           "the optimizer state; use --finetune to load the weights at a new TP size")
     tag = tag or latest_tag(Path(directory))
-    files = set(model_files(Path(directory), tag, src_tp))
+    model = model_files(Path(directory), tag, src_tp)
+    files = set(model)
     if not weights_only:  # resuming reads the optimizer shards too
         files |= set((Path(directory) / tag).glob("*.pt"))
     for f in sorted(files):
         if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; truncation breaks it
             raise CheckpointError(f"{f} is corrupted or truncated (not a readable torch archive)")
+    if not zero3_files(Path(directory), tag, src_tp):  # weights vs config.json, named and shaped
+        check_weights_match_config(saved, [{k: tuple(v.shape) for k, v in load_module(f).items()}
+                                           for f in model], Path(directory) / tag)
     return tag
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from .gpt_dataset import DatasetConfigError, GPTDataset
 from .indexed_dataset import IndexedDataset, dataset_exists
+from .validate import validate_dataset
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -115,19 +116,24 @@ class BlendedDataset:
         return sample
 
 
-def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, cache_path=None):
+def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, cache_path=None,
+                                    vocab_size=None, tokenizer_fingerprint=None, warn=None):
     """The training loop's entry point: (train, valid, test) datasets, each None when empty.
 
     data_path: `--data-path` items (`["0.85", "ru", "0.15", "en"]`) or [(weight, prefix)].
     split: `--split` ("969,30,1"), applied to the documents of every prefix separately.
     num_samples: (train, valid, test) sample counts; None in a slot = one epoch of that split
     (single prefix only). Each sample is {"text": int64[seq_length + 1]} (+ "dataset_id" in blends).
+    Every prefix is validated first (data/validate.py; ids checked against `vocab_size` if given).
     """
     if seq_length < 1:
         raise DatasetConfigError(f"--seq-length must be positive, got {seq_length}")
     blend = parse_data_path(data_path)
     fractions = parse_split(split)
     indexed = [(w, IndexedDataset(p)) for w, p in blend]
+    for _, ds in indexed:
+        validate_dataset(ds, vocab_size=vocab_size, fingerprint=tokenizer_fingerprint,
+                         cache_path=cache_path, warn=warn)
     bounds = {p: split_boundaries(fractions, len(ds)) for (_, p), (_, ds) in zip(blend, indexed)}
     result = []
     for s, name in enumerate(SPLIT_NAMES):

@@ -2,12 +2,17 @@
 
 Three integer arrays, built once (vectorised numpy, seconds for 10 M documents) and cached:
   doc_index      (E * n_docs,)   document ids in reading order: one seeded permutation per epoch
-  sample_index   (N + 1, 2)      (position in doc_index, token offset) where sample i starts;
+  sample_index   (M + 1, 2)      (position in doc_index, token offset) where sample i starts;
                                  sample i is the token stream [i*s, i*s + s] (s + 1 tokens, the
                                  last one shared with sample i + 1, as in Megatron)
-  shuffle_index  (N,)            the order samples are served in; when the last epoch is needed
-                                 for < 80 % of an epoch it is shuffled apart (Megatron's
-                                 "separate final epoch") so earlier epochs stay complete
+  shuffle_index  (N,)            the order samples are served in
+
+The order extends: epoch e's document permutation and the shuffle of its samples ("block" e:
+the samples whose last token lies in epoch e) are seeded by (seed, e) alone, and blocks are
+served one after another. So the first K samples never depend on how many are asked for
+(`--train-iters`): a longer run sees the shorter run's samples first, in the same order, across
+epoch boundaries too. (Megatron shuffles all full epochs together, so its order changes with
+the epoch count; see the README.)
 """
 import hashlib
 import json
@@ -19,24 +24,34 @@ import numpy as np
 from .indexed_dataset import IndexedDataset
 from ..runtime import UsageError
 
-INDEX_VERSION = 1  # bump when the index layout or algorithm changes: invalidates caches
-SEPARATE_LAST_EPOCH_THRESHOLD = 0.8
+INDEX_VERSION = 2  # bump when the index layout or algorithm changes: invalidates caches
 
 
 class DatasetConfigError(UsageError):
     """Inconsistent dataset settings (flag values, sizes); the message names the flag or file."""
 
 
+def block_ends(tokens_per_epoch, seq_length, num_epochs):
+    """cum[e] = samples in blocks 0..e = samples whose last token lies in epochs 0..e."""
+    e = np.arange(1, num_epochs + 1, dtype=np.int64)
+    return (e * tokens_per_epoch - 1) // seq_length
+
+
 def num_epochs_needed(tokens_per_epoch, seq_length, num_samples):
-    """Smallest E with E * tokens_per_epoch >= num_samples * seq_length + 1."""
+    """Smallest E whose blocks 0..E-1 hold at least `num_samples` samples."""
     return max(1, -(-(num_samples * seq_length + 1) // tokens_per_epoch))
 
 
-def build_doc_index(documents, num_epochs, rng):
-    """One independent permutation of `documents` per epoch, concatenated: (E * n,) int32/int64."""
+def _epoch_rng(seed, epoch, stream):
+    return np.random.default_rng([seed % 2**32, epoch, stream])
+
+
+def build_doc_index(documents, num_epochs, seed):
+    """One independent permutation of `documents` per epoch, seeded by (seed, epoch): (E * n,)."""
     documents = np.asarray(documents)
     dtype = np.int32 if documents.size == 0 or documents.max() < 2**31 - 1 else np.int64
-    return np.concatenate([rng.permutation(documents).astype(dtype) for _ in range(num_epochs)])
+    return np.concatenate([_epoch_rng(seed, e, 0).permutation(documents).astype(dtype)
+                           for e in range(num_epochs)])
 
 
 def build_sample_index(sizes, doc_index, seq_length, num_samples):
@@ -57,36 +72,33 @@ def build_sample_index(sizes, doc_index, seq_length, num_samples):
     return np.stack([pos, offsets], axis=1).astype(np.int64)
 
 
-def build_shuffle_index(num_samples, num_full_epoch_samples, rng):
-    """Permutation of samples; [0, full) and [full, N) are shuffled apart when they differ."""
-    first = rng.permutation(num_full_epoch_samples).astype(np.int64)
-    rest = num_full_epoch_samples + rng.permutation(num_samples - num_full_epoch_samples).astype(np.int64)
-    return np.concatenate([first, rest])
+def build_shuffle_index(cum, num_samples, seed):
+    """Blocks served in order, each shuffled by its own (seed, epoch) stream; first N kept."""
+    parts, lo = [], 0
+    for e, hi in enumerate(cum):
+        parts.append(lo + _epoch_rng(seed, e, 1).permutation(int(hi - lo)).astype(np.int64))
+        lo = int(hi)
+    return np.concatenate(parts)[:num_samples]
 
 
 def build_indices(sizes, documents, seq_length, num_samples, seed):
     """All three indices for `documents` (ids into `sizes`); see the module docstring.
 
-    `num_samples=None` means one epoch's worth. Deterministic in (sizes, documents, seed).
+    `num_samples=None` means one epoch's worth. Deterministic in (sizes, documents, seed), and
+    the first K entries of the order do not depend on `num_samples`.
     """
     documents = np.asarray(documents, dtype=np.int64)
     tokens_per_epoch = int(np.asarray(sizes, dtype=np.int64)[documents].sum())
     if tokens_per_epoch < seq_length + 1:
         raise DatasetConfigError(f"--seq-length {seq_length} needs {seq_length + 1} tokens per sample but "
                                  f"the data has only {tokens_per_epoch} tokens")
-    per_epoch = (tokens_per_epoch - 1) // seq_length
     if num_samples is None:
-        num_samples = per_epoch
+        num_samples = (tokens_per_epoch - 1) // seq_length
     num_epochs = num_epochs_needed(tokens_per_epoch, seq_length, num_samples)
-    rng = np.random.RandomState(seed % 2**32)
-    doc_index = build_doc_index(documents, num_epochs, rng)
-    sample_index = build_sample_index(sizes, doc_index, seq_length, num_samples)
-    full = num_samples
-    if num_epochs > 1:
-        before_last = ((num_epochs - 1) * tokens_per_epoch - 1) // seq_length
-        if num_samples - before_last < SEPARATE_LAST_EPOCH_THRESHOLD * per_epoch:
-            full = before_last
-    shuffle_index = build_shuffle_index(num_samples, full, rng)
+    cum = block_ends(tokens_per_epoch, seq_length, num_epochs)
+    doc_index = build_doc_index(documents, num_epochs, seed)
+    sample_index = build_sample_index(sizes, doc_index, seq_length, int(cum[-1]))
+    shuffle_index = build_shuffle_index(cum, num_samples, seed)
     return doc_index, sample_index, shuffle_index, num_epochs
 
 

@@ -51,6 +51,54 @@ SECTIONS = {
         "stage3_gather_16bit_weights_on_model_save", "stage3_gather_fp16_weights_on_model_save",
         "stage3_use_all_reduce_for_fetch_params", "stage3_module_granularity_threshold"},
 }
+# Expected JSON types of the values we (or DeepSpeed) read as numbers, flags or sections.
+INT, NUM, BOOL, OBJ, STR = "an integer", "a number", "true or false", "a JSON object", "a string"
+TYPES = {
+    "": {"train_batch_size": INT, "train_micro_batch_size_per_gpu": INT,
+         "gradient_accumulation_steps": INT, "gradient_clipping": NUM, "steps_per_print": INT,
+         "fp16": OBJ, "bf16": OBJ, "bfloat16": OBJ, "zero_optimization": OBJ, "optimizer": OBJ,
+         "scheduler": OBJ, "sparse_attention": OBJ, "activation_checkpointing": OBJ,
+         "wall_clock_breakdown": BOOL, "zero_allow_untested_optimizer": BOOL,
+         "zero_force_ds_cpu_optimizer": BOOL, "prescale_gradients": BOOL},
+    "fp16": {"enabled": BOOL, "auto_cast": BOOL, "loss_scale": NUM, "initial_scale_power": INT,
+             "loss_scale_window": INT, "hysteresis": INT, "consecutive_hysteresis": BOOL,
+             "min_loss_scale": NUM},
+    "bf16": {"enabled": BOOL, "check_grad_overflow": BOOL, "immediate_grad_update": BOOL},
+    "zero_optimization": {"stage": INT, "contiguous_gradients": BOOL, "overlap_comm": BOOL,
+                          "reduce_scatter": BOOL, "reduce_bucket_size": NUM,
+                          "allgather_partitions": BOOL, "allgather_bucket_size": NUM,
+                          "offload_optimizer": OBJ, "offload_param": OBJ, "sub_group_size": NUM,
+                          "stage3_max_live_parameters": NUM, "stage3_max_reuse_distance": NUM,
+                          "stage3_prefetch_bucket_size": NUM, "stage3_param_persistence_threshold": NUM},
+    "optimizer": {"type": STR, "params": OBJ},
+    "scheduler": {"type": STR, "params": OBJ},
+}
+_CHECKS = {INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
+           NUM: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+           BOOL: lambda v: isinstance(v, bool), OBJ: lambda v: isinstance(v, dict),
+           STR: lambda v: isinstance(v, str)}
+POSITIVE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+
+
+def check_types(data: dict, path: str) -> None:
+    """Refuse a value of the wrong JSON type, naming the key (instead of a TypeError later)."""
+    for section, types in TYPES.items():
+        values = data if not section else data.get(section)
+        if not isinstance(values, dict):
+            continue
+        for key, kind in types.items():
+            if key in values and not _CHECKS[kind](values[key]):
+                name = f"{section}.{key}" if section else key
+                raise ConfigError(f"--deepspeed_config {path}: {name} must be {kind}, got "
+                                  f"{json.dumps(values[key])}")
+    for key in POSITIVE:
+        if key in data and data[key] <= 0:
+            raise ConfigError(f"--deepspeed_config {path}: {key} must be positive, got {data[key]}")
+    stage = data.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise ConfigError(f"--deepspeed_config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+
+
 FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                  "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
 
@@ -88,6 +136,7 @@ def build(args, dp_size: int, log) -> tuple[dict, Optional[dict], str]:
     for section, known in SECTIONS.items():
         if isinstance(data.get(section), dict):
             _check_keys(data[section], known, f"{section}.", path)
+    check_types(data, path)
     ds = copy.deepcopy(data)
     sparse = ds.pop("sparse_attention", None)
 
@@ -128,6 +177,8 @@ def build(args, dp_size: int, log) -> tuple[dict, Optional[dict], str]:
     if args.bf16 and not json_bf16:
         ds["bf16"] = {**ds.get("bf16", {}), "enabled": True}
     precision = "fp16" if (args.fp16 or json_fp16) else "bf16" if (args.bf16 or json_bf16) else "fp32"
+    if precision == "bf16":  # DeepSpeed then skips NaN/inf steps (training/guards.py counts them)
+        ds.setdefault("bf16" if "bf16" in ds else "bfloat16", {}).setdefault("check_grad_overflow", True)
     if precision != "fp32" and not (args.fp16 or args.bf16):
         log(f"precision {precision} enabled by {path}")
 

@@ -21,7 +21,9 @@ from ..data.batch import build_data_loader, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
+from ..data.validate import tokenizer_files, tokenizer_fingerprint
 from . import ds_config, lifecycle
+from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
 
@@ -96,7 +98,7 @@ class Trainer:
         ds = self.ds
         # rank 0 builds (and caches) the indices first; the others then load them
         runtime.heartbeat("checks")
-        self.data = rank0_first(ps, self._build_data)
+        self.data = rank0_first(ps, self._build_data)  # validated (ids vs vocabulary) before any model
         runtime.heartbeat("data")
         runtime.fault_point("model")
 
@@ -137,6 +139,7 @@ class Trainer:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
             model_parameters=None if optimizer else param_groups(model, args.weight_decay))
+        self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
                                                    load_optimizer=not args.no_load_optim)
@@ -145,6 +148,8 @@ class Trainer:
             self.consumed_valid = int(client.get("consumed_valid_samples", 0))
             if "rng" in client:
                 ckpt.set_rng_state(client["rng"], ps)
+            runtime.checked(ps, self.guards.restore, client)  # data settings as the checkpoint's
+            self.ensure_train_samples()
             self.log(f"resumed from {args.load} at iteration {self.iteration} "
                      f"({self.consumed} samples consumed)")
         self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=ps.rank == 0,
@@ -160,14 +165,27 @@ class Trainer:
                  f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
                  f"{ds['gradient_accumulation_steps']} x DP {ps.dp_size}")
 
-    def _build_data(self):
+    def _build_data(self, train_samples: Optional[int] = None):
+        """(train, valid, test), every prefix validated against this tokenizer first. The order's
+        prefix does not depend on the counts, so a larger `train_samples` only extends it."""
         a = self.args
         runtime.fault_point("data")
-        data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed,
-                                               self._sample_counts(), cache_path=a.data_cache_path)
+        counts = self._sample_counts()
+        counts = (max(counts[0], train_samples or 0), *counts[1:])
+        fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file, a.tokenizer_model))
+        data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed, counts,
+                                               cache_path=a.data_cache_path,
+                                               vocab_size=self.tokenizer.vocab_size,
+                                               tokenizer_fingerprint=fingerprint, warn=self.log)
         if data[0] is None:
             raise ConfigError(f"--split {a.split} leaves no training documents")
         return data
+
+    def ensure_train_samples(self) -> None:
+        """Extend the training order when the data position jumped (skipped windows, other batch)."""
+        need = self.consumed + max(0, self.args.train_iters - self.iteration) * self.ds["train_batch_size"]
+        if need > len(self.data[0]):
+            self.data = rank0_first(self.ps, lambda: self._build_data(need))
 
     def _prepare(self) -> None:
         """Everything that can fail on a user mistake or on one rank's paths, before compute."""
@@ -256,19 +274,29 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------
     def train_step(self, data_iter) -> dict:
         accum = self.engine.gradient_accumulation_steps()
+        if self.iteration + 1 in self.args.iterations_to_skip:  # consume the batch, no update
+            for _ in range(accum):
+                next(data_iter)
+            self.iteration += 1
+            self.consumed += self.ds["train_batch_size"]
+            self.log(f"iteration {self.iteration}: batch skipped (--iterations-to-skip)")
+            return {"loss": float("nan"), "grad_norm": None, "skipped": 0, "data_skipped": True}
         losses, norm = [], None
-        inject = self.iteration + 1 in self.args.debug_inject_overflow_iters
+        inject = self.guards.inject("overflow", self.iteration + 1)
+        spike = self.guards.inject("spike", self.iteration + 1)
         skipped_before = self.engine.skipped_steps
         for micro in range(accum):
             loss = self._forward(next(data_iter))
             if inject and micro == accum - 1:
                 loss = loss * float("inf")  # fault injection for loss-scaling tests
+            loss = loss * 30.0 if spike else loss  # fault injection: a loss spike
             self.engine.backward(loss)
+            losses.append(loss.detach().float().item())
             if micro == accum - 1 and self.engine.get_global_grad_norm() is None and \
                     self.ds.get("zero_optimization", {}).get("stage", 0) == 0:
                 norm = tp_grad_norm(self.model, self.ps)
-            self.engine.step()
-            losses.append(loss.detach().float().item())
+                self.guards.before_update(losses, norm)  # fp32 ZeRO-0: skip a non-finite step
+            self.guards.engine_step()
         self.iteration += 1
         self.consumed += self.ds["train_batch_size"]
         gn = self.engine.get_global_grad_norm()
@@ -292,9 +320,16 @@ class Trainer:
         while self.iteration < a.train_iters:
             t_step = time.perf_counter()
             runtime.fault_point("step", self.iteration + 1)
-            window.append(self.train_step(data_iter))
+            record = self.train_step(data_iter)
             runtime.heartbeat(f"iteration {self.iteration}")
             step_s = time.perf_counter() - t_step
+            if record.get("data_skipped"):  # --iterations-to-skip
+                continue
+            if self.guards.after_step(record):  # rolled back to the last checkpoint
+                data_iter, window = self._loader(self.data[0], self.consumed), []
+                t_last, it_last = time.perf_counter(), self.iteration
+                continue
+            window.append(record)
             if self.iteration % a.log_interval == 0 or self.iteration == a.train_iters:
                 runtime.fault_point("log", self.iteration)
                 now = time.perf_counter()
@@ -306,7 +341,8 @@ class Trainer:
                 break
             if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval == 0:
                 self.evaluate()
-            if a.save and a.save_interval and self.iteration % a.save_interval == 0:
+            if a.save and a.save_interval and self.iteration % a.save_interval == 0 and \
+                    not self.guards.consecutive:  # never in a run of non-finite (skipped) steps
                 t_save = time.perf_counter()
                 self.save()
                 saved_at, stop.last_save_s = self.iteration, time.perf_counter() - t_save
@@ -382,7 +418,8 @@ class Trainer:
         a = self.args
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
-                  "universal_checkpoint_info": universal.checkpoint_info(self.model)}
+                  "universal_checkpoint_info": universal.checkpoint_info(self.model),
+                  **self.guards.client_state()}
         files = {"type": a.tokenizer_type, "eod_token": a.eod_token}
         for key in ("vocab_file", "merge_file", "tokenizer_model"):
             if getattr(a, key):

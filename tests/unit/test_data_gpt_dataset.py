@@ -51,12 +51,12 @@ def test_every_token_in_expected_number_of_samples_one_epoch(tmp_path):
     assert sorted(np.asarray(ds.doc_index).tolist()) == docs.tolist()  # each document once per epoch
 
 
-def test_multi_epoch_stream_and_separate_last_epoch(tmp_path):
+def test_multi_epoch_stream_and_epoch_blocks(tmp_path):
     indexed = unique_token_dataset(tmp_path / "m", num_docs=30, seed=1)
     docs = np.arange(30)
     seq = 8
-    per_epoch = (indexed.num_tokens - 1) // seq
-    num_samples = 2 * per_epoch + 3  # the third epoch is needed only a little: shuffled apart
+    tokens = indexed.num_tokens
+    num_samples = 2 * ((tokens - 1) // seq) + 3  # reaches a little into the third epoch
     ds = GPTDataset(indexed, docs, name="train", seq_length=seq, num_samples=num_samples, seed=5,
                     cache_path=str(tmp_path / "cache"))
     assert len(ds) == num_samples and ds.num_epochs == 3
@@ -64,13 +64,33 @@ def test_multi_epoch_stream_and_separate_last_epoch(tmp_path):
     for e in range(3):  # every epoch is a full permutation of the documents
         assert sorted(doc_index[e * 30:(e + 1) * 30].tolist()) == docs.tolist()
     stream = np.concatenate([indexed.document(int(d)) for d in doc_index])
-    packed = _stream_order(ds)
-    rebuilt = np.concatenate([s[:-1] for s in packed] + [packed[-1][-1:]])
-    np.testing.assert_array_equal(rebuilt, stream[:num_samples * seq + 1])
-    full = ((2 * indexed.num_tokens) - 1) // seq
     shuffle = np.asarray(ds.shuffle_index)
-    assert sorted(shuffle[:full].tolist()) == list(range(full))
-    assert sorted(shuffle[full:].tolist()) == list(range(full, num_samples))
+    for k in range(num_samples):  # sample i is the stream's tokens [i*s, i*s + s]
+        i = int(shuffle[k])
+        np.testing.assert_array_equal(ds[k]["text"], stream[i * seq:i * seq + seq + 1])
+    # block e = samples whose last token lies in epoch e; blocks are served one after another
+    cum = [(e * tokens - 1) // seq for e in (1, 2)]
+    assert sorted(shuffle[:cum[0]].tolist()) == list(range(cum[0]))
+    assert sorted(shuffle[cum[0]:cum[1]].tolist()) == list(range(cum[0], cum[1]))
+    assert shuffle[cum[1]:].min() >= cum[1] and len(set(shuffle.tolist())) == num_samples
+
+
+@pytest.mark.parametrize("seq", [8, 13])
+def test_order_prefix_does_not_depend_on_sample_count(tmp_path, seq):
+    """The first K samples are the same whatever N a run asks for, across epoch boundaries."""
+    indexed = unique_token_dataset(tmp_path / "p", num_docs=25, seed=2)
+    per_epoch = (indexed.num_tokens - 1) // seq
+    counts = [3, per_epoch - 1, per_epoch, per_epoch + 2, 3 * per_epoch + 5]
+    built = [build_indices(indexed.sizes, np.arange(25), seq, n, 9) for n in counts]
+    longest = GPTDataset(indexed, np.arange(25), name="train", seq_length=seq, num_samples=counts[-1],
+                         seed=9, cache_path=str(tmp_path / "c"))
+    for n, (doc_index, sample_index, shuffle_index, _) in zip(counts, built):
+        assert len(shuffle_index) == n
+        np.testing.assert_array_equal(shuffle_index, longest.shuffle_index[:n])
+        shorter = GPTDataset(indexed, np.arange(25), name="train", seq_length=seq, num_samples=n, seed=9,
+                             cache_path=str(tmp_path / "c"))
+        for k in range(n):
+            np.testing.assert_array_equal(shorter[k]["text"], longest[k]["text"])
 
 
 def test_indices_deterministic_cached_and_seeded(tmp_path):
@@ -143,3 +163,14 @@ def test_index_build_ten_million_documents_is_fast():
     assert time.perf_counter() - start < 3.0
     assert epochs == 1 and len(shuffle_index) == (int(sizes.sum(dtype=np.int64)) - 1) // 2048
     assert sample_index.shape == (len(shuffle_index) + 1, 2)
+
+
+def test_blend_prefix_does_not_depend_on_sample_count(tmp_path):
+    unique_token_dataset(tmp_path / "a", num_docs=30, seed=1)
+    unique_token_dataset(tmp_path / "b", num_docs=30, seed=2, first_id=10**6)
+    path = ["0.7", str(tmp_path / "a"), "0.3", str(tmp_path / "b")]
+    short, _, _ = build_train_valid_test_datasets(path, "100,0,0", 8, 3, (30, 0, 0), cache_path=str(tmp_path / "c"))
+    long, _, _ = build_train_valid_test_datasets(path, "100,0,0", 8, 3, (400, 0, 0), cache_path=str(tmp_path / "c"))
+    assert len(short) == 30 and len(long) == 400  # the long one runs through several epochs of both
+    for k in range(30):
+        np.testing.assert_array_equal(short[k]["text"], long[k]["text"])
