@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .. import runtime
+from ..config import SPARSE_MODES
 from ..data.indexed_dataset import IndexedDataset, dataset_exists
 from .loading import DTYPES, open_model, parallel_state
 from .perplexity import Corpus, EvalInputError, check_ids, evaluate_corpora
@@ -33,8 +34,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     p.add_argument("--tensor-model-parallel-size", "--model-parallel-size", dest="tp", type=int,
                    help="TP size (default: the number of processes)")
-    p.add_argument("--sparse-mode", help="override which layers are block-sparse")
-    p.add_argument("--sparse-impl", help="override the block-sparse execution path")
+    p.add_argument("--sparse-mode", choices=SPARSE_MODES, help="override which layers are block-sparse")
+    p.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"),
+                   help="override the block-sparse execution path")
+    p.add_argument("--untrained", action="store_true",
+                   help="score the checkpoint's model at initialisation (weights drawn from "
+                        "--seed as pretrain_gpt.py draws them): the baseline training improves on")
+    p.add_argument("--seed", type=int, default=1234, help="initialisation seed for --untrained")
     p.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
     t = p.add_argument_group("tokenizer (default: the one saved with the checkpoint)")
     t.add_argument("--tokenizer-type")
@@ -126,6 +132,7 @@ def main(argv=None) -> int:
     def prepare():
         model, tok = open_model(args.load, ps, dtype=args.dtype, tag=args.tag,
                                 sparse_mode=args.sparse_mode, sparse_impl=args.sparse_impl,
+                                untrained_seed=args.seed if args.untrained else None,
                                 tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
                                 merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
                                 tokenizer_path=args.tokenizer_path, eod_token=args.eod_token)
@@ -153,7 +160,8 @@ def main(argv=None) -> int:
               f"tokens/s, {ps}]", file=sys.stderr, flush=True)
         if args.output:
             from ..checkpoint.model_io import atomic_write_text
-            result = {"load": args.load, "seq_length": seq, "stride": stride,
+            result = {"load": args.load, "untrained": args.untrained, "seq_length": seq,
+                      "stride": stride,
                       "tensor_model_parallel_size": ps.tp_size,
                       "inputs": {n: s.as_dict() for n, s in per.items()},
                       "overall": total.as_dict()}

@@ -49,8 +49,11 @@ def parallel_state(tp: Optional[int], timeout_s: float = 600.0) -> ParallelState
 
 
 def open_model(load: str, ps: ParallelState, *, dtype: str = "float32", tag=None,
-               sparse_mode=None, sparse_impl=None, **tokenizer_flags):
-    """(model in eval mode, tokenizer) with the checks evaluation needs before any work."""
+               sparse_mode=None, sparse_impl=None, untrained_seed: Optional[int] = None,
+               **tokenizer_flags):
+    """(model in eval mode, tokenizer) with the checks evaluation needs before any work.
+    `untrained_seed`: the checkpoint's model at initialisation, weights drawn from that seed as
+    pretrain_gpt.py draws them (the same at every TP size): the baseline training starts from."""
     if dtype not in DTYPES:
         raise EvalInputError(f"dtype {dtype!r} is unknown; choose one of {sorted(DTYPES)}")
     config, meta = read_config(Path(load))
@@ -62,5 +65,12 @@ def open_model(load: str, ps: ParallelState, *, dtype: str = "float32", tag=None
     config.validate_parallel(ps.tp_size)
     overrides = {k: v for k, v in (("sparse_mode", sparse_mode), ("sparse_impl", sparse_impl))
                  if v is not None}
+    if untrained_seed is not None:
+        from ..config import ModelConfig
+        from ..model.gpt import GPTModel
+        config = ModelConfig.from_dict({**config.to_dict(), **overrides})
+        ps.seed(untrained_seed)
+        model = GPTModel(config, ps, seed=untrained_seed, device=ps.device).to(DTYPES[dtype])
+        return model.eval(), tokenizer
     model = load_model(load, ps, tag=tag, dtype=DTYPES[dtype], device=ps.device, **overrides)
     return model.eval(), tokenizer

@@ -150,3 +150,19 @@ def test_bad_input_one_line_exit_2(ckpt, text_file, tmp_path, capsys, extra, mes
     assert evaluate(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_untrained_baseline_is_the_seeded_initialisation(ckpt, text_file, tmp_path):
+    """--untrained scores the checkpoint's model as pretrain_gpt.py initialises it (seed)."""
+    from megatron_ru import GPTModel
+    from megatron_ru.checkpoint.model_io import read_config, save_model
+    ours, _ = ckpt
+    cfg, _ = read_config(ours)
+    save_model(tmp_path / "init", GPTModel(cfg, seed=77))
+    common = ["--input", str(text_file), "--seq-length", "32", "--stride", "16",
+              "--tokenizer-path", str(evalkit.TOKENIZER)]
+    assert evaluate(["--load", str(ours), "--untrained", "--seed", "77", *common,
+                     "--output", str(tmp_path / "a.json")]) == 0
+    assert evaluate(["--load", str(tmp_path / "init"), *common, "--output", str(tmp_path / "b.json")]) == 0
+    a, b = (json.loads((tmp_path / f).read_text())["overall"] for f in ("a.json", "b.json"))
+    assert a == b and a["loss"] > 0
