@@ -125,6 +125,7 @@ class MegatronRuLM(TemplateLM):
     def serve(self) -> None:
         """TP ranks other than 0: serve rank 0's calls until it closes."""
         self.worker.serve()
+        self.close()
 
     def close(self) -> None:
         self.worker.close()
