@@ -24,11 +24,13 @@ $(STAMP): setup.py
 	$(PY) -m pip install -e ".[test]"
 	@touch $(STAMP)
 
-# The main job: train a tiny alternating-sparse ruGPT-3 on the bundled corpus (mpirun, TP=2,
-# ~2 minutes on a laptop CPU), then sample from the checkpoint it wrote.
+# The main job: train a tiny alternating-sparse ruGPT-3 on generated Russian stories (mpirun,
+# TP=2, a few minutes on a laptop CPU), sample from the checkpoint it wrote, then score held-out
+# text before and after training (bits per byte, tools/evaluate.py).
 demo: $(STAMP)
 	PATH="$(BIN):$$PATH" PYTHON=$(PY) MPIRUN=$(BIN)/mpirun NP=$(NP) TP=$(NP) bash examples/pretrain_tiny.sh
 	PATH="$(BIN):$$PATH" PYTHON=$(PY) bash examples/generate_tiny.sh
+	PATH="$(BIN):$$PATH" PYTHON=$(PY) bash examples/evaluate_tiny.sh
 
 test: $(STAMP)
 	PATH="$(BIN):$$PATH" $(PY) -m pytest -q tests
@@ -40,6 +42,7 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/serve.py
 	$(PY) bench/data.py
+	$(PY) bench/evaluate.py
 
 clean:
 	rm -rf .venv *.egg-info

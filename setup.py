@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_ru", "megatron_ru.*"]),
+    package_data={"megatron_ru.evaluation": ["tasks/*.yaml", "tasks/*.jsonl", "tasks/*.py"]},
     install_requires=[
         "torch>=2.5",
         "deepspeed>=0.14",
@@ -21,9 +22,10 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "fastapi", "uvicorn",
-                 "openai>=1.0"],
+                 "openai>=1.0", "lm-eval>=0.4.5"],
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
         "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
+        "eval": ["lm-eval>=0.4.5"],  # tools/run_lm_eval.py, --eval-tasks
     },
     license="Apache-2.0",
 )

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sample on CPU from the tiny demo checkpoint (TP=1, or TP=2 under mpirun with TP=2).
-#   bash examples/generate_tiny.sh                       # prompt below, 40 new tokens
+#   bash examples/generate_tiny.sh                       # a story opening, 40 new tokens
 #   TP=2 bash examples/generate_tiny.sh --prompt "Жил-был"
 #   CHECKPOINT=/tmp/ckpt bash examples/generate_tiny.sh  # any megatron_ru checkpoint
 set -euo pipefail
@@ -24,7 +24,7 @@ ${LAUNCH[@]+"${LAUNCH[@]}"} "$PYTHON" generate.py \
   --load "$CHECKPOINT" \
   --vocab-file "$TOKENIZER/vocab.json" --merge-file "$TOKENIZER/merges.txt" \
   --tensor-model-parallel-size "$TP" \
-  --prompt "Москва — столица" \
+  --prompt "Утром бабушка пошла на рынок." \
   --out-seq-length 40 \
   --temperature 0.9 --top_k 0 --top_p 0.95 --repetition-penalty 1.1 \
   --seed 1234 \

@@ -70,6 +70,10 @@ class TrainArgs:
     tensorboard_dir: Optional[str] = None
     metrics_file: Optional[str] = None
     peak_tflops: Optional[float] = None
+    eval_tasks: Optional[str] = None  # lm-eval tasks run on the live model (evaluation/during_training.py)
+    eval_tasks_interval: Optional[int] = None
+    eval_tasks_limit: Optional[int] = None
+    eval_tasks_include_path: Optional[str] = None
     # run lifecycle (megatron_ru/runtime.py)
     exit_duration_in_mins: Optional[float] = None
     exit_interval: Optional[int] = None
@@ -181,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--tensorboard-dir")
     e.add_argument("--metrics-file", help="JSON lines, one object per logged iteration / evaluation")
     e.add_argument("--peak-tflops", type=float, help="peak TFLOP/s per device for MFU")
+    e.add_argument("--eval-tasks", metavar="NAME[,NAME]",
+                   help="lm-eval tasks (bundled: ru_choice, ru_yesno, ru_answer; or any task "
+                        "lm-eval finds offline) run on the live model; accuracy is logged")
+    e.add_argument("--eval-tasks-interval", type=int, metavar="N",
+                   help="run --eval-tasks every N iterations and at the end (default --eval-interval)")
+    e.add_argument("--eval-tasks-limit", type=int, metavar="K", help="at most K items per task")
+    e.add_argument("--eval-tasks-include-path", metavar="DIR", help="more lm-eval task YAML files")
 
     g = p.add_argument_group("guards (non-finite steps, loss spikes, resumes)")
     g.add_argument("--max-skipped-steps", type=int, default=50, metavar="N",
@@ -258,6 +269,10 @@ def validate(args: TrainArgs) -> None:
     if (args.spike_window or args.rollback_on_nonfinite) and not (args.save and args.save_interval):
         raise ConfigError("--spike-window / --rollback-on-nonfinite roll back to the last checkpoint: "
                           "give --save DIR and --save-interval N")
+    for name in ("eval_tasks_interval", "eval_tasks_limit"):
+        positive(name, getattr(args, name))
+    if args.eval_tasks and args.eval_tasks_interval is None:
+        args.eval_tasks_interval = args.eval_interval
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
 

@@ -157,6 +157,12 @@ class Trainer:
         if self.sink.dropped:
             self.log(f"{args.metrics_file}: dropped {self.sink.dropped} row(s) after iteration "
                      f"{self.iteration} (written by a run that did not save them)")
+        self.task_eval = None
+        if args.eval_tasks:  # lm-eval tasks on the live model (megatron_ru/evaluation/)
+            from ..evaluation.during_training import TaskEvaluator
+            self.task_eval = TaskEvaluator(args.eval_tasks, ps=ps, tokenizer=self.tokenizer,
+                                           log=self.log, sink=self.sink, limit=args.eval_tasks_limit,
+                                           include_path=args.eval_tasks_include_path)
         n = self.config.num_parameters()
         self.log(f"model: {self.config.family}, {n / 1e6:.2f}M parameters, "
                  f"{sum(self.config.sparse_layers())}/{self.config.num_layers} sparse layers; "
@@ -341,6 +347,9 @@ class Trainer:
                 break
             if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval == 0:
                 self.evaluate()
+            if self.task_eval and (self.iteration % a.eval_tasks_interval == 0
+                                   or self.iteration == a.train_iters):
+                self.task_eval.run(self.model, self.iteration)
             if a.save and a.save_interval and self.iteration % a.save_interval == 0 and \
                     not self.guards.consecutive:  # never in a run of non-finite (skipped) steps
                 t_save = time.perf_counter()

@@ -111,8 +111,15 @@ def test_mpirun_end_to_end_loss_falls_and_checkpoint_written(tmp_path):
                          "--seq-length", "128",
                          "--tensor-model-parallel-size", "2", "--sparse-mode", "alternating",
                          "--deepspeed_config", "configs/tiny_sparse.json", "--eval-interval", "15",
-                         "--eval-iters", "1", "--save", str(ckpt), "--save-interval", "15", np_=2)
+                         "--eval-iters", "1", "--save", str(ckpt), "--save-interval", "15",
+                         "--eval-tasks", "ru_choice,ru_answer", "--eval-tasks-interval", "15",
+                         "--eval-tasks-limit", "6", np_=2)
     assert "1/2 sparse layers" in proc.stdout
+    # lm-eval tasks on the live TP=2 model (issue 14): logged at 15 and 30, stdout + metrics
+    tasks = [r for r in rec if "tasks/ru_choice/acc" in r]
+    assert [r["iteration"] for r in tasks] == [15, 30] and "tasks at iter 15 |" in proc.stdout
+    assert all(0 <= r["tasks/ru_choice/acc"] <= 1 and "tasks/ru_answer/exact_match_strip" in r
+               for r in tasks)
     ls = losses(rec)
     assert sum(ls[-5:]) / 5 < sum(ls[:5]) / 5 - 0.3, ls
     assert any("val_loss" in r for r in rec)

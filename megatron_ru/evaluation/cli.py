@@ -1,0 +1,169 @@
+"""tools/evaluate.py: perplexity, loss and bits per byte of a checkpoint on text, JSON lines or
+.bin/.idx inputs, per input and overall, as a table on stdout and a JSON file (--output)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .. import runtime
+from ..config import SPARSE_MODES
+from ..data.indexed_dataset import IndexedDataset, dataset_exists
+from .loading import DTYPES, open_model, parallel_state
+from .perplexity import Corpus, EvalInputError, check_ids, evaluate_corpora
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tools/evaluate.py",
+        description="Sliding-window perplexity and bits per byte of a checkpoint (any format "
+                    "generate.py reads, any TP size under mpirun --np N).")
+    p.add_argument("--load", required=True, metavar="DIR", help="checkpoint directory")
+    p.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
+    p.add_argument("--input", "--eval-data", dest="inputs", nargs="+", required=True,
+                   metavar="PATH", help="text files (documents separated by blank lines, or one "
+                   "per line), JSON lines (*.jsonl, --json-key), or .bin/.idx PREFIXes")
+    p.add_argument("--json-key", default="text", help="field of a JSON-lines record (default text)")
+    p.add_argument("--seq-length", type=int, help="window length (default: the model's maximum)")
+    p.add_argument("--stride", type=int,
+                   help="step between windows; each token gets >= seq_length - stride tokens of "
+                        "context (default: seq_length // 2)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--tensor-model-parallel-size", "--model-parallel-size", dest="tp", type=int,
+                   help="TP size (default: the number of processes)")
+    p.add_argument("--sparse-mode", choices=SPARSE_MODES, help="override which layers are block-sparse")
+    p.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"),
+                   help="override the block-sparse execution path")
+    p.add_argument("--untrained", action="store_true",
+                   help="score the checkpoint's model at initialisation (weights drawn from "
+                        "--seed as pretrain_gpt.py draws them): the baseline training improves on")
+    p.add_argument("--seed", type=int, default=1234, help="initialisation seed for --untrained")
+    p.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
+    t = p.add_argument_group("tokenizer (default: the one saved with the checkpoint)")
+    t.add_argument("--tokenizer-type")
+    t.add_argument("--vocab-file")
+    t.add_argument("--merge-file")
+    t.add_argument("--tokenizer-model")
+    t.add_argument("--tokenizer-path")
+    t.add_argument("--eod-token")
+    runtime.add_arguments(p)
+    return p
+
+
+def read_text_documents(path: Path, json_key: str) -> list[str]:
+    """Documents of a text or JSON-lines file (blank-line blocks, else lines; jsonl: one per line)."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise EvalInputError(f"--input {path} is not UTF-8 text: {exc}") from None
+    if path.suffix in (".jsonl", ".json"):
+        docs = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise EvalInputError(f"--input {path}:{lineno}: not valid JSON ({exc})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(json_key), str):
+                raise EvalInputError(f"--input {path}:{lineno}: no string field {json_key!r} "
+                                     "(--json-key)")
+            docs.append(record[json_key])
+        return [d for d in docs if d]
+    lines = text.split("\n")
+    if any(not line.strip() for line in lines[:-1]):  # blank-line separated blocks
+        blocks, block = [], []
+        for line in lines:
+            if line.strip():
+                block.append(line.rstrip("\r"))
+            elif block:
+                blocks.append("\n".join(block))
+                block = []
+        return blocks + (["\n".join(block)] if block else [])
+    return [line.rstrip("\r") for line in lines if line.strip()]
+
+
+def read_corpus(spec: str, tokenizer, json_key: str) -> Corpus:
+    path = Path(spec)
+    if path.is_file():
+        docs = read_text_documents(path, json_key)
+        ids = [tokenizer.tokenize(d) for d in docs]
+        nbytes = sum(len(d.encode("utf-8")) for d in docs)
+    elif dataset_exists(spec):
+        ds = IndexedDataset(spec)
+        ids = [[int(t) for t in ds[i]] for i in range(len(ds))]
+        # bytes of the text the ids stand for (end-of-document tokens stand for none)
+        nbytes = sum(len(tokenizer.detokenize([t for t in d if t != tokenizer.eod]).encode("utf-8"))
+                     for d in ids)
+    else:
+        raise EvalInputError(f"--input {spec} is neither a file nor a .bin/.idx prefix")
+    if not any(len(d) for d in ids):
+        raise EvalInputError(f"--input {spec} holds no text to evaluate")
+    return Corpus(spec, ids, nbytes)
+
+
+def format_table(per: dict, total, seq_length: int, stride: int) -> str:
+    rows = [(name, s) for name, s in per.items()] + ([("overall", total)] if len(per) > 1 else [])
+    width = max(len(n) for n, _ in rows)
+    head = (f"{'input':<{width}} {'tokens':>10} {'bytes':>11} {'loss':>8} {'perplexity':>11} "
+            f"{'bits/byte':>9}")
+    lines = [f"windows of {seq_length} tokens, stride {stride}", head, "-" * len(head)]
+    for name, s in rows:
+        lines.append(f"{name:<{width}} {s.tokens:>10,} {s.bytes:>11,} {s.loss:>8.4f} "
+                     f"{s.perplexity:>11.2f} {s.bits_per_byte:>9.4f}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-length", args.seq_length),
+                        ("--tensor-model-parallel-size", args.tp)):
+        if value is not None and value < 1:
+            raise EvalInputError(f"{flag} {value} must be >= 1")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise EvalInputError(f"--output {args.output}: directory {Path(args.output).parent} "
+                             "does not exist")
+    runtime.start_watchdog(args.hang_timeout_minutes)
+    ps = parallel_state(args.tp, 60.0 * args.distributed_timeout_minutes)
+
+    def prepare():
+        model, tok = open_model(args.load, ps, dtype=args.dtype, tag=args.tag,
+                                sparse_mode=args.sparse_mode, sparse_impl=args.sparse_impl,
+                                untrained_seed=args.seed if args.untrained else None,
+                                tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
+                                merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
+                                tokenizer_path=args.tokenizer_path, eod_token=args.eod_token)
+        limit = model.config.max_position_embeddings
+        seq = args.seq_length or limit
+        if seq > limit:
+            raise EvalInputError(f"--seq-length {seq} exceeds the model's "
+                                 f"max_position_embeddings={limit}")
+        stride = args.stride if args.stride is not None else max(seq // 2, 1)
+        if not 1 <= stride <= seq:
+            raise EvalInputError(f"--stride {stride} must be in [1, --seq-length {seq}]")
+        corpora = [read_corpus(spec, tok, args.json_key) for spec in args.inputs]
+        for c in corpora:
+            check_ids(c, model.config.vocab_size, f"--input {c.name}")
+        return model, tok, corpora, seq, stride
+
+    model, tok, corpora, seq, stride = runtime.checked(ps if ps.world_size > 1 else None, prepare)
+    t0 = time.perf_counter()
+    per, total = evaluate_corpora(model, corpora, tok.eod, seq_length=seq, stride=stride,
+                                  batch_size=args.batch_size, ps=ps)
+    elapsed = time.perf_counter() - t0
+    if ps.rank == 0:
+        print(format_table(per, total, seq, stride), flush=True)
+        print(f"[{total.tokens:,} tokens in {elapsed:.2f} s: {total.tokens / max(elapsed, 1e-9):,.0f} "
+              f"tokens/s, {ps}]", file=sys.stderr, flush=True)
+        if args.output:
+            from ..checkpoint.model_io import atomic_write_text
+            result = {"load": args.load, "untrained": args.untrained, "seq_length": seq,
+                      "stride": stride,
+                      "tensor_model_parallel_size": ps.tp_size,
+                      "inputs": {n: s.as_dict() for n, s in per.items()},
+                      "overall": total.as_dict()}
+            atomic_write_text(Path(args.output), json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+    return 0
