@@ -2,7 +2,10 @@
 
 Formats: `megatron_ru` (ours, any TP, ZeRO-3 included), `hf` (GPT2LMHeadModel / LlamaForCausalLM,
 safetensors, sharded with an index), `ru_gpts` (DeepSpeed mp_rank files), `megatron_legacy`
-(Megatron-LM iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt). Readers memory-map their files, so a
+(Megatron-LM iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt, pre-Core names), `megatron_core`
+(Megatron-Core GPTModel, `--ckpt-format torch`, mp_rank_XX[_YYY] = TP x PP shards) and
+`megatron_core_dist` (Megatron-Core `--ckpt-format torch_dist`: PyTorch Distributed Checkpoint
+directories). Writers: ours (any TP), HF, and Megatron-Core `torch` (any TP). Readers memory-map their files, so a
 conversion holds the source once (as file pages) plus what it is writing: HF output is written
 tensor by tensor, our output one TP rank at a time. Output goes to a temporary sibling directory
 that is renamed to DST only when complete: a failure leaves nothing at DST.
@@ -25,12 +28,13 @@ from ..data.progress import Progress
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard
 from ..parallel.state import ParallelState
-from . import hf, megatron_legacy, rugpts
+from . import hf, megatron_core, megatron_legacy, rugpts
 from .model_io import (FORMAT, VOCAB_PARAMS, CheckpointError, _shard_specs, atomic_torch_save,
                        config_dict, is_own_checkpoint, load_full_state_dict,
                        merge_shards, read_own_config)
 
-FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy")
+FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy", "megatron_core", "megatron_core_dist")
+TARGETS = ("hf", FORMAT, "megatron_core")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -51,8 +55,13 @@ def detect_format(directory: Path) -> str:
     found = []
     if hf.is_hf_dir(directory) and any((directory / f).is_file() for f in hf.WEIGHT_FILES):
         found.append("hf")  # (ru-gpts releases ship an HF-style config.json next to mp_rank files)
-    if any(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt")):
-        found.append("megatron_legacy")
+    torch_files = sorted(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt"))
+    if torch_files:
+        model = megatron_legacy.load_blob(torch_files[-1]).get("model")
+        found.append("megatron_core" if megatron_core.is_core_model(model) else "megatron_legacy")
+    if any(directory.glob("*/.metadata")) or any(directory.glob("*/*.distcp")) or \
+            (directory / ".metadata").is_file() or any(directory.glob("*.distcp")):
+        found.append("megatron_core_dist")
     if any(directory.glob("mp_rank_[0-9][0-9]_model_states.pt")) or \
             any(directory.glob("*/mp_rank_[0-9][0-9]_model_states.pt")):
         found.append("ru_gpts")
@@ -65,7 +74,8 @@ def detect_format(directory: Path) -> str:
         raise CheckpointError(
             f"{directory} is not a checkpoint in a known format: expected config.json "
             "(megatron_ru or Hugging Face), <tag>/mp_rank_XX_model_states.pt (ru-gpts) or "
-            "iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt (Megatron-LM)")
+            "iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt (Megatron-LM, legacy or Core) or "
+            "iter_XXXXXXX/.metadata + *.distcp (Megatron-Core torch_dist)")
     return found[0]
 
 
@@ -93,6 +103,10 @@ def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
         config, full, meta = _read_hf(directory, load)
     elif fmt == "ru_gpts":
         config, full, meta = rugpts.read(directory, tag, load=load, **hints)
+    elif fmt == "megatron_core":
+        config, full, meta = megatron_core.read_torch(directory, tag, load=load, **hints)
+    elif fmt == "megatron_core_dist":
+        config, full, meta = megatron_core.read_dist(directory, tag, load=load, **hints)
     else:
         config, full, meta = megatron_legacy.read(directory, tag, load=load, **hints)
     if full is not None:
@@ -240,11 +254,11 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
 
 def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,
             tag: Optional[str] = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-            quiet: bool = False, **hints) -> Path:
-    """Convert the checkpoint at `src` into `to` ("hf" or "megatron_ru") at `dst`; returns dst."""
+            quiet: bool = False, megatron_spec: str = "local", **hints) -> Path:
+    """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst."""
     src, dst = Path(src), Path(dst)
-    if to not in ("hf", FORMAT):
-        raise CheckpointError(f"--to {to!r} is unknown; expected hf or {FORMAT}")
+    if to not in TARGETS:
+        raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is unknown; expected {', '.join(DTYPES)}")
     if dst.exists() and not overwrite:
@@ -252,7 +266,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     if src.resolve() == dst.resolve():
         raise CheckpointError("--load and --save name the same directory")
     if to == "hf" and target_tp not in (None, 1):
-        raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru only")
+        raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru / megatron_core")
     config, meta = read_any_config(src, **hints)
     tp = target_tp or 1
     try:
@@ -271,6 +285,12 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
         tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
         if to == "hf":
             write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes)
+        elif to == "megatron_core":
+            megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec)
+            if tok_files:
+                (tmp / "tokenizer").mkdir()
+                for f in tok_files:
+                    shutil.copyfile(f, tmp / "tokenizer" / f.name)
         else:
             tokenizer = None
             if tok_files:

@@ -1,0 +1,416 @@
+"""Megatron-Core GPTModel checkpoints: read `--ckpt-format torch` and `torch_dist`, write `torch`.
+
+`torch`: `iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt`, `model` = the flat state dict of one
+(TP rank, PP stage) with Core names (`embedding.word_embeddings`, `decoder.layers.N.self_attention.
+linear_qkv`, ...; N counts from 0 in every stage). `torch_dist`: a PyTorch Distributed Checkpoint
+directory (`.metadata`, `__R_I.distcp`, `metadata.json`, `common.pt` or the common state stored as
+the object `common_state/shard_0_1`), whose tensors are global: per-layer tensors stacked along a
+leading layer axis (`decoder.layers.self_attention.linear_qkv.weight` is (L, ...)), TP shards
+concatenated. Both specs are read: local (`input_layernorm`, `pre_mlp_layernorm`) and Transformer
+Engine (norms fused as `linear_qkv.layer_norm_weight`, `linear_fc1.layer_norm_weight`); TE's
+`_extra_state` entries are skipped. Layouts: `linear_qkv` rows are (query groups, q heads per group
++ 2, head dim) per TP rank; SwiGLU `linear_fc1` rows are [gate_rank; up_rank] per rank in `torch`
+files and [all gate; all up] in `torch_dist`. Megatron classes pickled in the files (enums in
+`args`, metadata classes) are replaced by stand-ins, so Megatron need not be installed.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import pickle
+import re
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import ModelConfig
+from .megatron_legacy import (PICKLE, _Stub, config_from_args, fix_qkv, flatten, iteration_dir,
+                              load_blob)
+from .model_io import CheckpointError, merge_shards, rename_key
+
+LAYER = r"^decoder\.layers\.(\d+)\."
+RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position_embeddings\.", "pos_embed."),
+           (r"^decoder\.final_(?:layernorm|norm)\.", "final_norm."), (r"^output_layer\.", "lm_head."),
+           (LAYER + r"input_layernorm\.", r"blocks.\1.norm1."),
+           (LAYER + r"self_attention\.linear_qkv\.layer_norm_(weight|bias)$", r"blocks.\1.norm1.\2"),
+           (LAYER + r"self_attention\.linear_qkv\.", r"blocks.\1.attn.qkv."),
+           (LAYER + r"self_attention\.linear_proj\.", r"blocks.\1.attn.dense."),
+           (LAYER + r"pre_mlp_layernorm\.", r"blocks.\1.norm2."),
+           (LAYER + r"mlp\.linear_fc1\.layer_norm_(weight|bias)$", r"blocks.\1.norm2.\2"),
+           (LAYER + r"mlp\.linear_fc1\.", r"blocks.\1.mlp.up."),
+           (LAYER + r"mlp\.linear_fc2\.", r"blocks.\1.mlp.down.")]
+# Our name → Core name (local spec); the TE spec moves the two norms into the next linear layer.
+EXPORT = {"embed": "embedding.word_embeddings", "pos_embed": "embedding.position_embeddings",
+          "final_norm": "decoder.final_layernorm", "lm_head": "output_layer",
+          "norm1": "input_layernorm", "attn.qkv": "self_attention.linear_qkv",
+          "attn.dense": "self_attention.linear_proj", "norm2": "pre_mlp_layernorm",
+          "mlp.up": "mlp.linear_fc1", "mlp.down": "mlp.linear_fc2"}
+TE_NORMS = {"norm1": "self_attention.linear_qkv.layer_norm_", "norm2": "mlp.linear_fc1.layer_norm_"}
+UNSUPPORTED = [(r"\.mlp\.(experts|router|shared_experts)\.", "a mixture-of-experts (MoE) model"),
+               (r"(^|\.)mixer\.|mamba", "a Mamba / hybrid model"),
+               (r"^encoder\.|cross_attention|inter_attention", "an encoder-decoder (T5) model"),
+               (r"^(lm_head|binary_head|pooler)\.", "a BERT model"),
+               (r"\.(q_layernorm|k_layernorm)\.", "a model with QK layer norm"),
+               (r"^mtp\.", "a model with multi-token-prediction layers")]
+SKIP = re.compile(r"_extra_state|rotary_pos_emb|inv_freq")
+
+
+# ---- names -----------------------------------------------------------------------------------
+def check_model_type(keys, args: dict, source) -> None:
+    """Refuse models we cannot represent, by saved args and by tensor names."""
+    if args.get("num_experts"):
+        raise CheckpointError(f"{source} is a mixture-of-experts model (num_experts="
+                              f"{args['num_experts']}); only dense GPT / Llama models are supported")
+    for key in keys:
+        for pattern, what in UNSUPPORTED:
+            if re.search(pattern, key):
+                raise CheckpointError(f"{source} is {what} (tensor {key}); only dense GPT / Llama "
+                                      "Megatron-Core models are supported")
+
+
+def rename(flat: dict, source, layer_offset: int = 0) -> dict:
+    """Core names of one PP stage (local layer numbers) → ours (global layer numbers)."""
+    out = {}
+    for key, value in flat.items():
+        if SKIP.search(key):
+            continue
+        new = rename_key(key, RENAMES)
+        if new is None:
+            raise CheckpointError(f"{source}: tensor {key} is not part of a Megatron-Core GPTModel")
+        m = re.match(r"blocks\.(\d+)\.", new)
+        if m:
+            new = f"blocks.{int(m.group(1)) + layer_offset}." + new[m.end():]
+        out[new] = value
+    return out
+
+
+def _args_dict(args, source) -> dict:
+    if args is None:
+        raise CheckpointError(f"{source} carries no `args`: its model shapes are unknown")
+    a = vars(args) if not isinstance(args, dict) else args
+    if a.get("virtual_pipeline_model_parallel_size"):
+        raise CheckpointError(f"{source}: virtual pipeline stages (model0, model1, ...) are not "
+                              "supported; re-save without --num-layers-per-virtual-pipeline-stage")
+    if a.get("use_rope_scaling") or (a.get("rotary_percent") or 1.0) != 1.0 or a.get("rotary_interleaved"):
+        raise CheckpointError(f"{source}: rope scaling, rotary_percent < 1 or interleaved rotary "
+                              "embeddings are not supported")
+    if a.get("add_bias_linear", True) != a.get("add_qkv_bias", a.get("add_bias_linear", True)):
+        raise CheckpointError(f"{source}: add_qkv_bias differs from add_bias_linear; not supported")
+    if a.get("apply_layernorm_1p"):
+        raise CheckpointError(f"{source}: apply_layernorm_1p (zero-centered gamma) is not supported")
+    return a
+
+
+def make_config(args, vocab_hint: Optional[int], source) -> ModelConfig:
+    a = _args_dict(args, source)
+    ns = argparse.Namespace(**a)
+    return config_from_args(ns, vocab_hint, source, core=True)
+
+
+# ---- ckpt-format torch -------------------------------------------------------------------------
+def rank_grid(it_dir: Path) -> list[list[Path]]:
+    """files[pp_stage][tp_rank] of `mp_rank_XX` (PP 1) or `mp_rank_XX_YYY` directories."""
+    names = [d.name for d in it_dir.iterdir() if d.is_dir() and d.name.startswith("mp_rank_")]
+    pp_names = [n for n in names if re.fullmatch(r"mp_rank_\d\d_\d{3}", n)]
+    tp_names = [n for n in names if re.fullmatch(r"mp_rank_\d\d", n)]
+    if pp_names and tp_names:
+        raise CheckpointError(f"{it_dir} mixes mp_rank_XX and mp_rank_XX_YYY directories")
+    if not names or not (pp_names or tp_names):
+        raise CheckpointError(f"{it_dir} has no mp_rank_XX/model_optim_rng.pt")
+    if tp_names:
+        tp, pp = max(int(n[8:10]) for n in tp_names) + 1, 1
+        files = [[it_dir / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in range(tp)]]
+    else:
+        tp = max(int(n[8:10]) for n in pp_names) + 1
+        pp = max(int(n[11:14]) for n in pp_names) + 1
+        files = [[it_dir / f"mp_rank_{r:02d}_{s:03d}" / "model_optim_rng.pt" for r in range(tp)]
+                 for s in range(pp)]
+    missing = [str(f) for stage in files for f in stage if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"checkpoint {it_dir} is incomplete: missing {', '.join(missing[:4])}")
+    return files
+
+
+def is_core_model(model) -> bool:
+    """Whether the `model` entry of a model_optim_rng.pt uses Core names."""
+    return isinstance(model, dict) and any(str(k).startswith(("decoder.", "embedding.", "output_layer"))
+                                           for k in model)
+
+
+def _stage_model(blob: dict, path: Path) -> dict:
+    if "model0" in blob or "model1" in blob:
+        raise CheckpointError(f"{path}: virtual pipeline stages (model0, model1, ...) are not supported")
+    model = blob.get("model")
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path} has no 'model' entry (keys: {sorted(blob)[:8]})")
+    return flatten(model)
+
+
+def read_torch(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+    """(ModelConfig, full state dict or None, meta) of a Megatron-Core `--ckpt-format torch` checkpoint."""
+    it_dir = iteration_dir(directory, tag)
+    files = rank_grid(it_dir)
+    pp, tp = len(files), len(files[0])
+    first = load_blob(files[0][0])
+    a = _args_dict(first.get("args"), files[0][0])
+    check_model_type(_stage_model(first, files[0][0]), a, files[0][0])
+    from .rugpts import side_facts
+    vocab = hints.get("vocab_size") or side_facts(directory, it_dir).get("vocab_size")
+    config = make_config(first.get("args"), vocab, files[0][0])
+    config.validate_parallel(tp)
+    meta = {"format": "megatron_core", "megatron_ckpt_format": "torch", "model": config.to_dict(),
+            "tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+            "checkpoint_version": float(first.get("checkpoint_version", 3.0)),
+            "tokenizer_dir": str(directory / "tokenizer") if (directory / "tokenizer").is_dir() else None,
+            "source_files": [str(f) for stage in files for f in stage]}
+    if not load:
+        return config, None, meta
+    states = [{} for _ in range(tp)]
+    offset = 0
+    for s, stage in enumerate(files):
+        layers = None
+        for r, f in enumerate(stage):
+            flat = _stage_model(first if (s, r) == (0, 0) else load_blob(f), f)
+            check_model_type(flat, a, f)
+            local = {int(m.group(1)) for k in flat for m in [re.match(LAYER, k)] if m}
+            if layers is not None and local != layers:
+                raise CheckpointError(f"{f}: layers {sorted(local)} differ from TP rank 0 of the stage")
+            layers = local
+            if local != set(range(len(local))):
+                raise CheckpointError(f"{f}: layer numbers {sorted(local)} are not 0..{len(local) - 1}")
+            state = rename(flat, f, offset)
+            if s != 0 and config.tie_word_embeddings:
+                state.pop("lm_head.weight", None)  # the last stage's copy of the tied embedding
+            if s != pp - 1 and config.tie_word_embeddings is False and "lm_head.weight" in state:
+                raise CheckpointError(f"{f}: output_layer outside the last pipeline stage")
+            for k in [k for k in state if re.search(r"attn\.qkv\.(weight|bias)$", k)]:
+                state[k] = fix_qkv(state[k], 3.0, config, tp)
+            clash = set(state) & set(states[r])
+            if clash:
+                raise CheckpointError(f"{f}: tensors {sorted(clash)[:3]} also appear in another stage")
+            states[r].update(state)
+        offset += len(layers or ())
+    if offset != config.num_layers:
+        raise CheckpointError(f"{it_dir}: the stages hold {offset} layers, args say {config.num_layers}")
+    return config, merge_shards(config, states, it_dir), meta
+
+
+# ---- ckpt-format torch_dist ----------------------------------------------------------------------
+class _MetadataStub(_Stub):
+    """Stands in for Megatron's subclasses of torch's DCP Metadata."""
+
+
+class _DCPUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "nvidia_resiliency_ext"):
+            return _MetadataStub if name.endswith("Metadata") else _Stub
+        return super().find_class(module, name)
+
+
+def dist_dir(directory: Path, tag: Optional[str]) -> Path:
+    """The iteration directory holding `.metadata` (DIR itself when it is one)."""
+    if (directory / ".metadata").is_file() or any(directory.glob("*.distcp")):
+        it_dir = directory
+    else:
+        it_dir = iteration_dir(directory, tag)
+    if not (it_dir / ".metadata").is_file():
+        raise CheckpointError(f"{it_dir / '.metadata'} is missing: the torch_dist checkpoint is "
+                              "incomplete (no PyTorch Distributed Checkpoint metadata)")
+    return it_dir
+
+
+def _metadata(it_dir: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+    path = it_dir / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            raw = _DCPUnpickler(f).load()
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if isinstance(raw, Metadata):
+        return raw
+    state = raw.__dict__.get("state", raw.__dict__)
+    if isinstance(state, tuple):  # (dict, slots) from dataclass pickling
+        state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+    if not isinstance(state, dict) or "state_dict_metadata" not in state:
+        raise CheckpointError(f"{path} is not PyTorch Distributed Checkpoint metadata")
+    return Metadata(state_dict_metadata=state["state_dict_metadata"],
+                    planner_data=state.get("planner_data"), storage_data=state.get("storage_data"),
+                    storage_meta=state.get("storage_meta"), version=state.get("version"))
+
+
+def _dcp_load(it_dir: Path, metadata, wanted: dict) -> dict:
+    """dcp.load of `wanted` (name → empty tensor, or None for raw bytes) without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            return metadata
+
+    raw = {}
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # keep raw bytes: they may pickle Megatron classes
+            raw[read_item.dest_index.fqn] = value.read()
+
+    state = {k: (v if v is not None else io.BytesIO()) for k, v in wanted.items()}
+    try:
+        dcp.load(state, storage_reader=Reader(str(it_dir)), planner=Planner(), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the torch_dist checkpoint {it_dir}: {exc}") from None
+    return {**state, **raw}
+
+
+def _common_state(it_dir: Path, metadata) -> dict:
+    """Megatron's common (non-tensor) state: common.pt, or the `common_state` object in the DCP."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    if (it_dir / "common.pt").is_file():
+        common = load_blob(it_dir / "common.pt")
+    else:
+        keys = [k for k, v in metadata.state_dict_metadata.items()
+                if k.startswith("common_state/") and isinstance(v, BytesStorageMetadata)]
+        if not keys:
+            raise CheckpointError(f"{it_dir}: neither common.pt nor a common_state object; the saved "
+                                  "args (model shapes) are missing")
+        raw = _dcp_load(it_dir, metadata, {keys[0]: None})[keys[0]]
+        try:
+            common = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False,
+                                pickle_module=PICKLE)
+        except Exception as exc:
+            raise CheckpointError(f"{it_dir}: cannot read the common_state object: {exc}") from None
+        common = common[0] if isinstance(common, list) else common
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{it_dir}: the common state is a {type(common).__name__}, not a dict")
+    return common
+
+
+def _model_prefix(keys) -> str:
+    """torch_dist keys are the ShardedTensor keys; some tools prefix them with `model.`."""
+    return "model." if keys and all(k.startswith("model.") for k in keys) else ""
+
+
+def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+    """(ModelConfig, full state dict or None, meta) of a Megatron-Core `torch_dist` checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    it_dir = dist_dir(directory, tag)
+    metadata = _metadata(it_dir)
+    common = _common_state(it_dir, metadata)
+    a = _args_dict(common.get("args"), it_dir / "common.pt")
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata) and not SKIP.search(k)
+               and not k.startswith(("optimizer", "rng_state", "common_state"))}
+    prefix = _model_prefix(list(tensors))
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    check_model_type([k[len(prefix):] for k in tensors], a, it_dir)
+    from .rugpts import side_facts
+    vocab = hints.get("vocab_size") or side_facts(directory, it_dir).get("vocab_size")
+    config = make_config(common.get("args"), vocab, it_dir)
+    meta = {"format": "megatron_core_dist", "megatron_ckpt_format": "torch_dist",
+            "model": config.to_dict(), "tensor_model_parallel_size": 1,
+            "saved_tensor_model_parallel_size": a.get("tensor_model_parallel_size"),
+            "saved_pipeline_model_parallel_size": a.get("pipeline_model_parallel_size"),
+            "checkpoint_version": float(common.get("checkpoint_version", 3.0) or 3.0),
+            "tokenizer_dir": None, "source_files": [str(it_dir)]}
+    if not load:
+        return config, None, meta
+    wanted = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in tensors.items()}
+    loaded = _dcp_load(it_dir, metadata, wanted)
+    flat = {}
+    for key, t in loaded.items():
+        key = key[len(prefix):]
+        if key.startswith("decoder.layers.") and not re.match(LAYER, key):  # stacked: (L, ...)
+            if t.shape[0] != config.num_layers:
+                raise CheckpointError(f"{it_dir}: {key} stacks {t.shape[0]} layers, args say "
+                                      f"{config.num_layers}")
+            for i in range(t.shape[0]):
+                flat[f"decoder.layers.{i}." + key[len("decoder.layers."):]] = t[i]
+        else:
+            flat[key] = t
+    state = rename(flat, it_dir)
+    for k in [k for k in state if re.search(r"attn\.qkv\.(weight|bias)$", k)]:
+        state[k] = fix_qkv(state[k], 3.0, config, 1)  # global tensor = the TP ranks' rows in order
+    return config, merge_shards(config, [state], it_dir), meta
+
+
+# ---- export: ckpt-format torch ------------------------------------------------------------------
+def core_args(config: ModelConfig, tp: int) -> argparse.Namespace:
+    """The `args` Megatron-LM reads back with --use-checkpoint-args (plain types only)."""
+    llama = config.is_llama
+    return argparse.Namespace(
+        num_layers=config.num_layers, hidden_size=config.hidden_size,
+        ffn_hidden_size=config.ffn_hidden_size, num_attention_heads=config.num_attention_heads,
+        group_query_attention=config.num_key_value_heads != config.num_attention_heads,
+        num_query_groups=config.num_key_value_heads, kv_channels=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings, seq_length=config.max_position_embeddings,
+        position_embedding_type="rope" if llama else "learned_absolute",
+        add_position_embedding=not llama, use_rotary_position_embeddings=llama,
+        rotary_base=int(config.rope_theta) if float(config.rope_theta).is_integer() else config.rope_theta,
+        rotary_percent=1.0, rotary_interleaved=False, add_bias_linear=config.use_bias,
+        add_qkv_bias=config.use_bias, swiglu=llama, squared_relu=False,
+        untie_embeddings_and_output_weights=not config.tie_word_embeddings, apply_layernorm_1p=False,
+        normalization="RMSNorm" if llama else "LayerNorm", norm_epsilon=config.norm_eps,
+        openai_gelu=not llama, bias_gelu_fusion=not llama, apply_query_key_layer_scaling=False,
+        attention_dropout=config.attention_dropout, hidden_dropout=config.hidden_dropout,
+        vocab_size=config.vocab_size, padded_vocab_size=config.padded_vocab_size(tp),
+        make_vocab_size_divisible_by=config.make_vocab_size_divisible_by,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=1, num_experts=None,
+        transformer_impl="local", ckpt_format="torch", iteration=0, consumed_train_samples=0,
+        consumed_valid_samples=0)
+
+
+def to_core_rank(config: ModelConfig, local: dict, tp: int, spec: str = "local") -> dict:
+    """One TP rank's state dict in our names → Core names (qkv rows regrouped per query group)."""
+    hn = config.head_dim
+    np_, ng = config.num_attention_heads // tp, config.num_key_value_heads // tp
+    out = {}
+    for name, t in local.items():
+        m = re.match(r"blocks\.(\d+)\.(norm1|norm2|attn\.qkv|attn\.dense|mlp\.up|mlp\.down)\.(\w+)$", name)
+        if m:
+            i, part, kind = m.groups()
+            if part == "attn.qkv":
+                q, k, v = t.split([np_ * hn, ng * hn, ng * hn])
+                rest = t.shape[1:]
+                t = torch.cat([q.reshape(ng, np_ // ng * hn, *rest), k.reshape(ng, hn, *rest),
+                               v.reshape(ng, hn, *rest)], dim=1).reshape(t.shape)
+            if spec == "te" and part in TE_NORMS:
+                out[f"decoder.layers.{i}.{TE_NORMS[part]}{kind}"] = t
+            else:
+                out[f"decoder.layers.{i}.{EXPORT[part]}.{kind}"] = t
+        else:
+            head, kind = name.rsplit(".", 1)
+            out[f"{EXPORT[head]}.{kind}"] = t
+    return out
+
+
+def write_torch(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torch.dtype, progress,
+                spec: str = "local") -> None:
+    """DST/latest_checkpointed_iteration.txt = release, DST/release/mp_rank_XX/model_optim_rng.pt
+    (Megatron-Core GPTModel names, checkpoint_version 3.0, args for --use-checkpoint-args)."""
+    from ..parallel.sharding import shard
+    from .model_io import VOCAB_PARAMS, _shard_specs, atomic_torch_save
+    if spec not in ("local", "te"):
+        raise CheckpointError(f"--megatron-spec {spec!r} is unknown; expected local or te")
+    if any(config.sparse_layers()):
+        raise CheckpointError("Megatron-Core has no block-sparse attention: this model's sparse "
+                              "layers cannot be exported (convert a --sparse-mode dense copy)")
+    specs, padded = _shard_specs(config, tp), config.padded_vocab_size(tp)
+    args = core_args(config, tp)
+    args.transformer_impl = "transformer_engine" if spec == "te" else "local"
+    for r in range(tp):
+        local = {}
+        for name, sp in specs.items():
+            t = full[name].to(dtype)
+            if name in VOCAB_PARAMS:
+                t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
+            local[name] = shard(t, sp, r, tp)
+            progress.update()
+        state = {k: v.clone().contiguous() for k, v in to_core_rank(config, local, tp, spec).items()}
+        (dst / "release" / f"mp_rank_{r:02d}").mkdir(parents=True)
+        atomic_torch_save({"model": state, "args": args, "checkpoint_version": 3.0, "iteration": 0},
+                          dst / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt")
+    (dst / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+__all__ = ["write_torch", "core_args", "is_core_model", "read_dist", "read_torch", "to_core_rank"]
