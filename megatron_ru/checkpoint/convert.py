@@ -79,12 +79,16 @@ def detect_format(directory: Path) -> str:
     return found[0]
 
 
-def _read_hf(directory: Path, load: bool):
+def _read_hf(directory: Path, load: bool, hints: dict):
     cfg_path = directory / "config.json"
-    config = hf.config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), cfg_path)
+    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = hf.restore_extra(hf.config_from_hf(raw, cfg_path), raw, cfg_path, hints.get("sparse_attention"))
     has_tok = any((directory / f).is_file() for f in hf.TOKENIZER_FILES)
     meta = {"format": "hf", "model": config.to_dict(), "tensor_model_parallel_size": 1,
             "tokenizer_dir": str(directory) if has_tok else None}
+    saved_tok = (raw.get(hf.EXTRA_KEY) or {}).get("tokenizer") if isinstance(raw.get(hf.EXTRA_KEY), dict) else None
+    if isinstance(saved_tok, dict):
+        meta["tokenizer"] = saved_tok
     if not load:
         hf.safetensors_files(directory) if not (directory / "pytorch_model.bin").is_file() else None
         return config, None, meta
@@ -94,13 +98,16 @@ def _read_hf(directory: Path, load: bool):
 
 def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
     fmt = detect_format(directory)
+    if hints.get("sparse_attention") is not None and fmt not in ("ru_gpts", "hf"):
+        raise CheckpointError(f"--sparse-config applies to ru-gpts and Hugging Face sources; {directory} "
+                              f"is {fmt}, whose sparsity (if any) is part of the checkpoint")
     if fmt == "megatron_ru":
         config, meta = read_own_config(directory)
         meta = {**meta, "tokenizer_dir": str(directory / "tokenizer")
                 if (directory / "tokenizer").is_dir() else None}
         full = load_full_state_dict(directory, tag)[1] if load else None
     elif fmt == "hf":
-        config, full, meta = _read_hf(directory, load)
+        config, full, meta = _read_hf(directory, load, hints)
     elif fmt == "ru_gpts":
         config, full, meta = rugpts.read(directory, tag, load=load, **hints)
     elif fmt == "megatron_core":
@@ -218,26 +225,43 @@ def _tokenizer_files(tok_dir: Optional[str]) -> list[Path]:
     return [Path(tok_dir) / f for f in hf.TOKENIZER_FILES if (Path(tok_dir) / f).is_file()]
 
 
-def _eod(files: list[Path]) -> tuple[Optional[str], Optional[int]]:
-    vocab = next((f for f in files if f.name == "vocab.json"), None)
-    if vocab is None:
+def _eod(files: list[Path], recorded: Optional[dict]) -> tuple[Optional[str], Optional[int]]:
+    """(token, id) of the end-of-text token of any tokenizer type, as our tokenizers pick it
+    (the eod_token recorded at training first)."""
+    from ..data.tokenizers import TokenizerError, build_tokenizer
+    names = {f.name: str(f) for f in files}
+    wanted = (recorded or {}).get("eod_token")
+    for eod_token in ([wanted] if wanted else []) + [None, "</s>", "<eos>", "<|endoftext|>"]:
+        try:
+            if "tokenizer.json" in names:
+                tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=names["tokenizer.json"],
+                                      eod_token=eod_token)
+                return tok.tok.id_to_token(tok.eod), tok.eod
+            if "vocab.json" in names and "merges.txt" in names:
+                tok = build_tokenizer("GPT2BPETokenizer", vocab_file=names["vocab.json"],
+                                      merge_file=names["merges.txt"], eod_token=eod_token)
+                return tok.decoder[tok.eod] if hasattr(tok, "decoder") else \
+                    {v: k for k, v in tok.encoder.items()}[tok.eod], tok.eod
+            if "tokenizer.model" in names:
+                tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=names["tokenizer.model"],
+                                      eod_token=eod_token)
+                return tok.sp.IdToPiece(tok.eod), tok.eod
+        except (TokenizerError, KeyError, ImportError):
+            continue
         return None, None
-    ids = json.loads(vocab.read_text(encoding="utf-8"))
-    for tok in ("<|endoftext|>", "</s>", "<eos>"):
-        if tok in ids:
-            return tok, ids[tok]
     return None, None
 
 
 def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok_files: list[Path],
-             progress: Progress, max_shard_bytes: int) -> None:
+             progress: Progress, max_shard_bytes: int, tokenizer: Optional[dict] = None) -> None:
     if any(config.sparse_layers()):
         warnings.warn(f"layers {[i for i, s in enumerate(config.sparse_layers()) if s]} use "
                       "block-sparse attention; Hugging Face will run them dense, so its outputs "
                       "differ from ours on sequences longer than the sparse local window",
                       stacklevel=2)
-    eod_token, eod_id = _eod(tok_files)
-    (dst / "config.json").write_text(json.dumps(hf.config_to_hf(config, dtype, eod_id), indent=2) + "\n")
+    eod_token, eod_id = _eod(tok_files, tokenizer)
+    (dst / "config.json").write_text(json.dumps(hf.config_to_hf(config, dtype, eod_id, tokenizer),
+                                                indent=2) + "\n")
     (dst / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eod_id, "eos_token_id": eod_id} if eod_id is not None else {}) + "\n")
     hf.write_hf_weights(dst, hf.to_hf(config, full), dtype, max_shard_bytes,
@@ -284,7 +308,8 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     try:
         tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
         if to == "hf":
-            write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes)
+            write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes,
+                     _tokenizer_entry(meta, tok_files) if tok_files else None)
         elif to == "megatron_core":
             megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec)
             if tok_files:
@@ -312,7 +337,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
 
 
 def _tokenizer_entry(meta: dict, files: list[Path]) -> dict:
-    if meta.get("format") == FORMAT and isinstance(meta.get("tokenizer"), dict):
+    if isinstance(meta.get("tokenizer"), dict):  # ours, or an HF export of ours
         return meta["tokenizer"]
     names = {f.name for f in files}
     if {"vocab.json", "merges.txt"} <= names:

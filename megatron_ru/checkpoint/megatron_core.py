@@ -19,6 +19,7 @@ import argparse
 import io
 import pickle
 import re
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -257,7 +258,9 @@ def _dcp_load(it_dir: Path, metadata, wanted: dict) -> dict:
 
     state = {k: (v if v is not None else io.BytesIO()) for k, v in wanted.items()}
     try:
-        dcp.load(state, storage_reader=Reader(str(it_dir)), planner=Planner(), no_dist=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=Reader(str(it_dir)), planner=Planner(), no_dist=True)
     except Exception as exc:
         raise CheckpointError(f"cannot read the torch_dist checkpoint {it_dir}: {exc}") from None
     return {**state, **raw}

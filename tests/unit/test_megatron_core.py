@@ -255,3 +255,19 @@ def test_core_bad_inputs(tmp_path, models):
     with pytest.raises(CheckpointError, match="mixes checkpoint formats"):
         convert(tmp_path / "dist", tmp_path / "out", "hf", quiet=True)
     assert not (tmp_path / "out").exists()
+
+
+def test_legacy_rotary_base_and_gelu_warning(capsys, models):
+    from megatron_ru.checkpoint.megatron_legacy import config_from_args
+    llama = core_args(models["llama"].config, 1, 1, False)
+    llama.rotary_base = 500000
+    assert config_from_args(llama, V, "legacy.pt").rope_theta == 10000.0  # legacy Megatron ignored it
+    assert "ignore it and rotate with base 10000" in capsys.readouterr().out
+    assert config_from_args(llama, V, "core.pt", core=True).rope_theta == 500000.0
+    gpt = core_args(models["gpt3"].config, 1, 1, False)
+    del gpt.bias_gelu_fusion  # default legacy configuration: fused bias-GELU = tanh form
+    config_from_args(gpt, V, "legacy.pt")
+    assert "erf-GELU" not in capsys.readouterr().out
+    gpt.bias_gelu_fusion = False
+    config_from_args(gpt, V, "legacy.pt")
+    assert "erf-GELU" in capsys.readouterr().out
