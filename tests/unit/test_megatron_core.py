@@ -23,13 +23,8 @@ class FakeEnum:  # pickled as a Megatron class: the reader must not need Megatro
     pass
 
 
-@pytest.fixture(scope="module", autouse=True)
-def megatron_class():
-    mod = types.ModuleType("megatron._fixture_enums")
-    FakeEnum.__module__, mod.FakeEnum = mod.__name__, FakeEnum
-    sys.modules[mod.__name__] = mod
-    yield
-    del sys.modules[mod.__name__]
+FakeEnum.__module__ = "megatron._fixture_enums"  # importable under that name for pickling
+sys.modules.setdefault(FakeEnum.__module__, types.ModuleType(FakeEnum.__module__)).FakeEnum = FakeEnum
 
 
 def core_args(cfg: ModelConfig, tp: int, pp: int, te: bool) -> argparse.Namespace:
