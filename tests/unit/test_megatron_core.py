@@ -266,3 +266,16 @@ def test_legacy_rotary_base_and_gelu_warning(capsys, models):
     gpt.bias_gelu_fusion = False
     config_from_args(gpt, V, "legacy.pt")
     assert "erf-GELU" in capsys.readouterr().out
+
+
+def test_checkpoint_saved_by_megatron_core_itself(tmp_path):
+    """The writer is megatron.core.dist_checkpointing.save (the installed megatron-core)."""
+    pytest.importorskip("megatron.core.dist_checkpointing")
+    import subprocess
+    from tests.unit import mcore_dist_writer
+    proc = subprocess.run([sys.executable, mcore_dist_writer.__file__, str(tmp_path / "mc"), "llama", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert detect_format(tmp_path / "mc") == "megatron_core_dist"
+    model = mcore_dist_writer.model_for("llama")
+    assert (logits(load_model(tmp_path / "mc")) - logits(model)).abs().max().item() <= 1e-5
