@@ -21,7 +21,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "fastapi", "uvicorn",
-                 "openai>=1.0"],
+                 "openai>=1.0", "megatron-core>=0.16"],
+        "megatron": ["megatron-core>=0.16"],  # only tests compare against it; readers need no Megatron
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
         "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
     },
