@@ -50,8 +50,8 @@ EXPORT = {"embed": "embedding.word_embeddings", "pos_embed": "embedding.position
 TE_NORMS = {"norm1": "self_attention.linear_qkv.layer_norm_", "norm2": "mlp.linear_fc1.layer_norm_"}
 UNSUPPORTED = [(r"\.mlp\.(experts|router|shared_experts)\.", "a mixture-of-experts (MoE) model"),
                (r"(^|\.)mixer\.|mamba", "a Mamba / hybrid model"),
-               (r"^encoder\.|cross_attention|inter_attention", "an encoder-decoder (T5) model"),
                (r"^(lm_head|binary_head|pooler)\.", "a BERT model"),
+               (r"^encoder\.|cross_attention|inter_attention", "an encoder-decoder (T5) model"),
                (r"\.(q_layernorm|k_layernorm)\.", "a model with QK layer norm"),
                (r"^mtp\.", "a model with multi-token-prediction layers")]
 SKIP = re.compile(r"_extra_state|rotary_pos_emb|inv_freq")
@@ -63,8 +63,9 @@ def check_model_type(keys, args: dict, source) -> None:
     if args.get("num_experts"):
         raise CheckpointError(f"{source} is a mixture-of-experts model (num_experts="
                               f"{args['num_experts']}); only dense GPT / Llama models are supported")
-    for key in keys:
-        for pattern, what in UNSUPPORTED:
+    keys = list(keys)
+    for pattern, what in UNSUPPORTED:  # pattern first: BERT's encoder.* keys are not T5's
+        for key in keys:
             if re.search(pattern, key):
                 raise CheckpointError(f"{source} is {what} (tensor {key}); only dense GPT / Llama "
                                       "Megatron-Core models are supported")

@@ -250,6 +250,12 @@ def test_core_bad_inputs(tmp_path, models):
     with pytest.raises(CheckpointError, match="mixes checkpoint formats"):
         convert(tmp_path / "dist", tmp_path / "out", "hf", quiet=True)
     assert not (tmp_path / "out").exists()
+    from megatron_ru.checkpoint.megatron_core import check_model_type
+    for keys, what in ((["encoder.layers.0.self_attention.linear_qkv.weight", "binary_head.weight"], "BERT"),
+                       (["encoder.layers.0.mlp.linear_fc1.weight", "decoder.layers.0.cross_attention.x"], "T5"),
+                       (["decoder.layers.0.mixer.in_proj.weight"], "Mamba")):
+        with pytest.raises(CheckpointError, match=what):
+            check_model_type(keys, {}, "x.pt")
 
 
 def test_legacy_rotary_base_and_gelu_warning(capsys, models):
