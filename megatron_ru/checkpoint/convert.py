@@ -28,7 +28,7 @@ from ..data.progress import Progress
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard
 from ..parallel.state import ParallelState
-from . import hf, megatron_core, megatron_legacy, rugpts
+from . import hf, megatron_core, megatron_core_dist, megatron_legacy, rugpts
 from .model_io import (FORMAT, VOCAB_PARAMS, CheckpointError, _shard_specs, atomic_torch_save,
                        config_dict, is_own_checkpoint, load_full_state_dict,
                        merge_shards, read_own_config)
@@ -113,7 +113,7 @@ def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
     elif fmt == "megatron_core":
         config, full, meta = megatron_core.read_torch(directory, tag, load=load, **hints)
     elif fmt == "megatron_core_dist":
-        config, full, meta = megatron_core.read_dist(directory, tag, load=load, **hints)
+        config, full, meta = megatron_core_dist.read_dist(directory, tag, load=load, **hints)
     else:
         config, full, meta = megatron_legacy.read(directory, tag, load=load, **hints)
     if full is not None:
