@@ -114,3 +114,10 @@ def test_preprocess_keeps_empty_documents_as_megatron_does(tmp_path):
     builder.finalize(str(tmp_path / "theirs.idx"))
     for ext in ("bin", "idx"):
         assert (tmp_path / f"ours_text_document.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
+
+
+def test_data_order_flag_reaches_the_dataset_builder():
+    from megatron_ru.arguments import parse_pretrain_args
+    argv = ["--train-iters", "2", "--data-path", "x", "--preset", "tiny-gpt3"]
+    assert parse_pretrain_args(argv).data_order == "ours"
+    assert parse_pretrain_args(argv + ["--data-order", "megatron"]).data_order == "megatron"
