@@ -285,3 +285,22 @@ def test_checkpoint_saved_by_megatron_core_itself(tmp_path):
     assert detect_format(tmp_path / "mc") == "megatron_core_dist"
     model = mcore_dist_writer.model_for("llama")
     assert (logits(load_model(tmp_path / "mc")) - logits(model)).abs().max().item() <= 1e-5
+
+
+class MCoreMetadata:  # as megatron-core 0.15 pickled its DCP metadata: a Megatron class
+    pass
+
+
+MCoreMetadata.__module__ = FakeEnum.__module__
+sys.modules[FakeEnum.__module__].MCoreMetadata = MCoreMetadata
+
+
+def test_torch_dist_metadata_pickled_as_a_megatron_class(tmp_path, models):
+    import pickle
+    write_dist(tmp_path / "d", models["llama"], 2, te=True, common_in_dcp=False)
+    path = tmp_path / "d" / "iter_0000020" / ".metadata"
+    meta = pickle.loads(path.read_bytes())
+    fake = MCoreMetadata()
+    fake.__dict__.update(vars(meta))
+    path.write_bytes(pickle.dumps(fake))
+    assert (logits(load_model(tmp_path / "d")) - logits(models["llama"])).abs().max().item() <= 1e-5
