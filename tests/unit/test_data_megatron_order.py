@@ -121,3 +121,6 @@ def test_data_order_flag_reaches_the_dataset_builder():
     argv = ["--train-iters", "2", "--data-path", "x", "--preset", "tiny-gpt3"]
     assert parse_pretrain_args(argv).data_order == "ours"
     assert parse_pretrain_args(argv + ["--data-order", "megatron"]).data_order == "megatron"
+    from megatron_ru.training.guards import data_args_diff  # a resume with another order is refused
+    assert data_args_diff({"data_order": "ours"}, {"data_order": "megatron"}) == \
+        ["--data-order: checkpoint 'ours' vs now 'megatron'"]
