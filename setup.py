@@ -22,7 +22,8 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "fastapi", "uvicorn",
-                 "openai>=1.0", "lm-eval>=0.4.5"],
+                 "openai>=1.0", "lm-eval>=0.4.5", "megatron-core>=0.16"],
+        "megatron": ["megatron-core>=0.16"],  # only tests compare against it; readers need no Megatron
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
         "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
         "eval": ["lm-eval>=0.4.5"],  # tools/run_lm_eval.py, --eval-tasks

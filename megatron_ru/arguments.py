@@ -48,6 +48,7 @@ class TrainArgs:
     data_path: list = field(default_factory=list)
     split: str = "969,30,1"
     data_cache_path: Optional[str] = None
+    data_order: str = "ours"
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
@@ -149,6 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--data-path", nargs="+", default=[], help="PREFIX or W1 PREFIX1 W2 PREFIX2 ...")
     d.add_argument("--split", default="969,30,1")
     d.add_argument("--data-cache-path")
+    d.add_argument("--data-order", choices=["ours", "megatron"], default="ours",
+                   help="sample order: ours (stable when a run is extended) or megatron (identical "
+                        "to Megatron-Core's GPTDataset + BlendedDataset for the same data, seed, "
+                        "split, seq length and sample counts)")
     d.add_argument("--eod-mask-loss", action="store_true")
     d.add_argument("--reset-position-ids", action="store_true")
     d.add_argument("--reset-attention-mask", action="store_true")

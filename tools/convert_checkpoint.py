@@ -1,11 +1,15 @@
 r"""Converts a checkpoint between formats (source detected) and tensor-parallel sizes.
 
-    python tools/convert_checkpoint.py --load SRC --save DST --to {hf,megatron_ru} \
+    python tools/convert_checkpoint.py --load SRC --save DST --to {hf,megatron_ru,megatron_core} \
         [--target-tensor-parallel-size M] [--dtype fp16|bf16|fp32]
 
 SRC may be one of our checkpoints (any TP, ZeRO stages included), a Hugging Face directory
 (GPT2LMHeadModel / LlamaForCausalLM, safetensors), a ru-gpts DeepSpeed checkpoint, or a Megatron-LM
-legacy checkpoint. ru-gpts and Megatron pad the vocabulary: the real size is read from vocab.json /
+checkpoint: legacy, Megatron-Core `--ckpt-format torch` (any TP x PP) or `torch_dist`.
+--to megatron_core writes Megatron-Core `--ckpt-format torch` (release/mp_rank_XX); load it in
+Megatron-LM with --load DST --ckpt-format torch --use-checkpoint-args --finetune
+--transformer-impl local (or --megatron-spec te and --transformer-impl transformer_engine)
+--tensor-model-parallel-size M. ru-gpts and Megatron pad the vocabulary: the real size is read from vocab.json /
 config.json next to the weights or a matching preset; --vocab-size overrides. Output is written to
 a temporary directory and renamed to DST when complete. Exit status 2 on bad input.
 `--to universal` writes DeepSpeed's universal form of a training checkpoint of ours (resume at
@@ -28,12 +32,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint directory (format detected)")
     p.add_argument("--save", required=True, help="destination directory (must not exist)")
-    p.add_argument("--to", required=True, choices=["hf", "megatron_ru", "universal"],
+    p.add_argument("--to", required=True, choices=["hf", "megatron_ru", "megatron_core", "universal"],
                    help="universal: DeepSpeed's universal checkpoint of a training checkpoint of "
                         "ours, to resume at another data-parallel size (done automatically on "
                         "resume when --load is writable)")
+    p.add_argument("--megatron-spec", choices=["local", "te"], default="local",
+                   help="--to megatron_core: layer names of Megatron-Core's local spec or its "
+                        "Transformer Engine spec (norms fused into linear_qkv / linear_fc1)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
-                   help="TP size of a megatron_ru output (default 1)")
+                   help="TP size of a megatron_ru / megatron_core output (default 1)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
                    help="output precision (default: the source's)")
     p.add_argument("--tag", default=None, help="source tag / iteration directory (default: latest)")
@@ -75,7 +82,7 @@ def main(argv=None) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
                       dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
-                      max_shard_bytes=int(args.max_shard_size_gb * 2**30),
+                      max_shard_bytes=int(args.max_shard_size_gb * 2**30), megatron_spec=args.megatron_spec,
                       **{k: v for k, v in hints.items() if v is not None})
     print(f"wrote {dst}", file=sys.stderr)
     return 0

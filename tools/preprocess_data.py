@@ -163,25 +163,24 @@ class Encoder:
     def encode(self, batch, fmt):
         """Batch of (path, lineno, raw) -> (per key: (tokens back to back, lengths), docs, empty, bytes).
 
-        Documents with no tokens in every key are dropped (nothing to learn; Megatron drops them
-        too). Compact arrays keep the parent's share of the work (unpickle, write) small.
+        A document with no tokens in a key is kept as Megatron's preprocess_data.py keeps it: an
+        empty document (length 0 here: no sequence, no end-of-document token, one more
+        document-index entry). Compact arrays keep the parent's share of the work small.
         """
         per_key = [([], []) for _ in self.keys]
         nbytes = empty = 0
         for path, lineno, raw in batch:
             nbytes += len(raw)
             ids = [self.tokenizer.tokenize(text) for text in self.texts(path, lineno, raw, fmt)]
-            if not any(ids):
-                empty += 1
-                continue
+            empty += not any(ids)
             for (flat, lengths), tokens in zip(per_key, ids):
-                if self.append_eod:
+                if self.append_eod and tokens:
                     tokens.append(self.tokenizer.eod)
                 flat.extend(tokens)
                 lengths.append(len(tokens))
         arrays = [(np.asarray(flat, dtype=self.dtype), np.asarray(lengths, dtype=np.int64))
                   for flat, lengths in per_key]
-        return arrays, len(batch) - empty, empty, nbytes
+        return arrays, len(batch), empty, nbytes
 
 
 # One Encoder per worker process, built by the pool initializer (tokenizers are costly to pickle
@@ -250,11 +249,11 @@ def run(args, stream=None):
             results = (encoder.encode(batch, fmt) for batch, fmt in tasks)
         for arrays, ndocs, empty, nbytes in results:
             for builder, (tokens, lengths) in zip(builders, arrays):
-                builder.add_documents(tokens, lengths)
+                builder.add_documents(tokens, lengths, empty_documents=True)
             counts["docs"] += ndocs
             counts["empty"] += empty
             counts["tokens"] += int(arrays[0][0].size)
-            progress.update(ndocs + empty, nbytes)
+            progress.update(ndocs, nbytes)
         if pool is not None:
             pool.close()
             pool.join()
@@ -275,7 +274,7 @@ def run(args, stream=None):
     progress.close()
     for prefix in prefixes:
         stream.write(f"wrote {prefix}.bin/.idx: {counts['docs']} documents, {counts['tokens']} tokens "
-                     f"({np.dtype(dtype).name}), {counts['empty']} empty documents skipped\n")
+                     f"({np.dtype(dtype).name}), {counts['empty']} of them empty (kept as Megatron keeps them)\n")
     return prefixes
 
 

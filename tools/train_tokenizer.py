@@ -4,10 +4,14 @@ r"""Trains a byte-level BPE (vocab.json + merges.txt) or SentencePiece tokenizer
         --output-dir examples/data/tokenizer
     python tools/train_tokenizer.py --type sentencepiece --input a.txt b.jsonl --vocab-size 8000 \
         --output-dir out/sp            # -> out/sp/tokenizer.model
+    python tools/train_tokenizer.py --format hf --input a.txt --vocab-size 8000 --output-dir out/hf
+                                   # -> out/hf/tokenizer.json + tokenizer_config.json
 
 Inputs are plain text (each line or blank-line block a document) or jsonl (`--json-key`).
 BPE is trained by our own pure-Python trainer (megatron_ru/data/bpe_trainer.py); the files load
-in GPT2BPETokenizer and in Hugging Face's GPT-2 tokenizer alike.
+in GPT2BPETokenizer and in Hugging Face's GPT-2 tokenizer alike. `--format hf` writes the same
+BPE as one `tokenizer.json` (+ tokenizer_config.json), for --tokenizer-type HuggingFaceTokenizer,
+`tokenizers` and `transformers.AutoTokenizer` (byte-level BPE only).
 """
 import argparse
 import json
@@ -18,6 +22,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ru.data.bpe_trainer import train_bpe_from_texts  # noqa: E402
+from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer  # noqa: E402
 from megatron_ru.data.progress import Progress  # noqa: E402
 from megatron_ru.runtime import UsageError  # noqa: E402
 
@@ -31,12 +36,17 @@ def parse_args(argv=None):
     p.add_argument("--input", nargs="+", required=True, help="text or jsonl files")
     p.add_argument("--json-key", default="text", help="key holding the text in jsonl inputs")
     p.add_argument("--type", choices=("bpe", "sentencepiece"), default="bpe")
+    p.add_argument("--format", choices=("gpt2", "hf"), default="gpt2",
+                   help="BPE output: vocab.json + merges.txt (gpt2) or tokenizer.json + "
+                        "tokenizer_config.json (hf)")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--min-frequency", type=int, default=2, help="BPE: least count of a merged pair")
     p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
                    help="BPE: added after the merges (the first is the default end of document)")
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
+    if args.format == "hf" and args.type != "bpe":
+        p.error("--format hf is written for --type bpe only")
     if args.vocab_size < 257 + len(args.special_tokens) and args.type == "bpe":
         p.error(f"--vocab-size {args.vocab_size} is smaller than the 256 byte symbols plus special tokens")
     return args
@@ -90,7 +100,12 @@ def train_sentencepiece(args):
 def main(argv=None):
     args = parse_args(argv)
     try:
-        if args.type == "bpe":
+        if args.type == "bpe" and args.format == "hf":
+            with tempfile.TemporaryDirectory() as tmp:
+                vocab, merges = train_bpe_from_texts(iter_texts(args.input, args.json_key), args.vocab_size,
+                                                     tmp, tuple(args.special_tokens), args.min_frequency)
+                outputs = write_hf_tokenizer(args.output_dir, vocab, merges, tuple(args.special_tokens))
+        elif args.type == "bpe":
             outputs = train_bpe_from_texts(iter_texts(args.input, args.json_key), args.vocab_size,
                                            args.output_dir, tuple(args.special_tokens), args.min_frequency)
         else:

@@ -2,7 +2,10 @@
 
 Formats: `megatron_ru` (ours, any TP, ZeRO-3 included), `hf` (GPT2LMHeadModel / LlamaForCausalLM,
 safetensors, sharded with an index), `ru_gpts` (DeepSpeed mp_rank files), `megatron_legacy`
-(Megatron-LM iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt). Readers memory-map their files, so a
+(Megatron-LM iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt, pre-Core names), `megatron_core`
+(Megatron-Core GPTModel, `--ckpt-format torch`, mp_rank_XX[_YYY] = TP x PP shards) and
+`megatron_core_dist` (Megatron-Core `--ckpt-format torch_dist`: PyTorch Distributed Checkpoint
+directories). Writers: ours (any TP), HF, and Megatron-Core `torch` (any TP). Readers memory-map their files, so a
 conversion holds the source once (as file pages) plus what it is writing: HF output is written
 tensor by tensor, our output one TP rank at a time. Output goes to a temporary sibling directory
 that is renamed to DST only when complete: a failure leaves nothing at DST.
@@ -25,12 +28,13 @@ from ..data.progress import Progress
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard
 from ..parallel.state import ParallelState
-from . import hf, megatron_legacy, rugpts
+from . import hf, megatron_core, megatron_core_dist, megatron_legacy, rugpts
 from .model_io import (FORMAT, VOCAB_PARAMS, CheckpointError, _shard_specs, atomic_torch_save,
                        config_dict, is_own_checkpoint, load_full_state_dict,
                        merge_shards, read_own_config)
 
-FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy")
+FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy", "megatron_core", "megatron_core_dist")
+TARGETS = ("hf", FORMAT, "megatron_core")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MAX_SHARD_BYTES = 5 * 2**30
 
@@ -51,8 +55,13 @@ def detect_format(directory: Path) -> str:
     found = []
     if hf.is_hf_dir(directory) and any((directory / f).is_file() for f in hf.WEIGHT_FILES):
         found.append("hf")  # (ru-gpts releases ship an HF-style config.json next to mp_rank files)
-    if any(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt")):
-        found.append("megatron_legacy")
+    torch_files = sorted(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt"))
+    if torch_files:
+        model = megatron_legacy.load_blob(torch_files[-1]).get("model")
+        found.append("megatron_core" if megatron_core.is_core_model(model) else "megatron_legacy")
+    if any(directory.glob("*/.metadata")) or any(directory.glob("*/*.distcp")) or \
+            (directory / ".metadata").is_file() or any(directory.glob("*.distcp")):
+        found.append("megatron_core_dist")
     if any(directory.glob("mp_rank_[0-9][0-9]_model_states.pt")) or \
             any(directory.glob("*/mp_rank_[0-9][0-9]_model_states.pt")):
         found.append("ru_gpts")
@@ -65,16 +74,21 @@ def detect_format(directory: Path) -> str:
         raise CheckpointError(
             f"{directory} is not a checkpoint in a known format: expected config.json "
             "(megatron_ru or Hugging Face), <tag>/mp_rank_XX_model_states.pt (ru-gpts) or "
-            "iter_XXXXXXX/mp_rank_XX/model_optim_rng.pt (Megatron-LM)")
+            "iter_XXXXXXX/mp_rank_XX[_YYY]/model_optim_rng.pt (Megatron-LM, legacy or Core) or "
+            "iter_XXXXXXX/.metadata + *.distcp (Megatron-Core torch_dist)")
     return found[0]
 
 
-def _read_hf(directory: Path, load: bool):
+def _read_hf(directory: Path, load: bool, hints: dict):
     cfg_path = directory / "config.json"
-    config = hf.config_from_hf(json.loads(cfg_path.read_text(encoding="utf-8")), cfg_path)
+    raw = json.loads(cfg_path.read_text(encoding="utf-8"))
+    config = hf.restore_extra(hf.config_from_hf(raw, cfg_path), raw, cfg_path, hints.get("sparse_attention"))
     has_tok = any((directory / f).is_file() for f in hf.TOKENIZER_FILES)
     meta = {"format": "hf", "model": config.to_dict(), "tensor_model_parallel_size": 1,
             "tokenizer_dir": str(directory) if has_tok else None}
+    saved_tok = (raw.get(hf.EXTRA_KEY) or {}).get("tokenizer") if isinstance(raw.get(hf.EXTRA_KEY), dict) else None
+    if isinstance(saved_tok, dict):
+        meta["tokenizer"] = saved_tok
     if not load:
         hf.safetensors_files(directory) if not (directory / "pytorch_model.bin").is_file() else None
         return config, None, meta
@@ -84,15 +98,22 @@ def _read_hf(directory: Path, load: bool):
 
 def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
     fmt = detect_format(directory)
+    if hints.get("sparse_attention") is not None and fmt not in ("ru_gpts", "hf"):
+        raise CheckpointError(f"--sparse-config applies to ru-gpts and Hugging Face sources; {directory} "
+                              f"is {fmt}, whose sparsity (if any) is part of the checkpoint")
     if fmt == "megatron_ru":
         config, meta = read_own_config(directory)
         meta = {**meta, "tokenizer_dir": str(directory / "tokenizer")
                 if (directory / "tokenizer").is_dir() else None}
         full = load_full_state_dict(directory, tag)[1] if load else None
     elif fmt == "hf":
-        config, full, meta = _read_hf(directory, load)
+        config, full, meta = _read_hf(directory, load, hints)
     elif fmt == "ru_gpts":
         config, full, meta = rugpts.read(directory, tag, load=load, **hints)
+    elif fmt == "megatron_core":
+        config, full, meta = megatron_core.read_torch(directory, tag, load=load, **hints)
+    elif fmt == "megatron_core_dist":
+        config, full, meta = megatron_core_dist.read_dist(directory, tag, load=load, **hints)
     else:
         config, full, meta = megatron_legacy.read(directory, tag, load=load, **hints)
     if full is not None:
@@ -204,26 +225,43 @@ def _tokenizer_files(tok_dir: Optional[str]) -> list[Path]:
     return [Path(tok_dir) / f for f in hf.TOKENIZER_FILES if (Path(tok_dir) / f).is_file()]
 
 
-def _eod(files: list[Path]) -> tuple[Optional[str], Optional[int]]:
-    vocab = next((f for f in files if f.name == "vocab.json"), None)
-    if vocab is None:
+def _eod(files: list[Path], recorded: Optional[dict]) -> tuple[Optional[str], Optional[int]]:
+    """(token, id) of the end-of-text token of any tokenizer type, as our tokenizers pick it
+    (the eod_token recorded at training first)."""
+    from ..data.tokenizers import TokenizerError, build_tokenizer
+    names = {f.name: str(f) for f in files}
+    wanted = (recorded or {}).get("eod_token")
+    for eod_token in ([wanted] if wanted else []) + [None, "</s>", "<eos>", "<|endoftext|>"]:
+        try:
+            if "tokenizer.json" in names:
+                tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=names["tokenizer.json"],
+                                      eod_token=eod_token)
+                return tok.tok.id_to_token(tok.eod), tok.eod
+            if "vocab.json" in names and "merges.txt" in names:
+                tok = build_tokenizer("GPT2BPETokenizer", vocab_file=names["vocab.json"],
+                                      merge_file=names["merges.txt"], eod_token=eod_token)
+                return tok.decoder[tok.eod] if hasattr(tok, "decoder") else \
+                    {v: k for k, v in tok.encoder.items()}[tok.eod], tok.eod
+            if "tokenizer.model" in names:
+                tok = build_tokenizer("SentencePieceTokenizer", tokenizer_model=names["tokenizer.model"],
+                                      eod_token=eod_token)
+                return tok.sp.IdToPiece(tok.eod), tok.eod
+        except (TokenizerError, KeyError, ImportError):
+            continue
         return None, None
-    ids = json.loads(vocab.read_text(encoding="utf-8"))
-    for tok in ("<|endoftext|>", "</s>", "<eos>"):
-        if tok in ids:
-            return tok, ids[tok]
     return None, None
 
 
 def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok_files: list[Path],
-             progress: Progress, max_shard_bytes: int) -> None:
+             progress: Progress, max_shard_bytes: int, tokenizer: Optional[dict] = None) -> None:
     if any(config.sparse_layers()):
         warnings.warn(f"layers {[i for i, s in enumerate(config.sparse_layers()) if s]} use "
                       "block-sparse attention; Hugging Face will run them dense, so its outputs "
                       "differ from ours on sequences longer than the sparse local window",
                       stacklevel=2)
-    eod_token, eod_id = _eod(tok_files)
-    (dst / "config.json").write_text(json.dumps(hf.config_to_hf(config, dtype, eod_id), indent=2) + "\n")
+    eod_token, eod_id = _eod(tok_files, tokenizer)
+    (dst / "config.json").write_text(json.dumps(hf.config_to_hf(config, dtype, eod_id, tokenizer),
+                                                indent=2) + "\n")
     (dst / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": eod_id, "eos_token_id": eod_id} if eod_id is not None else {}) + "\n")
     hf.write_hf_weights(dst, hf.to_hf(config, full), dtype, max_shard_bytes,
@@ -240,11 +278,11 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
 
 def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,
             tag: Optional[str] = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-            quiet: bool = False, **hints) -> Path:
-    """Convert the checkpoint at `src` into `to` ("hf" or "megatron_ru") at `dst`; returns dst."""
+            quiet: bool = False, megatron_spec: str = "local", **hints) -> Path:
+    """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst."""
     src, dst = Path(src), Path(dst)
-    if to not in ("hf", FORMAT):
-        raise CheckpointError(f"--to {to!r} is unknown; expected hf or {FORMAT}")
+    if to not in TARGETS:
+        raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")
     if dtype is not None and dtype not in DTYPES:
         raise CheckpointError(f"--dtype {dtype!r} is unknown; expected {', '.join(DTYPES)}")
     if dst.exists() and not overwrite:
@@ -252,7 +290,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     if src.resolve() == dst.resolve():
         raise CheckpointError("--load and --save name the same directory")
     if to == "hf" and target_tp not in (None, 1):
-        raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru only")
+        raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru / megatron_core")
     config, meta = read_any_config(src, **hints)
     tp = target_tp or 1
     try:
@@ -270,7 +308,14 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     try:
         tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
         if to == "hf":
-            write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes)
+            write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes,
+                     _tokenizer_entry(meta, tok_files) if tok_files else None)
+        elif to == "megatron_core":
+            megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec)
+            if tok_files:
+                (tmp / "tokenizer").mkdir()
+                for f in tok_files:
+                    shutil.copyfile(f, tmp / "tokenizer" / f.name)
         else:
             tokenizer = None
             if tok_files:
@@ -292,7 +337,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
 
 
 def _tokenizer_entry(meta: dict, files: list[Path]) -> dict:
-    if meta.get("format") == FORMAT and isinstance(meta.get("tokenizer"), dict):
+    if isinstance(meta.get("tokenizer"), dict):  # ours, or an HF export of ours
         return meta["tokenizer"]
     names = {f.name for f in files}
     if {"vocab.json", "merges.txt"} <= names:

@@ -94,7 +94,45 @@ def config_from_hf(meta: dict, path: Path) -> ModelConfig:
         raise CheckpointError(f"{path}: {exc}") from None
 
 
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eod: Optional[int]) -> dict:
+EXTRA_KEY = "megatron_ru"  # config.json key HF ignores: our full model config (sparsity) + tokenizer
+
+
+def restore_extra(config: ModelConfig, meta: dict, path, sparse_hint: Optional[dict] = None) -> ModelConfig:
+    """`config` (from HF's own fields) with what only our extra key says: sparse layout and mode,
+    vocabulary padding, ... When the HF fields were edited since export, only the sparse settings
+    are taken. `sparse_hint` (--sparse-config) wins over the saved layout, with a warning."""
+    saved = (meta.get(EXTRA_KEY) or {}).get("model") if isinstance(meta.get(EXTRA_KEY), dict) else None
+    values = config.to_dict()
+    if isinstance(saved, dict):
+        same = all(saved.get(k) == v for k, v in values.items() if k in HF_FIELDS)
+        keep = saved if same else {k: saved[k] for k in SPARSE_FIELDS if k in saved}
+        values.update({k: v for k, v in keep.items() if k in values})
+    if sparse_hint is not None:
+        if values.get("sparse_attention") not in (None, sparse_hint):
+            print(f"warning: --sparse-config replaces the sparse_attention section saved in {path}",
+                  flush=True)
+        values["sparse_attention"] = sparse_hint
+    try:
+        return ModelConfig.from_dict(values)
+    except ConfigError as exc:
+        raise CheckpointError(f"{path} ({EXTRA_KEY} / --sparse-config): {exc}") from None
+
+
+HF_FIELDS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+             "ffn_hidden_size", "vocab_size", "max_position_embeddings", "norm_eps",
+             "tie_word_embeddings", "use_bias")
+SPARSE_FIELDS = ("sparse_attention", "sparse_mode", "sparse_ru_gpts_head_indexing")
+
+
+def config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eod: Optional[int],
+                 tokenizer: Optional[dict] = None) -> dict:
+    """HF config.json of `cfg`; EXTRA_KEY keeps what HF cannot say (sparse layout and mode,
+    vocabulary padding, the tokenizer entry) so an import back is lossless."""
+    extra = {EXTRA_KEY: {"model": cfg.to_dict(), **({"tokenizer": tokenizer} if tokenizer else {})}}
+    return {**_config_to_hf(cfg, dtype, eod), **extra}
+
+
+def _config_to_hf(cfg: ModelConfig, dtype: torch.dtype, eod: Optional[int]) -> dict:
     tokens = {} if eod is None else {"bos_token_id": eod, "eos_token_id": eod}
     dtype_name = str(dtype).removeprefix("torch.")
     if not cfg.is_llama:

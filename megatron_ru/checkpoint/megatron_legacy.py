@@ -105,7 +105,17 @@ def rename(flat: dict, source) -> dict:
     return out
 
 
-def config_from_args(args, vocab_hint: Optional[int], source) -> ModelConfig:
+def erf_gelu(a: dict) -> bool:
+    """Whether a GPT MLP saved with args `a` computed erf-GELU. Megatron's fused bias-GELU
+    (`bias_gelu_fusion`, on by default with biases) is the tanh form, as is `--openai-gelu`."""
+    if a.get("openai_gelu", False):
+        return False
+    return a.get("onnx_safe", False) or not (a.get("bias_gelu_fusion", True) and a.get("add_bias_linear", True))
+
+
+def config_from_args(args, vocab_hint: Optional[int], source, *, core: bool = False) -> ModelConfig:
+    """ModelConfig from Megatron's saved `args`. Legacy models (`core=False`) built their rotary
+    embedding without `--rotary-base`, i.e. always with base 10000; Megatron-Core uses it."""
     a = vars(args) if args is not None else {}
     if not a:
         raise CheckpointError(f"{source} carries no `args`: its model shapes are unknown")
@@ -119,9 +129,15 @@ def config_from_args(args, vocab_hint: Optional[int], source) -> ModelConfig:
         raise CheckpointError(f"{source}: swiglu={llama}, normalization={a.get('normalization')}, "
                               f"position_embedding_type={a.get('position_embedding_type')}, "
                               f"add_bias_linear={bias} match neither GPT-3 nor Llama")
-    if not llama and not a.get("openai_gelu", False):
+    if not llama and erf_gelu(a):
         print(f"warning: {source} was trained with erf-GELU; ours is tanh-GELU (logits differ by "
               "about 1e-3)", flush=True)
+    rotary_base = float(a.get("rotary_base", 10000) or 10000)
+    if llama and not core and rotary_base != 10000:
+        print(f"warning: {source} saved rotary_base={a.get('rotary_base')}, but legacy Megatron "
+              "models ignore it and rotate with base 10000; using 10000 as the model was trained",
+              flush=True)
+        rotary_base = 10000.0
     heads = a["num_attention_heads"]
     groups = a.get("num_query_groups") if a.get("group_query_attention") else None
     padded = a.get("padded_vocab_size")
@@ -137,7 +153,7 @@ def config_from_args(args, vocab_hint: Optional[int], source) -> ModelConfig:
                            num_key_value_heads=groups or heads, ffn_hidden_size=a.get("ffn_hidden_size"),
                            vocab_size=vocab, max_position_embeddings=a["max_position_embeddings"],
                            norm_eps=a.get("norm_epsilon", a.get("layernorm_epsilon", 1e-5)),
-                           rope_theta=float(a.get("rotary_base", 10000)),
+                           rope_theta=rotary_base,
                            tie_word_embeddings=not a.get("untie_embeddings_and_output_weights", False),
                            make_vocab_size_divisible_by=a.get("make_vocab_size_divisible_by", 128))
     except (KeyError, ConfigError) as exc:

@@ -64,12 +64,14 @@ def parse_split(split):
 
 
 def split_boundaries(fractions, num_documents):
-    """Document boundaries [0, a, b, n] as Megatron rounds them (the last one is pinned to n)."""
-    bounds = [0]
+    """Document boundaries [0, a, b, n] as Megatron-Core rounds them: round(cumulative fraction
+    x documents), e.g. 90,5,5 over 389 documents -> [0, 350, 370, 389]."""
+    bounds, cumulative = [0], 0.0
     for f in fractions:
-        bounds.append(bounds[-1] + int(round(f * num_documents)))
-    diff = bounds[-1] - num_documents
-    return [0] + [b - diff for b in bounds[1:]]
+        cumulative += f
+        bounds.append(int(round(cumulative * float(num_documents))))
+    bounds[-1] = num_documents  # the fractions sum to 1 up to float rounding
+    return bounds
 
 
 def build_blend_indices(weights, size):
@@ -117,7 +119,8 @@ class BlendedDataset:
 
 
 def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, cache_path=None,
-                                    vocab_size=None, tokenizer_fingerprint=None, warn=None):
+                                    vocab_size=None, tokenizer_fingerprint=None, warn=None,
+                                    data_order="ours"):
     """The training loop's entry point: (train, valid, test) datasets, each None when empty.
 
     data_path: `--data-path` items (`["0.85", "ru", "0.15", "en"]`) or [(weight, prefix)].
@@ -125,6 +128,7 @@ def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samp
     num_samples: (train, valid, test) sample counts; None in a slot = one epoch of that split
     (single prefix only). Each sample is {"text": int64[seq_length + 1]} (+ "dataset_id" in blends).
     Every prefix is validated first (data/validate.py; ids checked against `vocab_size` if given).
+    data_order: "ours" (default) or "megatron" (Megatron-Core's indices, data/megatron_order.py).
     """
     if seq_length < 1:
         raise DatasetConfigError(f"--seq-length must be positive, got {seq_length}")
@@ -134,6 +138,10 @@ def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samp
     for _, ds in indexed:
         validate_dataset(ds, vocab_size=vocab_size, fingerprint=tokenizer_fingerprint,
                          cache_path=cache_path, warn=warn)
+    if data_order == "megatron":
+        from .megatron_order import build_datasets
+        return build_datasets(blend, fractions, [ds for _, ds in indexed], seq_length, seed,
+                              num_samples, cache_path)
     bounds = {p: split_boundaries(fractions, len(ds)) for (_, p), (_, ds) in zip(blend, indexed)}
     result = []
     for s, name in enumerate(SPLIT_NAMES):

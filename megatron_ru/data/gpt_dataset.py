@@ -117,7 +117,8 @@ class GPTDataset:
     on, written atomically, so concurrent ranks may build them at once and reruns load in ms.
     """
 
-    def __init__(self, indexed, documents, *, name, seq_length, num_samples, seed, cache_path=None):
+    def __init__(self, indexed, documents, *, name, seq_length, num_samples, seed, cache_path=None,
+                 order="ours"):
         self.indexed = indexed if isinstance(indexed, IndexedDataset) else IndexedDataset(indexed)
         self.name, self.seq_length, self.seed = name, seq_length, seed
         documents = np.asarray(documents, dtype=np.int64)
@@ -129,6 +130,8 @@ class GPTDataset:
             "documents": [int(documents[0]), int(documents[-1]) + 1, int(documents.size)],
             "seq_length": seq_length, "num_samples": num_samples, "seed": seed,
         }
+        if order != "ours":  # --data-order megatron (data/megatron_order.py)
+            self.description["order"] = order
         contiguous = documents[-1] - documents[0] + 1 == documents.size
         if not contiguous:  # a hand-picked document set: hash its members as well
             self.description["documents_md5"] = hashlib.md5(documents.tobytes()).hexdigest()
@@ -146,7 +149,10 @@ class GPTDataset:
             return tuple(np.load(n, mmap_mode="r", allow_pickle=False) for n in names)
         self.loaded_from_cache = False
         try:
-            doc_index, sample_index, shuffle_index, epochs = build_indices(
+            build = build_indices
+            if self.description.get("order") == "megatron":
+                from .megatron_order import build_indices as build
+            doc_index, sample_index, shuffle_index, epochs = build(
                 self.indexed.sizes, documents, self.seq_length, self.description["num_samples"], self.seed)
         except DatasetConfigError as e:
             raise DatasetConfigError(f"{self.name} split of {self.indexed.prefix}: {e}") from None

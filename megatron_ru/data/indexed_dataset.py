@@ -99,11 +99,18 @@ class IndexedDatasetBuilder:
         self.sizes.extend([arr.size] if lengths is None else list(lengths))
         self.document_indices.append(len(self.sizes))
 
-    def add_documents(self, tokens, lengths):
-        """Appends many one-sequence documents at once: `tokens` back to back, `lengths` each."""
+    def add_documents(self, tokens, lengths, empty_documents=False):
+        """Appends many one-sequence documents at once: `tokens` back to back, `lengths` each.
+        `empty_documents`: a length 0 is an empty document with no sequence, as Megatron's
+        preprocess_data.py writes one (a repeated document-index entry; .bin unchanged)."""
         self._bin.write(self._as_dtype(tokens).tobytes(order="C"))
         start = len(self.sizes)
-        self.sizes.extend(np.asarray(lengths, dtype=np.int64).tolist())
+        lengths = np.asarray(lengths, dtype=np.int64)
+        if empty_documents:
+            self.sizes.extend(lengths[lengths > 0].tolist())
+            self.document_indices.extend((start + np.cumsum(lengths > 0)).tolist())
+            return
+        self.sizes.extend(lengths.tolist())
         self.document_indices.extend(range(start + 1, len(self.sizes) + 1))
 
     def add_index(self, other_prefix):

@@ -51,12 +51,13 @@ def data_args(args, global_batch: int) -> dict:
     """What the data order is a function of, as recorded in checkpoints."""
     blend = [[round(w, 12), str(Path(p).resolve())] for w, p in parse_data_path(args.data_path)]
     return {"data_path": blend, "split": [round(x, 12) for x in parse_split(args.split)],
-            "seq_length": args.seq_length, "global_batch_size": global_batch, "seed": args.seed}
+            "seq_length": args.seq_length, "global_batch_size": global_batch, "seed": args.seed,
+            "data_order": getattr(args, "data_order", "ours")}
 
 
 def data_args_diff(saved: dict, current: dict) -> list[str]:
     flags = {"data_path": "--data-path", "split": "--split", "seq_length": "--seq-length",
-             "global_batch_size": "global batch", "seed": "--seed"}
+             "global_batch_size": "global batch", "seed": "--seed", "data_order": "--data-order"}
     return [f"{flags.get(k, k)}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}"
             for k in flags if k in saved and saved.get(k) != current.get(k)]
 

@@ -182,7 +182,8 @@ class Trainer:
         data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed, counts,
                                                cache_path=a.data_cache_path,
                                                vocab_size=self.tokenizer.vocab_size,
-                                               tokenizer_fingerprint=fingerprint, warn=self.log)
+                                               tokenizer_fingerprint=fingerprint, warn=self.log,
+                                               data_order=a.data_order)
         if data[0] is None:
             raise ConfigError(f"--split {a.split} leaves no training documents")
         return data

@@ -1,0 +1,167 @@
+"""Megatron-Core `--ckpt-format torch_dist` checkpoints, read without Megatron installed.
+
+A PyTorch Distributed Checkpoint directory: `.metadata`, `__R_I.distcp`, `metadata.json`, and the
+common state (`args`, ...) in `common.pt` or, in current Megatron-LM, as the object
+`common_state/shard_0_1` inside the .distcp files. Tensors are global under their ShardedTensor
+keys: per-layer tensors stacked along a leading layer axis (`decoder.layers.self_attention.
+linear_qkv.weight` is (L, ...)), TP shards concatenated (so `linear_qkv` rows are the query-group
+layout over all heads and SwiGLU `linear_fc1` is [all gate; all up], our layout). The metadata and
+objects are unpickled with stand-ins for Megatron classes; tensors are read with
+`torch.distributed.checkpoint.load(..., no_dist=True)`. Names map as in megatron_core.py.
+"""
+from __future__ import annotations
+
+import io
+import pickle
+import re
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from .megatron_core import LAYER, SKIP, _args_dict, check_model_type, make_config, rename
+from .megatron_legacy import PICKLE, _Stub, fix_qkv, iteration_dir, load_blob
+from .model_io import CheckpointError, merge_shards
+
+
+class _MetadataStub(_Stub):
+    """Stands in for Megatron's subclasses of torch's DCP Metadata."""
+
+
+class _DCPUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "nvidia_resiliency_ext"):
+            return _MetadataStub if name.endswith("Metadata") else _Stub
+        return super().find_class(module, name)
+
+
+def dist_dir(directory: Path, tag: Optional[str]) -> Path:
+    """The iteration directory holding `.metadata` (DIR itself when it is one)."""
+    if (directory / ".metadata").is_file() or any(directory.glob("*.distcp")):
+        it_dir = directory
+    else:
+        it_dir = iteration_dir(directory, tag)
+    if not (it_dir / ".metadata").is_file():
+        raise CheckpointError(f"{it_dir / '.metadata'} is missing: the torch_dist checkpoint is "
+                              "incomplete (no PyTorch Distributed Checkpoint metadata)")
+    return it_dir
+
+
+def _metadata(it_dir: Path):
+    from torch.distributed.checkpoint.metadata import Metadata
+    path = it_dir / ".metadata"
+    try:
+        with open(path, "rb") as f:
+            raw = _DCPUnpickler(f).load()
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    if isinstance(raw, Metadata):
+        return raw
+    state = raw.__dict__.get("state", raw.__dict__)
+    if isinstance(state, tuple):  # (dict, slots) from dataclass pickling
+        state = {k: v for part in state if isinstance(part, dict) for k, v in part.items()}
+    if not isinstance(state, dict) or "state_dict_metadata" not in state:
+        raise CheckpointError(f"{path} is not PyTorch Distributed Checkpoint metadata")
+    return Metadata(state_dict_metadata=state["state_dict_metadata"],
+                    planner_data=state.get("planner_data"), storage_data=state.get("storage_data"),
+                    storage_meta=state.get("storage_meta"), version=state.get("version"))
+
+
+def _dcp_load(it_dir: Path, metadata, wanted: dict) -> dict:
+    """dcp.load of `wanted` (name → empty tensor, or None for raw bytes) without a process group."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class Reader(dcp.FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            return metadata
+
+    raw = {}
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):  # keep raw bytes: they may pickle Megatron classes
+            raw[read_item.dest_index.fqn] = value.read()
+
+    state = {k: (v if v is not None else io.BytesIO()) for k, v in wanted.items()}
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load(state, storage_reader=Reader(str(it_dir)), planner=Planner(), no_dist=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read the torch_dist checkpoint {it_dir}: {exc}") from None
+    return {**state, **raw}
+
+
+def _common_state(it_dir: Path, metadata) -> dict:
+    """Megatron's common (non-tensor) state: common.pt, or the `common_state` object in the DCP."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+    if (it_dir / "common.pt").is_file():
+        common = load_blob(it_dir / "common.pt")
+    else:
+        keys = [k for k, v in metadata.state_dict_metadata.items()
+                if k.startswith("common_state/") and isinstance(v, BytesStorageMetadata)]
+        if not keys:
+            raise CheckpointError(f"{it_dir}: neither common.pt nor a common_state object; the saved "
+                                  "args (model shapes) are missing")
+        raw = _dcp_load(it_dir, metadata, {keys[0]: None})[keys[0]]
+        try:
+            common = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False,
+                                pickle_module=PICKLE)
+        except Exception as exc:
+            raise CheckpointError(f"{it_dir}: cannot read the common_state object: {exc}") from None
+        common = common[0] if isinstance(common, list) else common
+    if not isinstance(common, dict):
+        raise CheckpointError(f"{it_dir}: the common state is a {type(common).__name__}, not a dict")
+    return common
+
+
+def _model_prefix(keys) -> str:
+    """torch_dist keys are the ShardedTensor keys; some tools prefix them with `model.`."""
+    return "model." if keys and all(k.startswith("model.") for k in keys) else ""
+
+
+def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+    """(ModelConfig, full state dict or None, meta) of a Megatron-Core `torch_dist` checkpoint."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    it_dir = dist_dir(directory, tag)
+    metadata = _metadata(it_dir)
+    common = _common_state(it_dir, metadata)
+    a = _args_dict(common.get("args"), it_dir / "common.pt")
+    tensors = {k: v for k, v in metadata.state_dict_metadata.items()
+               if isinstance(v, TensorStorageMetadata) and not SKIP.search(k)
+               and not k.startswith(("optimizer", "rng_state", "common_state"))}
+    prefix = _model_prefix(list(tensors))
+    tensors = {k: v for k, v in tensors.items() if k.startswith(prefix)}
+    check_model_type([k[len(prefix):] for k in tensors], a, it_dir)
+    from .rugpts import side_facts
+    vocab = hints.get("vocab_size") or side_facts(directory, it_dir).get("vocab_size")
+    config = make_config(common.get("args"), vocab, it_dir)
+    meta = {"format": "megatron_core_dist", "megatron_ckpt_format": "torch_dist",
+            "model": config.to_dict(), "tensor_model_parallel_size": 1,
+            "saved_tensor_model_parallel_size": a.get("tensor_model_parallel_size"),
+            "saved_pipeline_model_parallel_size": a.get("pipeline_model_parallel_size"),
+            "checkpoint_version": float(common.get("checkpoint_version", 3.0) or 3.0),
+            "tokenizer_dir": None, "source_files": [str(it_dir)]}
+    if not load:
+        return config, None, meta
+    wanted = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in tensors.items()}
+    loaded = _dcp_load(it_dir, metadata, wanted)
+    flat = {}
+    for key, t in loaded.items():
+        key = key[len(prefix):]
+        if key.startswith("decoder.layers.") and not re.match(LAYER, key):  # stacked: (L, ...)
+            if t.shape[0] != config.num_layers:
+                raise CheckpointError(f"{it_dir}: {key} stacks {t.shape[0]} layers, args say "
+                                      f"{config.num_layers}")
+            for i in range(t.shape[0]):
+                flat[f"decoder.layers.{i}." + key[len("decoder.layers."):]] = t[i]
+        else:
+            flat[key] = t
+    state = rename(flat, it_dir)
+    for k in [k for k in state if re.search(r"attn\.qkv\.(weight|bias)$", k)]:
+        state[k] = fix_qkv(state[k], 3.0, config, 1)  # global tensor = the TP ranks' rows in order
+    return config, merge_shards(config, [state], it_dir), meta
+
+
+__all__ = ["dist_dir", "read_dist"]

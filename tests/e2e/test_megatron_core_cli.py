@@ -1,0 +1,52 @@
+"""Megatron-Core directories through the entry points: generate.py --load on a torch_dist directory
+samples what our own copy of the model samples; convert_checkpoint.py torch_dist -> --to
+megatron_core (TP 2) -> back is bit-identical; bad input exits 2 with nothing at --save.
+(pretrain_gpt.py --load --finetune reads foreign directories through the same load_full_state_dict
+as generate.py; a subprocess run of it costs ~2 minutes on CI's 2 cores, so it is not repeated here.)"""
+import json
+import subprocess
+import sys
+
+import torch
+
+from megatron_ru import GPTModel, ModelConfig
+from megatron_ru.checkpoint.convert import load_any
+from megatron_ru.checkpoint.model_io import save_model
+from tests.e2e.test_convert_cli import TOKENIZER, VOCAB, generate_main, tool
+from tests.e2e.test_mpirun import clean_env
+from tests.unit import test_megatron_core as fx
+
+TOK = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
+
+
+def test_generate_and_export_from_megatron_core(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(fx, "V", VOCAB)
+    cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=VOCAB, num_layers=2, max_position_embeddings=256)
+    model = GPTModel(cfg, seed=5)
+    save_model(tmp_path / "ours", model)
+    fx.write_dist(tmp_path / "dist", model, 2, te=True, common_in_dcp=True)
+    outs = []
+    for load in (tmp_path / "ours", tmp_path / "dist"):
+        code = generate_main(["--load", str(load), *TOK, "--greedy", "--prompt", "Москва — столица",
+                              "--out-seq-length", "8", "--sample-output-file", str(tmp_path / "o.jsonl")])
+        assert code == 0, capsys.readouterr().err
+        outs.append(json.loads((tmp_path / "o.jsonl").read_text())["text"])
+    assert outs[0] == outs[1] and outs[0]
+
+    ref = {k: v[:VOCAB] if k == "embed.weight" else v for k, v in model.state_dict().items()}
+    convert = tool()
+    assert convert.main(["--load", str(tmp_path / "dist"), "--save", str(tmp_path / "back"),
+                         "--to", "megatron_core", "--target-tensor-parallel-size", "2", "--quiet"]) == 0
+    _, back, meta = load_any(tmp_path / "back")
+    assert meta["format"] == "megatron_core" and all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+def test_bad_megatron_input_exits_2(tmp_path):
+    cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=1000, max_position_embeddings=64)
+    fx.write_dist(tmp_path / "dist", GPTModel(cfg, seed=1), 1, te=False, common_in_dcp=False)
+    (tmp_path / "dist" / "iter_0000020" / ".metadata").unlink()
+    proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(tmp_path / "dist"),
+                           "--save", str(tmp_path / "out"), "--to", "megatron_ru"],
+                          cwd=fx.__file__.rsplit("/tests/", 1)[0], env=clean_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and ".metadata is missing" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -1,0 +1,47 @@
+"""train_tokenizer.py --format hf: tokenizer.json + tokenizer_config.json that `tokenizers` and
+transformers.AutoTokenizer load, with ids identical to ours (GPT2BPETokenizer on the same BPE) on
+mixed Russian / English text."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from megatron_ru.data.tokenizers import GPT2BPETokenizer, build_tokenizer
+
+tokenizers = pytest.importorskip("tokenizers")
+transformers = pytest.importorskip("transformers")
+ROOT = Path(__file__).resolve().parents[2]
+TEXT = ["Москва — столица России, а London is the capital of Britain.",
+        "В 2024 году GPT-модели (ruGPT-3, T-lite) обучали на 1.5T токенов; it's 42% faster!",
+        "  пробелы   и\tтабы\nи переводы строк  ", "emoji 🙂 and ё, Ё, й — «кавычки» 'quotes'"]
+
+
+def tool():
+    spec = importlib.util.spec_from_file_location("train_tokenizer", ROOT / "tools" / "train_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_hf_format_ids_equal_ours(tmp_path):
+    corpus = tmp_path / "c.txt"
+    demo = (ROOT / "examples" / "data" / "ru_demo.txt").read_text(encoding="utf-8")[:20000]
+    corpus.write_text(demo + "\n" + "\n".join(TEXT * 3), encoding="utf-8")
+    train = tool()
+    common = ["--input", str(corpus), "--vocab-size", "700"]
+    assert train.main([*common, "--output-dir", str(tmp_path / "gpt2")]) == 0
+    assert train.main([*common, "--format", "hf", "--output-dir", str(tmp_path / "hf")]) == 0
+    assert sorted(p.name for p in (tmp_path / "hf").iterdir()) == ["tokenizer.json", "tokenizer_config.json"]
+    ours = GPT2BPETokenizer(str(tmp_path / "gpt2" / "vocab.json"), str(tmp_path / "gpt2" / "merges.txt"))
+    fast = tokenizers.Tokenizer.from_file(str(tmp_path / "hf" / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    wrapped = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "hf" / "tokenizer.json"))
+    for text in TEXT + [demo[:3000]]:
+        ids = ours.tokenize(text)
+        assert len(ids) > 5
+        assert fast.encode(text, add_special_tokens=False).ids == ids
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids
+        assert wrapped.tokenize(text) == ids and auto.decode(ids) == text
+    assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == ours.eod == wrapped.eod
+    assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
