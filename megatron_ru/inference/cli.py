@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..config import SPARSE_MODES
+from .quantize import add_arguments as add_quantize_arguments, spec_from_args
+from .speculative import add_arguments as add_speculative_arguments, check_args
 from .sampling import SamplingParams, SamplingError
 from .. import runtime
 from ..runtime import UsageError
@@ -39,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"),
                    help="override the block-sparse execution path (same numbers, other speed)")
     g.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    fast = p.add_argument_group("fast decoding (inference/quantize.py, speculative.py)")
+    add_quantize_arguments(fast)
+    add_speculative_arguments(fast)
     for flag in MODEL_SHAPE_FLAGS:  # ru-gpts passes shapes; we check them against config.json
         g.add_argument("--" + flag.replace("_", "-"), dest=flag, type=int,
                        help=argparse.SUPPRESS)
@@ -136,6 +141,8 @@ def parse(argv=None) -> Settings:
     for flag, value, low in rules:
         if value < low:
             raise InputError(f"{flag} {value} must be >= {low}")
+    args.quant_spec = spec_from_args(args)  # fast decoding flags (QuantizeError / InputError)
+    check_args(args)
     if args.min_new_tokens > args.max_new_tokens:
         raise InputError(f"--min-new-tokens {args.min_new_tokens} exceeds --out-seq-length "
                          f"{args.max_new_tokens}")

@@ -126,6 +126,7 @@ class GPTModel(nn.Module):
             self.lm_head = ColumnParallelLinear(h, self.padded_vocab_size, parallel_state=ps,
                                                 bias=False, init_std=std, device=device, dtype=dtype)
             self.lm_head.weight.init_spec = ("normal_rows", std, config.vocab_size)
+        self.logits_head: Optional[nn.Module] = None  # inference/quantize.py may set a quantized head
         self.checkpoint_activations = config.checkpoint_activations
         if initialize:  # False: weights left uninitialised, to be loaded from a checkpoint
             self.reset_parameters(seed)
@@ -201,10 +202,15 @@ class GPTModel(nn.Module):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) → (B, T, V_local). TP=1: exactly the real vocabulary. TP>1: this rank's
         padded slice, with padding columns at -inf so they never win a softmax or a sample."""
-        weight, group = self.output_weight(), self.ps.tp_comm
-        if group is None:
-            return _RealVocabLinear.apply(x, weight, self.config.vocab_size)
-        logits = F.linear(copy_to_region(x, group), weight)
+        group = self.ps.tp_comm
+        if self.logits_head is not None:  # x (B, T, H) → (B, T, V_local) by the head module
+            logits = self.logits_head(x if group is None else copy_to_region(x, group))
+            if group is None:
+                return logits[..., : self.config.vocab_size]
+        elif group is None:
+            return _RealVocabLinear.apply(x, self.output_weight(), self.config.vocab_size)
+        else:
+            logits = F.linear(copy_to_region(x, group), self.output_weight())
         real_end = self.config.vocab_size - self.vocab_start
         if real_end < logits.shape[-1]:
             logits = logits.clone()
