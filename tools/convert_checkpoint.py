@@ -2,6 +2,7 @@ r"""Converts a checkpoint between formats (source detected) and tensor-parallel 
 
     python tools/convert_checkpoint.py --load SRC --save DST --to {hf,megatron_ru,megatron_core} \
         [--target-tensor-parallel-size M] [--dtype fp16|bf16|fp32]
+        [--quantize int8|int4 [--group-size G] [--quantize-head]]   # megatron_ru, weight-only
 
 SRC may be one of our checkpoints (any TP, ZeRO stages included), a Hugging Face directory
 (GPT2LMHeadModel / LlamaForCausalLM, safetensors), a ru-gpts DeepSpeed checkpoint, or a Megatron-LM
@@ -26,6 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ru.checkpoint.convert import convert  # noqa: E402
 from megatron_ru.checkpoint.model_io import CheckpointError  # noqa: E402
 from megatron_ru import runtime  # noqa: E402
+from megatron_ru.inference.quantize import spec_from_args  # noqa: E402
+from megatron_ru.inference.quantize_io import convert_quantized  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -51,6 +54,11 @@ def parse_args(argv=None):
     p.add_argument("--sparse-config", default=None,
                    help="DeepSpeed JSON with the sparse_attention section of a sparse ru-gpts source")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="HF safetensors shard size")
+    p.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                   help="write a weight-only quantized megatron_ru checkpoint (TP=1, loads at any "
+                        "TP without the fp weights; see megatron_ru/inference/quantize.py)")
+    p.add_argument("--group-size", type=int, default=None, help="int4 group size (default 32)")
+    p.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     runtime.add_arguments(p)
@@ -77,9 +85,19 @@ def main(argv=None) -> int:
         if not isinstance(section, dict):
             raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
         hints["sparse_attention"] = section
+    spec = spec_from_args(args)
+    if spec is not None:
+        if args.to != "megatron_ru" or args.target_tensor_parallel_size not in (None, 1):
+            raise CheckpointError("--quantize writes --to megatron_ru at TP=1 (it loads at any TP)")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+        if spec is not None:
+            dst = convert_quantized(args.load, args.save, spec, tag=args.tag, dtype=args.dtype,
+                                    overwrite=args.overwrite, quiet=args.quiet,
+                                    **{k: v for k, v in hints.items() if v is not None})
+            print(f"wrote {dst}", file=sys.stderr)
+            return 0
         dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
                       dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
                       max_shard_bytes=int(args.max_shard_size_gb * 2**30), megatron_spec=args.megatron_spec,

@@ -23,6 +23,7 @@ Kernels (chosen by measurement on a 2-vCPU AVX2 EPYC, see bench/quant_kernels.py
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -176,8 +177,10 @@ class QuantLinear(nn.Module):
         w = int_weight({n: b for n, b in self.named_buffers()}, self.spec.group_size)
         if self.kernel() == "fbgemm":
             zeros = torch.zeros(self.out_local, dtype=torch.long)
-            qt = torch._make_per_channel_quantized_tensor(w.contiguous(), self.scale.double(),
-                                                          zeros, 0)
+            with warnings.catch_warnings():  # quantized tensors are deprecated upstream (README)
+                warnings.simplefilter("ignore")
+                qt = torch._make_per_channel_quantized_tensor(w.contiguous(), self.scale.double(),
+                                                              zeros, 0)
             self._packed = torch.ops.quantized.linear_prepack(qt, None)
             self._shape = tuple(self.qweight.shape)
             self.qweight = torch.empty(0, dtype=self.qweight.dtype)  # fbgemm holds the only copy
@@ -340,7 +343,4 @@ def spec_from_args(args) -> Optional[QuantSpec]:
         return None
     if args.group_size is not None and args.quantize != "int4":
         raise QuantizeError("--group-size applies to --quantize int4 only")
-    if args.quantize and getattr(args, "compile", False):
-        raise QuantizeError("--quantize and --compile: the CPU kernel (fbgemm) does not compile; "
-                            "drop one of them")
     return QuantSpec(args.quantize, args.group_size, args.quantize_head)

@@ -108,12 +108,12 @@ def quantize_checkpoint(directory, spec: QuantSpec, tag: Optional[str] = None) -
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     atomic_torch_save({"module": state, "mp_world_size": 1},
                       directory / tag / "mp_rank_00_model_states.pt")
-    meta["quantization"] = spec.to_dict()
+    meta["quantization"] = model.quant_spec.to_dict()  # with the group size resolved
     atomic_write_text(directory / "config.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
-                      overwrite: bool = False, quiet: bool = False, **hints) -> Path:
+                      dtype: Optional[str] = None, overwrite: bool = False, quiet: bool = False, **hints) -> Path:
     """Any supported checkpoint → a quantized megatron_ru checkpoint at `dst` (written under a
     temporary name, renamed when complete)."""
     from ..checkpoint.convert import convert
@@ -124,12 +124,7 @@ def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp."))
     try:
         tmp = work / "ckpt"
-        convert(src, tmp, "megatron_ru", target_tp=1, tag=tag, quiet=quiet, **hints)
-        config, _ = read_config(tmp)
-        width = config.ffn_hidden_size
-        if spec.method == "int4" and (config.hidden_size % spec.group_size or width % spec.group_size):
-            raise QuantizeError(f"--group-size {spec.group_size} does not divide the input "
-                                f"features ({config.hidden_size}, {width}) of {src}")
+        convert(src, tmp, "megatron_ru", target_tp=1, tag=tag, dtype=dtype, quiet=quiet, **hints)
         quantize_checkpoint(tmp, spec)
         if dst.exists():
             shutil.rmtree(dst)
@@ -137,3 +132,29 @@ def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dst
+
+
+def open_speculative(args, target, ps: ParallelState, dtype, tokenizer):
+    """generate.py's --draft-load: the draft model (same TP, optionally quantized) wrapped with
+    the target Generator; SpeculativeError when it cannot draft for this target."""
+    from .speculative import SpeculativeError, SpeculativeGenerator
+    config, meta = read_config(Path(args.draft_load))
+    own = Path(meta.get("tokenizer_dir") or Path(args.draft_load) / "tokenizer")
+    if config.vocab_size != target.config.vocab_size:
+        raise SpeculativeError(f"--draft-load {args.draft_load}: vocabulary of {config.vocab_size} "
+                               f"ids, the target has {target.config.vocab_size}; the draft must "
+                               "use the target's tokenizer")
+    if own.is_dir() and getattr(args, "tokenizer_path", None):
+        mine = {f.name: f.read_bytes() for f in Path(args.tokenizer_path).iterdir() if f.is_file()}
+        theirs = {f.name: f.read_bytes() for f in own.iterdir() if f.is_file()}
+        differ = [n for n in set(mine) & set(theirs) if mine[n] != theirs[n]]
+        if differ:
+            raise SpeculativeError(f"--draft-load {args.draft_load}: its tokenizer differs from "
+                                   f"the target's ({', '.join(sorted(differ))})")
+    try:
+        config.validate_parallel(ps.tp_size)
+    except Exception as exc:  # ConfigError: heads / vocabulary not divisible by TP
+        raise SpeculativeError(f"--draft-load {args.draft_load}: {exc}") from None
+    spec = QuantSpec(args.draft_quantize) if args.draft_quantize else None
+    draft = load_for_inference(args.draft_load, ps, dtype=dtype, device=ps.device, spec=spec)
+    return SpeculativeGenerator(target, draft, args.draft_tokens)

@@ -15,16 +15,20 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
-from ..checkpoint.model_io import CheckpointError, atomic_write_text, load_model, read_config
+from ..checkpoint.model_io import CheckpointError, atomic_write_text, read_config
 from ..config import ConfigError
 from ..data.tokenizers import TokenizerError, build_tokenizer
 from ..parallel.state import LaunchInfo, ParallelState, discover_launch
 from .cli import InputError, Settings, check_model_flags, parse, record, tokenizer_kwargs
 from .generator import Generator, PromptError
+from .quantize import QuantizeError
+from .quantize_io import load_for_inference, open_speculative
+from .speculative import SpeculativeError
 from .sampling import SamplingError
 from .text import StopStrings, TextStream
 
-USER_ERRORS = (InputError, ConfigError, CheckpointError, TokenizerError, PromptError, SamplingError)
+USER_ERRORS = (InputError, ConfigError, CheckpointError, TokenizerError, PromptError, SamplingError,
+               QuantizeError, SpeculativeError)
 INTERACTIVE_PROMPT = "Model prompt (\"stop\" or end of input to quit) >>> "
 
 
@@ -82,9 +86,12 @@ class Session:
                   "the same prompts; only rank 0 writes", file=sys.stderr)
         ps.seed(args.seed)
         dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-        model = load_model(args.load, ps, tag=args.tag, dtype=dtype, device=ps.device, **overrides)
+        model = load_for_inference(args.load, ps, tag=args.tag, dtype=dtype, device=ps.device,
+                                   spec=args.quant_spec, **overrides)
         generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
                               compile=args.compile)
+        if args.draft_load:  # speculative decoding (inference/speculative.py)
+            generator = open_speculative(args, generator, ps, dtype, tokenizer)
         return cls(settings, ps, generator, tokenizer)
 
     # ---- modes ----------------------------------------------------------------------------
@@ -105,7 +112,8 @@ class Session:
             atomic_write_text(Path(self.args.sample_output_file), "".join(line + "\n" for line in lines))
         if self.writer:
             print(f"[{len(rows)} samples, {self.new_tokens} new tokens in {elapsed:.2f} s: "
-                  f"{self.new_tokens / max(elapsed, 1e-9):.1f} tokens/s, {self.ps}]",
+                  f"{self.new_tokens / max(elapsed, 1e-9):.1f} tokens/s, {self.ps}"
+                  f"{self.gen.summary() if hasattr(self.gen, 'summary') else ''}]",
                   file=sys.stderr, flush=True)
         return 0
 

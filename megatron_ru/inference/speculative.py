@@ -67,6 +67,11 @@ class SpeculativeGenerator:
         self._src = target._src
         self.stats = Stats()
 
+    def summary(self) -> str:
+        s = self.stats
+        return (f", speculative K={self.k}: {s.accepted}/{s.drafted} drafted tokens accepted "
+                f"({100 * s.acceptance_rate:.1f}%), {s.rounds} target rounds")
+
     def check_prompt(self, tokens: Sequence[int], name: str = "prompt") -> None:
         self.target.check_prompt(tokens, name)
 
