@@ -1,6 +1,7 @@
 """Shared pieces of the fast-decoding tests: a tiny model briefly trained on the bundled corpus
 (so logits are peaked like a real model's, not the near-uniform output of random weights), the
 corpus windows perplexity is measured on, and per-rank bodies for run_ranks."""
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,18 @@ def train_tiny(family: str = "gpt3", steps: int = 150, seed: int = 3) -> GPTMode
         opt.zero_grad()
         loss.backward()
         opt.step()
+    return model.eval()
+
+
+@functools.lru_cache(maxsize=None)
+def trained_state(family: str) -> dict:
+    """train_tiny's weights, trained once per test process (tests load them into fresh models)."""
+    return {k: v.clone() for k, v in train_tiny(family).state_dict().items()}
+
+
+def trained_model(family: str) -> GPTModel:
+    model = GPTModel(config(family), seed=0)
+    model.load_state_dict(trained_state(family))
     return model.eval()
 
 

@@ -22,7 +22,7 @@ from megatron_ru.inference import quantize
 from megatron_ru.inference.quantize import (QuantLinear, QuantSpec, QuantizeError, pack_nibbles,
                                             quantize_int4, unpack_nibbles)
 from megatron_ru.inference.quantize_io import load_for_inference
-from tests.fast_decoding import ROOT, VOCAB, config, perplexity, train_tiny, windows
+from tests.fast_decoding import ROOT, VOCAB, config, perplexity, trained_model, windows
 from tests.helpers import rel_err
 
 LOGIT_TOL = {("int8", "fbgemm"): 0.12, ("int8", "dequant"): 0.02,
@@ -36,7 +36,7 @@ def trained():
     out = {}
     x = windows()[:8, :-1]
     for family in ("gpt3", "llama"):
-        model = train_tiny(family)
+        model = trained_model(family)
         with torch.no_grad():
             out[family] = (model.state_dict(), model(x), perplexity(model))
     return out
