@@ -1,7 +1,12 @@
 """Benchmark: decode tokens/s of our Generator against Hugging Face `generate()` on the same weights.
 
     python bench/generate.py [--repeats 3] [--new-tokens 128] [--quick]   # CPU table
+    python bench/generate.py --fast [--xl]     # + int8 / int4 / speculative rows (+ rugpt3-xl shape)
     python bench/generate.py --gpu                                       # + rugpt3-xl fp16 roofline
+
+`--fast` rows: fp32, int8 (linear layers), int8+head / int4+head (the output head too;
+weight-only, inference/quantize.py, CPU kernel fbgemm) and speculative (fp32 target, its own
+int4+head copy as the draft, K=4), each against HF fp32 in the same run; `weights` is the model's footprint in memory (fbgemm holds int4 weights as int8 on CPU).
 
 Greedy decoding of a 16-token prompt by 128 new tokens (no early stop) at batch 1 and 8.
 Ours and HF alternate run by run, so machine noise hits both alike; each cell is the median.
@@ -139,6 +144,89 @@ def gpu_roofline(new: int, repeats: int) -> None:
         print(line)
 
 
+def fast_variants(cfg, ours, which):
+    """name → (generator, weight bytes): fp32, int8, int4, speculative (int4-self draft, K=4)."""
+    from megatron_ru.inference.quantize import quantize, quantized_bytes
+    from megatron_ru.inference.speculative import SpeculativeGenerator
+    out = {}
+    if "fp32" in which:
+        out["fp32"] = (Generator(ours), quantized_bytes(ours))
+    for method in ("int8", "int8+head", "int4+head"):
+        if method in which:
+            q = quantize(GPTModel(cfg, seed=1), method[:4], head=method.endswith("head"))
+            out[method] = (Generator(q), quantized_bytes(q))
+    if "spec" in which:
+        draft = out["int4+head"][0].model if "int4+head" in out else \
+            quantize(GPTModel(cfg, seed=1), "int4", head=True)
+        out["spec int4-self K=4"] = (SpeculativeGenerator(Generator(ours), draft, 4),
+                                     quantized_bytes(ours) + quantized_bytes(draft))
+    return out
+
+
+def compare_fast(name, cfg, variants, hf, batch, new, repeats):
+    prompts = torch.randint(0, cfg.vocab_size, (batch, PROMPT),
+                            generator=torch.Generator().manual_seed(batch))
+    for gen, _ in variants.values():
+        run_ours(gen, prompts, min(new, 8))  # warm-up
+    run_hf(hf, prompts, min(new, 8))
+    times = {v: [] for v in variants}
+    t_hf, toks = [], {}
+    for _ in range(repeats):
+        for v, (gen, _) in variants.items():
+            if hasattr(gen, "stats"):
+                gen.stats = type(gen.stats)()
+            t, toks[v] = run_ours(gen, prompts, new)
+            times[v].append(t)
+        t, toks_hf = run_hf(hf, prompts, new)
+        t_hf.append(t)
+    th = statistics.median(t_hf)
+    rows = []
+    for v, (gen, nbytes) in variants.items():
+        to = statistics.median(times[v])
+        acc = getattr(gen, "stats", None)
+        rows.append(dict(name=name, variant=v, batch=batch, ours=batch * new / to, hf=batch * new / th,
+                         ratio=th / to, same=agreement(toks[v], toks_hf), gb=nbytes / 1e9,
+                         acc=None if acc is None else acc.acceptance_rate))
+    return rows
+
+
+def print_fast(rows, title):
+    print(f"\n{title}")
+    print("| model | weights | batch | ours tok/s | HF fp32 tok/s | ours / HF | same tokens | accepted |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        acc = "" if r["acc"] is None else f"{100 * r['acc']:.0f}%"
+        print(f"| {r['name']} | {r['variant']} ({1e3 * r['gb']:.0f} MB) | {r['batch']} | {r['ours']:.1f} | "
+              f"{r['hf']:.1f} | {r['ratio']:.2f}x | {100 * r['same']:.0f}% | {acc} |", flush=True)
+
+
+def run_fast(args) -> None:
+    import gc
+    import resource
+    cases = [c for c in CASES if "llama" not in c[0] and not (args.quick and "125M" in c[0])]
+    if args.xl:
+        cases.append(("rugpt3-xl", "rugpt3-xl", {"max_position_embeddings": 512}))
+    rows = []
+    for name, preset, overrides in cases:
+        xl = "xl" in name
+        cfg, ours, hf = build(preset, overrides, "cpu", torch.float32)
+        which = ("fp32", "int8+head", "int4+head") if xl else \
+            ("fp32", "int8", "int8+head", "int4+head", "spec")
+        variants = fast_variants(cfg, ours, which)
+        for batch in ([1] if xl else args.batches):
+            new = min(args.new_tokens, 32) if xl else args.new_tokens
+            rows += compare_fast(name, cfg, variants, hf, batch, new, 1 if xl else args.repeats)
+            for r in rows[-len(variants):]:
+                print(f"  {name} {r['variant']} batch {batch}: {r['ours']:.1f} tok/s vs HF "
+                      f"{r['hf']:.1f} ({r['ratio']:.2f}x)", file=sys.stderr, flush=True)
+        del ours, hf, variants
+        gc.collect()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    print_fast(rows, f"CPU ({args.threads} threads), greedy, prompt {PROMPT}, {args.new_tokens} new "
+                     f"tokens (rugpt3-xl: 32, 1 repeat), median of {args.repeats}; peak RSS of the "
+                     f"whole run {peak:.1f} GB; torch {torch.__version__}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -147,8 +235,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny models only, 1 repeat")
     parser.add_argument("--gpu", action="store_true", help="also the rugpt3-xl fp16 roofline run")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--fast", action="store_true", help="int8 / int4 / speculative rows")
+    parser.add_argument("--xl", action="store_true", help="with --fast: also the rugpt3-xl shape")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.fast:
+        return run_fast(args)
     cases = [c for c in CASES if not (args.quick and "125M" in c[0])]
     repeats = 1 if args.quick else args.repeats
     rows = []
