@@ -278,7 +278,6 @@ def install_shells(model, spec: QuantSpec, device=None) -> list:
         model.logits_head = q
         if model.lm_head is not None:  # untied: the fp head is no longer needed
             model.lm_head = None
-            model.tied_head_dropped = True
     model.quant_spec = spec
     return filled
 
