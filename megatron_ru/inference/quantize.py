@@ -314,7 +314,9 @@ def finish_loading(model) -> None:
 def quantized_bytes(model) -> int:
     """Bytes of the quantized buffers plus every remaining parameter (the model's footprint)."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
-    return total + sum(b.numel() * b.element_size() for b in model.buffers())
+    total += sum(b.numel() * b.element_size() for b in model.buffers())
+    return total + sum(m.out_local * m.in_local for m in model.modules()  # fbgemm's int8 copy
+                       if isinstance(m, QuantLinear) and m._packed is not None)
 
 
 def describe(spec: QuantSpec) -> str:
