@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..inference.cli import InputError, Settings, build_parser
+from ..inference.quantize import spec_from_args
 from ..inference.sampling import GREEDY
 from ..parallel.state import discover_launch
 
@@ -25,7 +26,7 @@ from ..parallel.state import discover_launch
 NOT_FOR_SERVING = ("temperature", "top_k", "top_p", "repetition_penalty", "greedy",
                    "max_new_tokens", "min_new_tokens", "stop", "num_samples", "batch_size",
                    "prompt", "sample_input_file", "prompt_separator", "sample_output_file",
-                   "quiet", "compile")
+                   "quiet", "compile", "draft_load", "draft_tokens", "draft_quantize")
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -71,6 +72,7 @@ def parse(argv=None) -> argparse.Namespace:
                              "and prompts with each request")
     if args.fp16 and args.bf16:
         raise InputError("--fp16 and --bf16 exclude each other")
+    args.quant_spec = spec_from_args(args)  # --quantize / --group-size / --quantize-head (issue 16)
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1),
                              ("--max-queue", args.max_queue, 0),
                              ("--max-tokens-limit", args.max_tokens_limit, 1),
