@@ -382,6 +382,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
     """Run `main(argv)` under failure containment; returns the exit status for `sys.exit`."""
     _state.prog, _state.started = prog, time.time()
     previous = install_signal_handlers(graceful)  # first: a Ctrl-C during imports is handled too
+    dist_before = _distributed_started()
     words = sys.argv[1:] if argv is None else list(argv)
     _state.debug = "--debug" in words or os.environ.get("MEGATRON_RU_DEBUG", "") not in ("", "0")
     try:
@@ -397,7 +398,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
         if code and _distributed_started():
             hard_exit(code)
-        _shutdown(previous)
+        _shutdown(previous, dist_before)
         return code
     except BaseException as exc:  # noqa: BLE001 - the point of this function
         if isinstance(exc, KeyboardInterrupt):
@@ -413,14 +414,22 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         if _state.world_size > 1 and not isinstance(exc, JobFailure):
             # Only this rank knows: take the whole job down rather than finalise into a wait.
             hard_exit(code)
-        _shutdown(previous)
+        _shutdown(previous, dist_before)
         return code
-    _shutdown(previous)
+    _shutdown(previous, dist_before)
     return int(code or 0)
 
 
-def _shutdown(previous: dict) -> None:
+def _shutdown(previous: dict, dist_before: bool = True) -> None:
     _run_cleanups()
+    dist = sys.modules.get("torch.distributed")
+    if not dist_before and dist is not None and dist.is_available() and dist.is_initialized():
+        # every rank returns here together (success or an agreed failure): tear the process
+        # group down now, not in the interpreter's exit, where gloo's threads may abort
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - exiting anyway
+            pass
     if _state.watchdog is not None:
         _state.watchdog.close()
         _state.watchdog = None
