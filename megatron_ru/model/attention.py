@@ -70,10 +70,9 @@ class Attention(nn.Module):
     def _causal(self, q, k, v, p: float, attention_mask=None) -> torch.Tensor:
         gqa = self.kv_heads != self.heads
         if attention_mask is not None:  # (B, 1, T, T), True = masked out
-            if self.sparse is not None:
-                raise ValueError(f"layer {self.layer_idx} is block-sparse: an explicit attention "
-                                 "mask (--reset-attention-mask) is only supported by dense layers")
             with self._dropout_stream(p):
+                if self.sparse is not None:  # the layout, further restricted by the mask
+                    return self.sparse(q, k, v, dropout_p=p, keep=~attention_mask)
                 return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
                                                       dropout_p=p, enable_gqa=gqa)
         with self._dropout_stream(p):
