@@ -75,9 +75,8 @@ class BlockSparseAttention(nn.Module):
                              f"size {self.block}); shorten the input or rebuild with longer positions")
 
     # ---- full causal attention over positions 0..S-1 --------------------------------------
-    def forward(self, q, k, v, dropout_p: float = 0.0, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """q (B, H, S, D); k, v (B, H or H_kv, S, D) → (B, H, S, D). `keep` (B, 1, S, S) bool, True =
-        may attend, further restricts the layout (packed SFT rows: each conversation alone)."""
+    def forward(self, q, k, v, dropout_p: float = 0.0) -> torch.Tensor:
+        """q (B, H, S, D); k, v (B, H or H_kv, S, D) → (B, H, S, D)."""
         seq = q.shape[2]
         self.check_length(seq)
         if k.shape[1] != q.shape[1]:  # GQA: each query head reads its group's KV head
@@ -86,18 +85,15 @@ class BlockSparseAttention(nn.Module):
         impl = self.impl
         if impl == "auto":
             impl = "flex" if q.is_cuda else "gather"
-        if keep is not None and impl == "flex":
-            impl = "gather"  # per-row masks: the gather path takes them (flex plans are per layout)
         if impl == "reference":
-            mask = expand_layout(self.layout, self.block, seq).unsqueeze(0)
-            if keep is not None:
-                mask = mask & keep
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+            mask = expand_layout(self.layout, self.block, seq)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(0),
+                                                  dropout_p=dropout_p)
         if impl == "flex":
             if dropout_p > 0.0:
                 raise ValueError("the flex sparse path has no attention dropout; use impl='gather'")
             return self._flex(q, k, v)
-        return self._gather(q, k, v, dropout_p, keep)
+        return self._gather(q, k, v, dropout_p)
 
     def _choose_tile(self) -> int:
         """Query-tile size (in blocks) that minimises gathered keys per query, preferring big
@@ -152,7 +148,7 @@ class BlockSparseAttention(nn.Module):
         bias = torch.zeros(tok.shape, dtype=dtype, device=tok.device).masked_fill_(~tok, float("-inf"))
         return idx.to(device), bias.flatten(0, 1).unsqueeze(0).to(device)
 
-    def _gather(self, q, k, v, dropout_p, keep=None):
+    def _gather(self, q, k, v, dropout_p):
         b, h, seq, d = q.shape
         unit = self.block * self.tile_blocks
         padded = -(-seq // unit) * unit
@@ -161,14 +157,6 @@ class BlockSparseAttention(nn.Module):
             q, k, v = F.pad(q, pad), F.pad(k, pad), F.pad(v, pad)
         idx, mask = self._plan(padded, q.device, q.dtype)  # (H, nt, U), (1, H*nt, Tq, Tk)
         nt, u = idx.shape[1], idx.shape[2]
-        if keep is not None:  # the rows' own restriction, gathered at each tile's keys
-            keep = F.pad(keep[:, 0], (0, padded - seq, 0, padded - seq), value=True)  # (B, P, P)
-            q_pos = torch.arange(padded, device=q.device).view(1, nt, unit, 1)
-            k_pos = (idx.unsqueeze(-1) * self.block +
-                     torch.arange(self.block, device=q.device)).flatten(2).unsqueeze(2)  # (H, nt, 1, U*blk)
-            tiles = keep[:, q_pos, k_pos]  # (B, H, nt, unit, U*blk)
-            mask = mask + torch.zeros(tiles.shape, dtype=mask.dtype, device=q.device).masked_fill_(
-                ~tiles, float("-inf")).flatten(1, 2)  # (B, H*nt, unit, U*blk)
         h_ar = torch.arange(h, device=q.device)[:, None, None]
         kb = k.view(b, h, -1, self.block, d)[:, h_ar, idx]  # (B, H, nt, U, blk, D)
         vb = v.view(b, h, -1, self.block, d)[:, h_ar, idx]
@@ -198,6 +186,14 @@ class BlockSparseAttention(nn.Module):
             BLOCK_SIZE=(q_tile, blk)))
         out = _compiled_flex()(q, k, v, block_mask=block_mask)
         return out[:, :, :seq]
+
+    def pair_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T) bool: may query i attend key j by the layout at their own positions
+        (B, T) (no causality: the caller combines it with its mask). Used for packed rows, where
+        positions restart per document, so each document sees the layout it would see alone."""
+        self.check_length(int(positions.max()) + 1)
+        blocks = positions // self.block  # (B, T)
+        return self.layout[:, blocks[:, :, None], blocks[:, None, :]].transpose(0, 1)
 
     # ---- decode / chunked prefill with a KV cache -----------------------------------------
     def key_mask(self, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
