@@ -202,8 +202,12 @@ def _gathered(model, name: str, p: torch.Tensor) -> torch.Tensor:
 
 
 def adapter_state(model) -> dict:
-    """name → full fp32 adapter tensor (collective over TP: every rank must call it)."""
-    return {n: _gathered(model, n, p) for n, p in adapter_parameters(model)}
+    """name → full fp32 adapter tensor (collective over TP: every rank must call it). The output
+    projection's B keeps the real vocabulary rows only (padding depends on the TP size)."""
+    state = {n: _gathered(model, n, p) for n, p in adapter_parameters(model)}
+    if "lora_head.B" in state:
+        state["lora_head.B"] = state["lora_head.B"][:model.config.vocab_size].clone()
+    return state
 
 
 def save_adapters(model, directory, *, base: Optional[str], write: bool = True, **extra) -> Optional[Path]:
@@ -282,6 +286,7 @@ def check_base_shape(meta: dict, config: ModelConfig, directory) -> None:
 
 def attach_adapters(model, directory) -> dict:
     """Adds the adapters of `directory` to `model` (any TP size) for inference; returns the meta."""
+    directory = Path(directory)
     meta, tensors = read_adapters(directory)
     check_base_shape(meta, model.config, directory)
     apply_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=0.0,
@@ -291,7 +296,10 @@ def attach_adapters(model, directory) -> dict:
         for name, p in adapter_parameters(model):
             if name not in tensors:
                 raise LoRAError(f"{directory / WEIGHTS_FILE} lacks tensor {name}")
-            local = shard(tensors[name], p.shard_spec, ps.tp_rank, ps.tp_size)
+            full = tensors[name]
+            if name == "lora_head.B":  # real vocabulary rows on disk: pad to this TP's size
+                full = torch.cat([full, full.new_zeros(model.padded_vocab_size - full.shape[0], full.shape[1])])
+            local = shard(full, p.shard_spec, ps.tp_rank, ps.tp_size)
             if local.shape != p.shape:
                 raise LoRAError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, "
                                 f"the model needs {tuple(p.shape)} per rank")

@@ -2,7 +2,7 @@
 import torch
 
 from megatron_ru import GPTModel, ModelConfig, ParallelState
-from megatron_ru.model.lora import adapter_parameters, apply_lora
+from megatron_ru.model.lora import adapter_parameters, adapter_state, apply_lora
 from megatron_ru.parallel.sharding import shard
 from tests.helpers import assert_rel_close, run_ranks
 
@@ -40,6 +40,10 @@ def _lora_parity(rank, world):
             assert_rel_close(p.grad, shard(rp.grad, p.shard_spec, rank, world), 1e-5, f"{family} {name} grad")
         assert all(p.grad is None for n, p in tp_model.named_parameters() if ".lora." not in n
                    and not n.startswith("lora_head"))
+        saved, ref_saved = adapter_state(tp_model), adapter_state(ref)  # all-gathered over TP
+        assert saved.keys() == ref_saved.keys()
+        for name, t in saved.items():
+            assert torch.equal(t, ref_saved[name]), f"{family} saved {name}"
 
 
 def test_lora_tp2_equals_tp1():

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from megatron_ru.checkpoint.convert import convert
-from megatron_ru.checkpoint.model_io import load_model, save_model
+from megatron_ru.checkpoint.model_io import CheckpointError, load_model, save_model
 from megatron_ru.checkpoint.peft import export_peft
 from megatron_ru.config import ModelConfig
 from megatron_ru.model.gpt import GPTModel
@@ -108,3 +108,24 @@ def test_peft_export_loads_in_peft_with_equal_logits(tmp_path, tokens, family):
         with peft_model.disable_adapter():
             assert_rel_close(peft_model(tokens).logits, base(tokens), 1e-4, "HF base vs our base")
         assert (theirs - base(tokens)).abs().max() > 1e-2
+
+
+def test_convert_cli_peft_and_missing_base(tmp_path):
+    import shutil
+    from tools import convert_checkpoint
+    base, model = lora_model("llama", "qkv,fc2")
+    save_model(tmp_path / "base", base)
+    save_adapters(model, tmp_path / "lora", base=str(tmp_path / "base"))
+    assert convert_checkpoint.main(["--load", str(tmp_path / "lora"), "--save", str(tmp_path / "peft"),
+                                    "--to", "peft", "--quiet"]) == 0
+    cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert set(cfg["target_modules"]) == {f"model.layers.{i}.{m}" for i in range(2) for m in
+                                          ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                           "mlp.down_proj")}
+    with pytest.raises(CheckpointError, match="--to peft needs a LoRA adapter directory"):
+        convert_checkpoint.main(["--load", str(tmp_path / "base"), "--save", str(tmp_path / "x"), "--to", "peft"])
+    shutil.rmtree(tmp_path / "base")
+    with pytest.raises(LoRAError, match="need their base model"):
+        convert_checkpoint.main(["--load", str(tmp_path / "lora"), "--save", str(tmp_path / "merged"),
+                                 "--to", "megatron_ru", "--quiet"])
+    assert not (tmp_path / "merged").exists()
