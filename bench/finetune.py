@@ -62,7 +62,8 @@ def run_case(case, args):
             opt.zero_grad(set_to_none=True)
     else:
         import deepspeed
-        ps = ParallelState.single(device.type)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        ps = ParallelState.from_environment(tensor_model_parallel_size=1)  # DeepSpeed needs a group
         model = GPTModel(cfg, ps, seed=1, device=device)
         if case == "ours-lora":
             from megatron_ru.model.lora import apply_lora

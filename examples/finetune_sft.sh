@@ -43,7 +43,7 @@ printf '%s\n' '{"messages": [{"role": "user", "content": "Какая столи�
     > "$OUT/questions.jsonl"
 "$PYTHON" generate.py --load "$BASE" --lora "$OUT/lora" --chat --chat-template rugpt3 \
     --vocab-file "$VOCAB" --merge-file "$MERGES" --sample-input-file "$OUT/questions.jsonl" \
-    --sample-output-file "$OUT/answers.jsonl" --greedy --out-seq-length 32
+    --sample-output-file "$OUT/answers.jsonl" --greedy --min-new-tokens 1 --out-seq-length 32
 # 4. merged weights (any TP), and the adapters in PEFT's format for the Hugging Face base
 rm -rf "$OUT/merged" "$OUT/peft" "$OUT/hf_base"
 "$PYTHON" tools/convert_checkpoint.py --load "$OUT/lora" --save "$OUT/merged" --to megatron_ru --quiet

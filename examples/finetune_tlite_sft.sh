@@ -32,7 +32,7 @@ rm -rf "$OUT/sft"
 "$MPIRUN" --np "$NP" "$PYTHON" pretrain_gpt.py $MODEL_ARGS --tensor-model-parallel-size "$TP" \
     --deepspeed --deepspeed_config configs/ds_zero3.json --bf16 \
     --finetune --load "$BASE" --dataset-type sft --sft-packing packed --data-path "$OUT/data/sft" \
-    --split 95,5,0 "${TOK[@]}" --seq-length "$SEQ" --micro-batch-size 8 \
+    --split 95,5,0 "${TOK[@]}" --seq-length "$SEQ" \
     --train-iters "$ITERS" --lr 1e-3 --min-lr 1e-4 --lr-warmup-iters 10 --weight-decay 0.1 \
     --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed 1234 \
     --log-interval 20 --eval-interval 50 --eval-iters 2 --save "$OUT/sft" --metrics-file "$OUT/metrics.jsonl"
