@@ -84,6 +84,14 @@ class TrainArgs:
     distributed_timeout_minutes: float = 10.0
     hang_timeout_minutes: Optional[float] = 30.0
     debug: bool = False
+    # fine-tuning (megatron_ru/training/sft.py)
+    dataset_type: str = "text"
+    sft_packing: str = "pad"
+    sft_overlong: str = "truncate"
+    lora_rank: int = 0
+    lora_alpha: Optional[float] = None
+    lora_dropout: float = 0.0
+    lora_targets: str = "qkv,proj,fc1,fc2"
     # DeepSpeed
     deepspeed_config: Optional[str] = None
     debug_inject_overflow_iters: list = field(default_factory=list)
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consume these iterations' batches without a forward pass or update")
     g.add_argument("--debug-inject-spike-iters", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
 
+    from .training import sft
+    sft.add_arguments(p)
+
     s = p.add_argument_group("DeepSpeed")
     s.add_argument("--deepspeed", action="store_true", help="accepted for ru-gpts scripts; always on")
     s.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config")
@@ -280,6 +291,8 @@ def validate(args: TrainArgs) -> None:
         args.eval_tasks_interval = args.eval_interval
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
+    from .training import sft
+    sft.validate(args)
 
 
 def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict]) -> ModelConfig:

@@ -35,13 +35,16 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--load", required=True, help="source checkpoint directory (format detected)")
     p.add_argument("--save", required=True, help="destination directory (must not exist)")
-    p.add_argument("--to", required=True, choices=["hf", "megatron_ru", "megatron_core", "universal"],
+    p.add_argument("--to", required=True, choices=["hf", "megatron_ru", "megatron_core", "universal", "peft"],
                    help="universal: DeepSpeed's universal checkpoint of a training checkpoint of "
                         "ours, to resume at another data-parallel size (done automatically on "
-                        "resume when --load is writable)")
+                        "resume when --load is writable); peft: a LoRA adapter directory (--load) "
+                        "in PEFT's format for the HF export of its base; hf / megatron_ru from an "
+                        "adapter directory: adapters merged")
     p.add_argument("--megatron-spec", choices=["local", "te"], default="local",
                    help="--to megatron_core: layer names of Megatron-Core's local spec or its "
                         "Transformer Engine spec (norms fused into linear_qkv / linear_fc1)")
+    p.add_argument("--base", help="base checkpoint of a LoRA --load (default: the one it records)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
                    help="TP size of a megatron_ru / megatron_core output (default 1)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
@@ -85,10 +88,25 @@ def main(argv=None) -> int:
         if not isinstance(section, dict):
             raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
         hints["sparse_attention"] = section
+    from megatron_ru.model import lora
+    adapters = None
+    if lora.is_adapter_dir(args.load):  # LoRA adapters: export as PEFT, or merge into the base
+        meta, _ = lora.read_adapters(args.load)
+        if args.to == "peft":
+            from megatron_ru.checkpoint.peft import export_peft
+            dst = export_peft(args.load, args.save, base_name=args.base, overwrite=args.overwrite)
+            print(f"wrote {dst}", file=sys.stderr)
+            return 0
+        adapters, args.load = args.load, lora.base_of(meta, args.load, args.base)
+    elif args.to == "peft":
+        raise CheckpointError(f"--to peft needs a LoRA adapter directory as --load; {args.load} is not one")
     spec = spec_from_args(args)
     if spec is not None:
         if args.to != "megatron_ru" or args.target_tensor_parallel_size not in (None, 1):
             raise CheckpointError("--quantize writes --to megatron_ru at TP=1 (it loads at any TP)")
+        if adapters is not None:
+            raise CheckpointError("--quantize of LoRA adapters: merge them first (--to megatron_ru), "
+                                  "then quantize the merged checkpoint")
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
@@ -101,6 +119,7 @@ def main(argv=None) -> int:
         dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
                       dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
                       max_shard_bytes=int(args.max_shard_size_gb * 2**30), megatron_spec=args.megatron_spec,
+                      adapters=adapters,
                       **{k: v for k, v in hints.items() if v is not None})
     print(f"wrote {dst}", file=sys.stderr)
     return 0

@@ -45,6 +45,15 @@ def parse_args(argv=None):
     g.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .json, .txt; .gz ok)")
     g.add_argument("--input-format", choices=("auto", "jsonl", "lines", "blocks"), default="auto")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl keys to extract (one output each)")
+    g = p.add_argument_group("supervised fine-tuning (--dataset-type sft; megatron_ru/data/sft.py)")
+    g.add_argument("--dataset-type", choices=("text", "sft"), default="text",
+                   help="sft: JSON lines of {messages}, {prompt, response} or {text} -> PREFIX.bin/.idx "
+                        "+ PREFIX_loss_mask.bin/.idx (1 = assistant token)")
+    g.add_argument("--chat-template", help="llama3, rugpt3, a Jinja file or a tokenizer_config.json "
+                   "(default: the tokenizer's tokenizer_config.json chat_template)")
+    g.add_argument("--prompt-key", default="prompt")
+    g.add_argument("--response-key", default="response")
+    g.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not only replies")
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES + ("HFTokenizer",))
     g.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
@@ -224,6 +233,9 @@ def encode_in_pool(pool, tasks, window):
 
 def run(args, stream=None):
     stream = stream or sys.stderr
+    if args.dataset_type == "sft":
+        from megatron_ru.data.sft import run_sft
+        return run_sft(args, expand_inputs(args.input), stream)
     files = expand_inputs(args.input)
     encoder = Encoder(args)  # also validates the tokenizer files before any work starts
     dtype = encoder.dtype
@@ -286,6 +298,9 @@ def main(argv=None):
     except (InputError, TokenizerError, OSError) as e:
         sys.stderr.write(f"preprocess_data.py: error: {e}\n")
         return 1
+    except UsageError as e:  # SFT data and chat templates (megatron_ru/data/chat.py, sft.py)
+        sys.stderr.write(f"preprocess_data.py: error: {e}\n")
+        return 2
     except KeyboardInterrupt:
         sys.stderr.write("preprocess_data.py: interrupted; no output written\n")
         return 130

@@ -278,8 +278,10 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
 
 def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,
             tag: Optional[str] = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
-            quiet: bool = False, megatron_spec: str = "local", **hints) -> Path:
-    """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst."""
+            quiet: bool = False, megatron_spec: str = "local", adapters: Optional[str] = None,
+            **hints) -> Path:
+    """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst.
+    `adapters`: a LoRA adapter directory merged into the weights on the way (model/lora.py)."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")
@@ -299,6 +301,11 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
         raise CheckpointError(f"--target-tensor-parallel-size {tp}: {exc}") from None
     config, full, meta = load_any(src, tag, **hints)
     out_dtype = DTYPES[dtype] if dtype else _source_dtype(full)
+    if adapters is not None:
+        from ..model.lora import check_base_shape, merge_into, read_adapters
+        lora_meta, lora_tensors = read_adapters(adapters)
+        check_base_shape(lora_meta, config, adapters)
+        full = merge_into(dict(full), lora_meta, lora_tensors, config)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp."))
     total = len(hf.key_map(config)) if to == "hf" else len(full) * tp

@@ -97,6 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
                     help="JSON lines {prompt, text, tokens, finish_reason} in input order "
                          "(written atomically at the end)")
     io.add_argument("--quiet", action="store_true", help="do not print samples to stdout")
+    c = p.add_argument_group("chat and adapters (megatron_ru/inference/chat.py)")
+    c.add_argument("--chat", action="store_true",
+                   help="chat form: the template applied, the end-of-turn token stops a reply; "
+                        "interactive multi-turn, or --sample-input-file of {\"messages\": [...]} lines")
+    c.add_argument("--chat-template", help="llama3, rugpt3, a Jinja file or a tokenizer_config.json "
+                   "(default: the tokenizer's tokenizer_config.json chat_template)")
+    c.add_argument("--system", help="system message of an interactive --chat session")
+    c.add_argument("--lora", metavar="DIR", help="LoRA adapter directory applied on top of --load "
+                   "(not merged)")
     runtime.add_arguments(p)
     return p
 
@@ -146,6 +155,11 @@ def parse(argv=None) -> Settings:
     if args.min_new_tokens > args.max_new_tokens:
         raise InputError(f"--min-new-tokens {args.min_new_tokens} exceeds --out-seq-length "
                          f"{args.max_new_tokens}")
+    if args.chat and (args.prompt is not None or args.prompt_separator is not None):
+        raise InputError("--chat takes conversations interactively or from --sample-input-file, "
+                         "not --prompt / --prompt-separator")
+    if (args.chat_template or args.system) and not args.chat:
+        raise InputError("--chat-template and --system need --chat")
     if args.prompt is not None and args.sample_input_file:
         raise InputError("give --prompt or --sample-input-file, not both")
     if args.prompt_separator is not None and not args.sample_input_file:
@@ -153,7 +167,7 @@ def parse(argv=None) -> Settings:
     prompts = None
     if args.prompt is not None:
         prompts = [unescape(args.prompt)]
-    elif args.sample_input_file:
+    elif args.sample_input_file and not args.chat:  # chat files are read by inference/chat.py
         prompts = read_prompts(Path(args.sample_input_file), args.prompt_separator)
     elif args.num_samples:
         prompts = [""]  # unconditional: the continuation of a lone end-of-text token

@@ -86,16 +86,32 @@ class Session:
                   "the same prompts; only rank 0 writes", file=sys.stderr)
         ps.seed(args.seed)
         dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
+        if args.lora and args.quant_spec is not None:
+            raise InputError("--lora with --quantize: merge the adapters first (convert_checkpoint.py "
+                             "--load ADAPTERS --to megatron_ru), then quantize the merged model")
         model = load_for_inference(args.load, ps, tag=args.tag, dtype=dtype, device=ps.device,
                                    spec=args.quant_spec, **overrides)
-        generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
+        if args.lora:  # adapters on top of the base, not merged (model/lora.py)
+            from ..model.lora import attach_adapters
+            attach_adapters(model, args.lora)
+        template, eod = None, tokenizer.eod
+        if args.chat:  # the end-of-turn token ends a reply
+            from ..data.chat import load_template
+            template = load_template(args.chat_template, tokenizer, args.tokenizer_path)
+            eod = template.eot_id(tokenizer)
+        generator = Generator(model, eod=eod, max_length=args.seq_length or limit,
                               compile=args.compile)
         if args.draft_load:  # speculative decoding (inference/speculative.py)
             generator = open_speculative(args, generator, ps, dtype, tokenizer)
-        return cls(settings, ps, generator, tokenizer)
+        session = cls(settings, ps, generator, tokenizer)
+        session.template = template
+        return session
 
     # ---- modes ----------------------------------------------------------------------------
     def run(self) -> int:
+        if self.args.chat:
+            from . import chat
+            return chat.run(self)
         if self.settings.prompts is None:
             return self.interactive()
         source = "--prompt" if self.args.prompt is not None else (
@@ -133,11 +149,11 @@ class Session:
                 if self.writer:
                     print(f"error: {exc}", file=sys.stderr, flush=True)
 
-    def read_line(self):
+    def read_line(self, prompt: str = INTERACTIVE_PROMPT):
         """Rank 0 reads a line from stdin (None at the end); every rank gets it."""
         line = None
         if self.ps.rank == 0:
-            print(INTERACTIVE_PROMPT, end="", file=sys.stderr, flush=True)
+            print(prompt, end="", file=sys.stderr, flush=True)
             raw = sys.stdin.readline()
             line = raw.rstrip("\r\n") if raw else None
         if self.ps.world_size > 1:

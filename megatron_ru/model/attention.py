@@ -57,7 +57,7 @@ class Attention(nn.Module):
         if cache is None or (cache.length == 0 and positions is None):
             if cache is not None:
                 cache.update(self.layer_idx, k, v)
-            out = self._causal(q, k, v, p, attention_mask)  # (B, H, T, D)
+            out = self._causal(q, k, v, p, attention_mask, positions)  # (B, H, T, D)
         else:
             start = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, S, D), slot j = position j
@@ -67,15 +67,19 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(b, t, hd)  # (B, T, H*D)
         return self.dense(out)
 
-    def _causal(self, q, k, v, p: float, attention_mask=None) -> torch.Tensor:
+    def _causal(self, q, k, v, p: float, attention_mask=None, positions=None) -> torch.Tensor:
         gqa = self.kv_heads != self.heads
         if attention_mask is not None:  # (B, 1, T, T), True = masked out
+            keep = ~attention_mask
             if self.sparse is not None:
-                raise ValueError(f"layer {self.layer_idx} is block-sparse: an explicit attention "
-                                 "mask (--reset-attention-mask) is only supported by dense layers")
+                # Block-sparse layer with a mask (packed rows): the layout at each token's own
+                # position (restarted per document), run as masked dense attention (T x T).
+                if positions is None:
+                    positions = torch.arange(q.shape[2], device=q.device).expand(q.shape[0], -1)
+                keep = keep & self.sparse.pair_mask(positions)
             with self._dropout_stream(p):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=~attention_mask,
-                                                      dropout_p=p, enable_gqa=gqa)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=p,
+                                                      enable_gqa=gqa)
         with self._dropout_stream(p):
             if self.sparse is not None:
                 return self.sparse(q, k, v, dropout_p=p)

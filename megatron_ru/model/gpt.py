@@ -202,15 +202,20 @@ class GPTModel(nn.Module):
     def compute_logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, H) → (B, T, V_local). TP=1: exactly the real vocabulary. TP>1: this rank's
         padded slice, with padding columns at -inf so they never win a softmax or a sample."""
-        group = self.ps.tp_comm
+        group, v = self.ps.tp_comm, self.config.vocab_size
+        lora = getattr(self, "lora_head", None)  # LoRA on the output projection (model/lora.py)
         if self.logits_head is not None:  # x (B, T, H) → (B, T, V_local) by the head module
             logits = self.logits_head(x if group is None else copy_to_region(x, group))
             if group is None:
-                return logits[..., : self.config.vocab_size]
+                logits = logits[..., :v]
+                return logits if lora is None else logits + lora(x)[..., :v]
         elif group is None:
-            return _RealVocabLinear.apply(x, self.output_weight(), self.config.vocab_size)
+            logits = _RealVocabLinear.apply(x, self.output_weight(), v)
+            return logits if lora is None else logits + lora(x)[..., :v]
         else:
             logits = F.linear(copy_to_region(x, group), self.output_weight())
+        if lora is not None:
+            logits = logits + lora(x)
         real_end = self.config.vocab_size - self.vocab_start
         if real_end < logits.shape[-1]:
             logits = logits.clone()

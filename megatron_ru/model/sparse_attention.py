@@ -187,6 +187,14 @@ class BlockSparseAttention(nn.Module):
         out = _compiled_flex()(q, k, v, block_mask=block_mask)
         return out[:, :, :seq]
 
+    def pair_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, T) bool: may query i attend key j by the layout at their own positions
+        (B, T) (no causality: the caller combines it with its mask). Used for packed rows, where
+        positions restart per document, so each document sees the layout it would see alone."""
+        self.check_length(int(positions.max()) + 1)
+        blocks = positions // self.block  # (B, T)
+        return self.layout[:, blocks[:, :, None], blocks[:, None, :]].transpose(0, 1)
+
     # ---- decode / chunked prefill with a KV cache -----------------------------------------
     def key_mask(self, q_pos: torch.Tensor, n_keys: int) -> torch.Tensor:
         """Allowed keys (B, H, T, n_keys) for queries at positions q_pos (B, T)."""

@@ -26,6 +26,7 @@ from . import ds_config, lifecycle
 from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
+from . import sft
 
 
 def _loss_scale(optimizer) -> Optional[float]:
@@ -109,6 +110,8 @@ class Trainer:
             model.load_state_dict(shard_state_dict(full, model))
             self.log(f"loaded weights from {args.load} (--finetune: iteration, optimizer and data "
                      "position start fresh)")
+        if args.lora_rank:
+            sft.setup_lora(model, args, self.log)
         self.model = model
         if self.precision == "fp16" and ps.device.type == "cpu" and \
                 not get_accelerator().is_fp16_supported():
@@ -178,12 +181,16 @@ class Trainer:
         runtime.fault_point("data")
         counts = self._sample_counts()
         counts = (max(counts[0], train_samples or 0), *counts[1:])
-        fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file, a.tokenizer_model))
-        data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed, counts,
-                                               cache_path=a.data_cache_path,
-                                               vocab_size=self.tokenizer.vocab_size,
-                                               tokenizer_fingerprint=fingerprint, warn=self.log,
-                                               data_order=a.data_order)
+        if a.dataset_type == "sft":  # conversations + loss masks (training/sft.py)
+            data = sft.build_datasets(a, counts, self.tokenizer.pad)
+        else:
+            fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file,
+                                                                a.tokenizer_model))
+            data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed, counts,
+                                                   cache_path=a.data_cache_path,
+                                                   vocab_size=self.tokenizer.vocab_size,
+                                                   tokenizer_fingerprint=fingerprint, warn=self.log,
+                                                   data_order=a.data_order)
         if data[0] is None:
             raise ConfigError(f"--split {a.split} leaves no training documents")
         return data
@@ -254,14 +261,20 @@ class Trainer:
         return (a.train_iters * gb, evals * a.eval_iters * gb, a.eval_iters * gb)
 
     def _loader(self, dataset, consumed: int):
-        return iter(build_data_loader(dataset, consumed_samples=consumed,
-                                      micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
-                                      dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
-                                      num_workers=self.args.num_workers, seed=self.args.seed))
+        it = iter(build_data_loader(dataset, consumed_samples=consumed,
+                                    micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
+                                    dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
+                                    num_workers=self.args.num_workers, seed=self.args.seed))
+        if self.args.dataset_type == "sft":  # loss = mean over the global batch's target tokens
+            it = sft.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
+                                     packed=self.args.sft_packing == "packed")
+        return it
 
     # ---- one forward ----------------------------------------------------------------------
     def _forward(self, batch) -> torch.Tensor:
         a, dev = self.args, self.ps.device
+        if a.dataset_type == "sft":
+            return sft.forward(self.engine, batch, dev)
         b = get_batch(batch["text"], self.tokenizer.eod, eod_mask_loss=a.eod_mask_loss,
                       reset_position_ids=a.reset_position_ids,
                       reset_attention_mask=a.reset_attention_mask)
@@ -426,6 +439,10 @@ class Trainer:
 
     def save(self) -> Path:
         a = self.args
+        if a.lora_rank:  # adapters only, pointing at the base
+            path = Path(sft.save_lora(self))
+            self.log(f"saved LoRA adapters {path}")
+            return path
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
                   "universal_checkpoint_info": universal.checkpoint_info(self.model),

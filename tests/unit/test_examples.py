@@ -27,3 +27,11 @@ def test_recipe_flags_parse(script, tmp_path):
     if script == "pretrain_tlite.sh":
         assert args.bf16 and args.adam_beta2 == 0.95 and args.lr_warmup_iters == 10
         assert args.lr_decay_style == "constant" and args.data_path == ["0.85", "d/ru", "0.15", "d/en"]
+
+
+@pytest.mark.parametrize("script", ["finetune_sft.sh", "finetune_tlite_sft.sh"])
+def test_finetune_recipes_are_valid_bash(script):
+    """The fine-tuning recipes run real steps (preprocess, sample, convert), so CI checks their
+    syntax here; tests/e2e/test_finetune.py runs the same pipeline at toy size."""
+    proc = subprocess.run(["bash", "-n", str(ROOT / "examples" / script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

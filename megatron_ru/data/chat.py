@@ -1,0 +1,291 @@
+"""Chat templates in the Hugging Face convention (Jinja), rendering, tokenizing and assistant masks.
+
+A template is a Jinja string rendered with `messages`, `add_generation_prompt`, `bos_token` and
+`eos_token` in the same sandboxed environment `transformers` uses (trim_blocks, lstrip_blocks,
+loop controls, `raise_exception`, a non-escaping `tojson`), so the rendered text equals
+`apply_chat_template(..., tokenize=False)`. Sources: a named built-in (`llama3` for T-lite,
+`rugpt3` for the `user:` / `bot:` dialogue style), a Jinja file, or the `chat_template` field of a
+`tokenizer_config.json`.
+
+Assistant spans are found by rendering, never by searching the output: turn i spans
+[len(render(m[:i], add_generation_prompt=True)), len(render(m[:i+1]))), i.e. the reply and its
+end-of-turn marker. Token ids come from tokenizing the whole rendered text once (special tokens
+such as `<|eot_id|>` are split out first, as `transformers` does); a token is in the loss when its
+first character lies inside an assistant span.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+from ..runtime import UsageError
+
+ROLES = ("system", "user", "assistant")
+
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + "
+    "message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
+
+# Plain dialogue lines as in the ruGPT-3 card; the reply follows "bot:" after a space that the
+# BPE attaches to the reply's first word, and ends with the end-of-text token.
+RUGPT3 = (
+    "{% for message in messages %}"
+    "{% if not loop.first %}{{ '\n' }}{% endif %}"
+    "{% if message['role'] == 'system' %}{{ 'system: ' + message['content'] }}"
+    "{% elif message['role'] == 'user' %}{{ 'user: ' + message['content'] }}"
+    "{% elif message['role'] == 'assistant' %}{{ 'bot: ' + message['content'] + eos_token }}"
+    "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '\nbot:' }}{% endif %}")
+
+BUILTINS = {"llama3": LLAMA3, "rugpt3": RUGPT3}
+BUILTIN_EOT = {"llama3": "<|eot_id|>", "rugpt3": None}  # None: the tokenizer's end of text
+
+
+class ChatError(UsageError):
+    """A conversation or chat template is malformed; the message names the line, file or flag."""
+
+
+def check_messages(messages, where: str = "conversation") -> list[dict]:
+    """Validated list of {"role", "content"}: known roles, string content, an assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError(f"{where}: 'messages' must be a non-empty list")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or \
+                not isinstance(m.get("content"), str):
+            raise ChatError(f"{where}: message {i} needs string 'role' and 'content'")
+        if m["role"] not in ROLES:
+            raise ChatError(f"{where}: message {i} has unknown role {m['role']!r} "
+                            f"(expected one of {', '.join(ROLES)})")
+        if m["role"] == "system" and i != 0:
+            raise ChatError(f"{where}: a system message may only come first (message {i})")
+        out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def _environment():
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def special_token_strings(tokenizer) -> list[str]:
+    """Strings tokenized as single special ids: added tokens of a tokenizer.json; for GPT-2 BPE
+    the end-of-text token and any other `<|...|>` entry of the vocabulary."""
+    if hasattr(tokenizer, "tok"):  # HFTokenizer: the `tokenizers` library splits them itself
+        return []
+    encoder = getattr(tokenizer, "encoder", None)
+    if encoder is None:
+        return []
+    return sorted({t for t in encoder if re.fullmatch(r"<\|[^|<>]+\|>", t)} |
+                  {getattr(tokenizer, "eod_token", "<|endoftext|>")}, key=len, reverse=True)
+
+
+def tokenize_with_offsets(tokenizer, text: str, specials: list[str]) -> tuple[list[int], list[int]]:
+    """(ids, start character of each token) for `text`, special token strings split out first."""
+    pieces = re.split("(" + "|".join(map(re.escape, specials)) + ")", text) if specials else [text]
+    ids, starts, pos = [], [], 0
+    for k, piece in enumerate(pieces):
+        if not piece:
+            continue
+        if k % 2 == 1:  # a special token string
+            ids.append(tokenizer.encoder[piece])
+            starts.append(pos)
+        else:
+            piece_ids, piece_starts = _piece_offsets(tokenizer, piece)
+            ids += piece_ids
+            starts += [pos + s for s in piece_starts]
+        pos += len(piece)
+    return ids, starts
+
+
+def _piece_offsets(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    if hasattr(tokenizer, "tok"):  # tokenizers.Tokenizer gives character offsets
+        enc = tokenizer.tok.encode(text, add_special_tokens=False)
+        return list(enc.ids), [a for a, _ in enc.offsets]
+    ids = tokenizer.tokenize(text)
+    if hasattr(tokenizer, "byte_decoder"):  # byte-level BPE: each token is whole bytes
+        byte_pos, starts, raw = 0, [], text.encode("utf-8")
+        char_of_byte = _char_index_of_bytes(text, len(raw))
+        for i in ids:
+            starts.append(char_of_byte[byte_pos])
+            byte_pos += len(tokenizer.decoder[int(i)])  # one char per byte in GPT-2's alphabet
+        return ids, starts
+    starts, prev = [], 0  # generic: the text decoded so far
+    for n in range(len(ids)):
+        starts.append(min(prev, len(text)))
+        prev = len(tokenizer.detokenize(ids[:n + 1]))
+    return ids, starts
+
+
+def _char_index_of_bytes(text: str, nbytes: int) -> list[int]:
+    out = []
+    for ci, ch in enumerate(text):
+        out += [ci] * len(ch.encode("utf-8"))
+    out.append(len(text))
+    assert len(out) == nbytes + 1
+    return out
+
+
+@dataclass
+class Encoded:
+    ids: list[int]
+    loss_mask: list[int]
+    text: str
+
+
+class ChatTemplate:
+    """A compiled chat template plus the tokens it needs (`bos_token`, `eos_token`)."""
+
+    def __init__(self, source: str, *, name: str = "chat template", bos_token: str = "",
+                 eos_token: str = "", eot_token: Optional[str] = None) -> None:
+        import jinja2
+        self.source, self.name = source, name
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.eot_token = eot_token or eos_token
+        try:
+            self.template = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ChatError(f"{name}: Jinja syntax error at line {exc.lineno}: {exc.message}") from None
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        import jinja2
+        try:
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                        bos_token=self.bos_token, eos_token=self.eos_token)
+        except jinja2.TemplateError as exc:
+            raise ChatError(f"{self.name}: {exc}") from None
+
+    def assistant_spans(self, messages: list[dict], where: str = "conversation") -> tuple[str, list]:
+        """(rendered text, [(start, end) character span of each assistant turn])."""
+        full = self.render(messages)
+        spans = []
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            before = self.render(messages[:i], add_generation_prompt=True)
+            if before == self.render(messages[:i]):
+                raise ChatError(f"{self.name} has no assistant marker: add_generation_prompt renders "
+                                "nothing, so replies cannot be told from prompts")
+            upto = self.render(messages[:i + 1])
+            if not upto.startswith(before) or not full.startswith(upto):
+                raise ChatError(f"{where}: {self.name} does not render turn {i} as an extension of "
+                                "the turns before it; assistant spans cannot be located")
+            spans.append((len(before), len(upto)))
+        return full, spans
+
+    def encode(self, tokenizer, messages: list[dict], *, train_on_prompt: bool = False,
+               where: str = "conversation") -> Encoded:
+        """Token ids of the rendered conversation and the 0/1 loss mask per token."""
+        messages = check_messages(messages, where)
+        if not any(m["role"] == "assistant" for m in messages):
+            raise ChatError(f"{where}: no assistant message, nothing to learn")
+        for i, m in enumerate(messages):
+            if m["role"] == "assistant" and not m["content"].strip():
+                raise ChatError(f"{where}: assistant message {i} is empty")
+        text, spans = self.assistant_spans(messages, where)
+        ids, starts = tokenize_with_offsets(tokenizer, text, special_token_strings(tokenizer))
+        if train_on_prompt:
+            return Encoded(ids, [1] * len(ids), text)
+        mask = [int(any(a <= s < b for a, b in spans)) for s in starts]
+        return Encoded(ids, mask, text)
+
+    def prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
+        """Ids of the conversation so far plus the generation prompt (for sampling)."""
+        text = self.render(check_messages(messages, "chat"), add_generation_prompt=True)
+        return tokenize_with_offsets(tokenizer, text, special_token_strings(tokenizer))[0]
+
+    def eot_id(self, tokenizer) -> int:
+        """Id of the token that ends an assistant turn (the stop token when sampling)."""
+        if self.eot_token:
+            ids, _ = tokenize_with_offsets(tokenizer, self.eot_token, special_token_strings(tokenizer))
+            if len(ids) == 1:
+                return ids[0]
+        return tokenizer.eod
+
+
+def _token_name(tokenizer_config: dict, key: str) -> str:
+    value = tokenizer_config.get(key) or ""
+    return value.get("content", "") if isinstance(value, dict) else value
+
+
+def load_template(spec: Optional[str], tokenizer=None, tokenizer_dir: Optional[str] = None) -> ChatTemplate:
+    """The template named by `--chat-template` (built-in name, Jinja file or tokenizer_config.json)
+    or, when None, the `chat_template` of `tokenizer_dir/tokenizer_config.json`."""
+    eod = getattr(tokenizer, "eod_token", None) or _eod_string(tokenizer)
+    config = {}
+    if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
+        config = _read_json(os.path.join(tokenizer_dir, "tokenizer_config.json"), "tokenizer_config.json")
+    if spec in BUILTINS:
+        bos = _token_name(config, "bos_token") or ("<|begin_of_text|>" if spec == "llama3" else "")
+        if spec == "llama3" and tokenizer is not None and not _is_single(tokenizer, bos):
+            bos = ""
+        return ChatTemplate(BUILTINS[spec], name=f"--chat-template {spec}", bos_token=bos,
+                            eos_token=_token_name(config, "eos_token") or eod or "",
+                            eot_token=BUILTIN_EOT[spec])
+    if spec is None:
+        if not config.get("chat_template"):
+            raise ChatError("no chat template: pass --chat-template llama3|rugpt3|FILE (the tokenizer "
+                            "has no tokenizer_config.json with a chat_template)")
+        source, name = config["chat_template"], f"{tokenizer_dir}/tokenizer_config.json"
+    else:
+        if not os.path.isfile(spec):
+            raise ChatError(f"--chat-template {spec}: neither a built-in ({', '.join(BUILTINS)}) "
+                            "nor a file")
+        if spec.endswith(".json"):
+            config = _read_json(spec, "--chat-template")
+            source = config.get("chat_template")
+            if not isinstance(source, str):
+                raise ChatError(f"--chat-template {spec} has no string 'chat_template' field")
+        else:
+            with open(spec, encoding="utf-8") as f:
+                source = f.read()
+        name = f"--chat-template {spec}"
+    return ChatTemplate(source, name=name, bos_token=_token_name(config, "bos_token"),
+                        eos_token=_token_name(config, "eos_token") or eod or "")
+
+
+def _is_single(tokenizer, token: str) -> bool:
+    ids, _ = tokenize_with_offsets(tokenizer, token, special_token_strings(tokenizer))
+    return len(ids) == 1
+
+
+def _eod_string(tokenizer) -> Optional[str]:
+    if tokenizer is None:
+        return None
+    if hasattr(tokenizer, "tok"):
+        return tokenizer.tok.id_to_token(tokenizer.eod)
+    if hasattr(tokenizer, "sp"):
+        return tokenizer.sp.IdToPiece(tokenizer.eod)
+    return None
+
+
+def _read_json(path: str, what: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ChatError(f"{what} {path} is not readable JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ChatError(f"{what} {path} must hold a JSON object")
+    return value
