@@ -22,10 +22,12 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "transformers>=4.40", "safetensors", "tokenizers", "fastapi", "uvicorn",
-                 "openai>=1.0", "lm-eval>=0.4.5", "megatron-core>=0.16"],
+                 "openai>=1.0", "httpx", "lm-eval>=0.4.5", "megatron-core>=0.16", "peft>=0.10",
+                 "jinja2"],
         "megatron": ["megatron-core>=0.16"],  # only tests compare against it; readers need no Megatron
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
         "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
+        "finetune": ["jinja2", "peft>=0.10"],  # chat templates; PEFT adapter export is read by peft
         "eval": ["lm-eval>=0.4.5"],  # tools/run_lm_eval.py, --eval-tasks
     },
     license="Apache-2.0",
