@@ -262,9 +262,9 @@ class Watchdog:
         while not self._stop.wait(min(5.0, max(0.05, self.timeout_s / 10))):
             idle = time.monotonic() - self.last
             if idle > self.timeout_s:
-                say(f"error on rank {_state.rank}: no progress for {idle / 60:.1f} min (--hang-timeout-minutes "
-                    f"{self.timeout_s / 60:g}) after {self.what}; Python stacks follow, then the "
-                    "job is aborted")
+                say(f"error on rank {_state.rank}: no progress for {idle / 60:.1f} min "
+                    f"(--hang-timeout-minutes {self.timeout_s / 60:g}) after {self.what}; Python "
+                    "stacks follow, then the job is aborted")
                 faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
                 time.sleep(self.grace_s)
                 hard_exit(EXIT_HANG)
@@ -396,8 +396,8 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         code = main(argv)
     except SystemExit as exc:  # argparse: it printed its own message (every rank alike)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)
-        if code and _distributed_started():
-            hard_exit(code)
+        if code and _state.world_size > 1 and _distributed_started():
+            hard_exit(code)  # a rank of a job; never a process that merely has a process group
         _shutdown(previous, dist_before)
         return code
     except BaseException as exc:  # noqa: BLE001 - the point of this function

@@ -166,3 +166,22 @@ def test_tokenizer_copy_into_the_checkpoint_it_comes_from(tmp_path):
     vocab.write_text("{}")
     _copy_tokenizer(tmp_path, {"vocab_file": str(vocab), "type": "GPT2BPETokenizer"})
     assert vocab.read_text() == "{}"
+
+
+def test_in_process_run_with_a_process_group_never_exits_the_caller(capsys):
+    """A single process that already has a process group (a notebook, this test session) gets a
+    status back for argparse errors too, instead of os._exit."""
+    import argparse
+
+    import torch.distributed as dist
+
+    from megatron_ru.parallel.state import ParallelState
+
+    ParallelState.from_environment(1)
+    assert dist.is_initialized()
+
+    def main(argv):
+        argparse.ArgumentParser(prog="prog.py").parse_args(argv)
+    assert run(main, ["--no-such-flag"]) == 2
+    assert dist.is_initialized()  # the caller's group is left alone
+    assert "unrecognized arguments" in capsys.readouterr().err
