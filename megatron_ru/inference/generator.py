@@ -105,6 +105,14 @@ class Generator:
         index `last` (B,); only there is the vocabulary projection computed."""
         return self.model(tokens, positions, cache, logits_index="last" if last is None else last)
 
+    def check_request(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> bool:
+        """Check a generate() call (also the speculative decoder's); False: no prompts."""
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+        for i, p in enumerate(prompts):
+            self.check_prompt(p, f"prompt {i}")
+        return bool(prompts)
+
     # ---- the loop -------------------------------------------------------------------------
     @torch.inference_mode()
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -114,12 +122,8 @@ class Generator:
                  keep_logits: bool = False) -> list[Completion]:
         """Continue every prompt (lists of ids) by up to `max_new_tokens` (fewer where the
         context ends). `generator` (or a new one from `seed`) drives the draws on TP rank 0."""
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if not prompts:
+        if not self.check_request(prompts, max_new_tokens):
             return []
-        for i, p in enumerate(prompts):
-            self.check_prompt(p, f"prompt {i}")
         b, dev = len(prompts), self.device
         lens = [len(p) for p in prompts]
         longest = max(lens)

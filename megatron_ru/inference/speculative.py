@@ -104,12 +104,8 @@ class SpeculativeGenerator:
                  stop=None, on_token=None, keep_logits: bool = False) -> list[Completion]:
         if keep_logits:
             raise ValueError("keep_logits is not available with speculative decoding")
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
-        if not prompts:
+        if not self.target.check_request(prompts, max_new_tokens):
             return []
-        for i, p in enumerate(prompts):
-            self.check_prompt(p, f"prompt {i}")
         b = len(prompts)
         budget = [min(max_new_tokens, self.max_length - len(p)) for p in prompts]
         limit = min(self.max_length, max(len(p) for p in prompts) + max_new_tokens)
