@@ -416,7 +416,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
             hard_exit(code)
         _shutdown(previous, dist_before)
         return code
-    _shutdown(previous, dist_before)
+    _shutdown(previous)  # success: the process group ends with the interpreter, as it always did
     return int(code or 0)
 
 
@@ -424,8 +424,8 @@ def _shutdown(previous: dict, dist_before: bool = True) -> None:
     _run_cleanups()
     dist = sys.modules.get("torch.distributed")
     if not dist_before and dist is not None and dist.is_available() and dist.is_initialized():
-        # every rank returns here together (success or an agreed failure): tear the process
-        # group down now, not in the interpreter's exit, where gloo's threads may abort
+        # every rank returns here together after an agreed failure: tear the process group
+        # down now, not in the interpreter's exit, where gloo's threads may abort
         try:
             dist.destroy_process_group()
         except Exception:  # noqa: BLE001 - exiting anyway
