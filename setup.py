@@ -26,7 +26,7 @@ setup(
                  "jinja2"],
         "megatron": ["megatron-core>=0.16"],  # only tests compare against it; readers need no Megatron
         "hf": ["transformers>=4.40", "safetensors", "tokenizers"],
-        "serve": ["fastapi>=0.100", "uvicorn>=0.30"],
+        "serve": ["fastapi>=0.100", "uvicorn>=0.30", "jinja2"],  # jinja2: chat templates
         "finetune": ["jinja2", "peft>=0.10"],  # chat templates; PEFT adapter export is read by peft
         "eval": ["lm-eval>=0.4.5"],  # tools/run_lm_eval.py, --eval-tasks
     },

@@ -224,6 +224,12 @@ class ChatTemplate:
         return tokenizer.eod
 
 
+def has_template(tokenizer_dir: Optional[str]) -> bool:
+    """Whether `tokenizer_dir/tokenizer_config.json` names a chat template."""
+    path = os.path.join(tokenizer_dir, "tokenizer_config.json") if tokenizer_dir else ""
+    return bool(path and os.path.isfile(path) and _read_json(path, "tokenizer_config.json").get("chat_template"))
+
+
 def _token_name(tokenizer_config: dict, key: str) -> str:
     value = tokenizer_config.get(key) or ""
     return value.get("content", "") if isinstance(value, dict) else value

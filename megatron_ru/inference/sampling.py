@@ -117,11 +117,15 @@ def sample(logits: torch.Tensor, params: SamplingParams,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def draw(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
-    """Inverse-CDF draw: (B, V) probabilities and (B,) uniforms in (0, 1] → ids (B,): the first
-    id whose cumulative probability reaches u × total. Ids of probability 0 are never drawn.
-    One uniform per row lets every row use its own random stream (serving); on a 50k vocabulary
-    it is ~20x cheaper than torch.multinomial."""
-    cdf = torch.cumsum(probs.float(), dim=-1)  # (B, V)
-    target = (uniforms.to(cdf) * cdf[:, -1]).unsqueeze(-1)  # (B, 1), in (0, total]
-    return torch.searchsorted(cdf, target).squeeze(-1).clamp_(max=probs.shape[-1] - 1)
+def draw(probs: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
+    """Exponential race: (B, V) probabilities (unnormalised is fine) and (B, V) i.i.d. Exp(1)
+    variates → ids (B,), argmax p_i / E_i, which is id i with probability p_i / sum(p). Ids of
+    probability 0 are never drawn (unless the whole row is 0).
+
+    Each row brings its own variates, so every row can use its own random stream (serving). And
+    a draw is stable under rounding: logits that differ in the last bits (a decode batched with
+    other rows vs alone) change the result only when the two best ratios tie to that precision,
+    whereas an inverse-CDF draw flips whenever its uniform falls within rounding of any of the
+    V cumulative boundaries (a few times per thousand draws on a flat 2k vocabulary)."""
+    e = exponentials.to(probs.device, torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
+    return (probs.float() / e).argmax(dim=-1)  # a 0 variate would make 0/0 for a 0 probability

@@ -21,9 +21,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.sampling import SamplingParams
 from .metrics import Metrics
-from .protocol import (ApiError, ChatBody, ChatRenderer, CompletionBody, Limits, check_common,
-                       check_range, message_dicts, parse_body, render_rugpt3, stop_strings)
+from .protocol import (ApiError, ChatBody, CompletionBody, Limits, check_common,
+                       check_range, message_dicts, parse_body, stop_strings)
 from .responses import Choice, Handle, chat_logprobs, legacy_logprobs, new_id, sse
+from .chat import ChatFormat
 from .scheduler import QueueFull, Scheduler, Seq, SeqOptions
 
 
@@ -38,7 +39,7 @@ class Service:
     metrics: Metrics
     api_key: Optional[str] = None
     request_timeout_s: float = 600.0
-    render_chat: ChatRenderer = render_rugpt3
+    chat: Optional[ChatFormat] = None  # how chat messages become a prompt (serving/chat.py)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     @property
@@ -158,7 +159,7 @@ class Routes:
         return value
 
     def options(self, body, max_tokens: int, *, logprobs: Optional[int],
-                prompt_logprobs: bool = False, extra_stops=()) -> SeqOptions:
+                prompt_logprobs: bool = False, extra_stops=(), stop_ids=()) -> SeqOptions:
         check_common(body, self.s.limits)
         min_tokens = body.min_tokens or 0
         if min_tokens > max_tokens:
@@ -173,7 +174,7 @@ class Routes:
                                   repetition_penalty=body.repetition_penalty or 1.0)
         return SeqOptions(sampling, max_tokens, min_tokens,
                           tuple(stop_strings(body)) + tuple(extra_stops), logprobs,
-                          prompt_logprobs, self.s.request_timeout_s)
+                          prompt_logprobs, self.s.request_timeout_s, tuple(stop_ids))
 
     # ---- submission -----------------------------------------------------------------------
     def submit(self, prompts: list[list[int]], n: int, options: SeqOptions,
@@ -324,8 +325,9 @@ class Routes:
         self.authorize(request)
         body = parse_body(ChatBody, await self.read_json(request))
         self.check_model(body.model)
-        text, extra_stops = self.s.render_chat(message_dicts(body))
-        ids = self.encode(text)
+        if self.s.chat is None:
+            raise ApiError(404, "this server has no chat format", code="not_found")
+        ids = self.s.chat.prompt_ids(self.s.tokenizer, message_dicts(body))
         given = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         max_tokens = self.max_tokens(given, max(self.s.max_length - len(ids), 1), 1)
@@ -334,7 +336,8 @@ class Routes:
             raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs",
                            code="invalid_value")
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        options = self.options(body, max_tokens, logprobs=logprobs, extra_stops=extra_stops)
+        options = self.options(body, max_tokens, logprobs=logprobs, extra_stops=self.s.chat.stops,
+                               stop_ids=self.s.chat.stop_ids)
         handle = self.submit([ids], body.n or 1, options, body.seed, bool(body.stream))
         rid, created = new_id("chatcmpl"), int(time.time())
         detok = self.detokenize

@@ -7,7 +7,7 @@ are ignored, as OpenAI's own server does for fields a model does not use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -165,10 +165,8 @@ def stop_strings(body: _Body) -> list[str]:
     return [s for s in stops if s]
 
 
-# ---- chat rendering (replaceable: issue 13 brings Hugging Face chat templates) -------------
+# ---- chat messages (rendered by the model's chat template: serving/chat.py) ---------------
 ROLES = ("system", "developer", "user", "assistant")
-# messages → (prompt text, extra stop strings)
-ChatRenderer = Callable[[list[dict]], tuple[str, list[str]]]
 
 
 def message_dicts(body: ChatBody) -> list[dict]:
@@ -194,10 +192,3 @@ def message_dicts(body: ChatBody) -> list[dict]:
         out.append({"role": "system" if m.role == "developer" else m.role,
                     "content": content or ""})
     return out
-
-
-def render_rugpt3(messages: list[dict]) -> tuple[str, list[str]]:
-    """The plain ruGPT-3 dialogue format: one `role: content` line per message, then
-    `assistant:` for the reply; the reply ends where the model starts the user's next turn."""
-    lines = [f"{m['role']}: {m['content']}" for m in messages]
-    return "\n".join(lines + ["assistant:"]), ["\nuser:"]

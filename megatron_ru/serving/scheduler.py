@@ -4,10 +4,11 @@ One thread owns the model. Each step it drops cancelled and timed-out sequences 
 free at once), admits waiting sequences into free rows (lowest first, so the decoded block of
 rows [0, hi) stays short), runs the step plan (decode of the running rows, then the joiners'
 prefills), and samples one token per row: processing batched by sampling settings, then an
-inverse-CDF draw with one uniform from the sequence's own torch.Generator (seeded from its
-request). So with a fixed seed a sequence draws the same tokens whatever else shares the batch
-(the logits it draws from agree to fp32 rounding: the decode's batch width and key length vary
-with the batch). Greedy rows take the argmax exactly as Generator does.
+exponential-race draw (argmax p / E) with one Exp(1) variate per vocabulary id from the
+sequence's own torch.Generator (seeded from its request). So with a fixed seed a sequence draws
+the same tokens whatever else shares the batch: the logits it draws from agree only to fp32
+rounding (the decode's batch width and key length vary with the batch), and unlike an
+inverse-CDF draw the race does not flip on such differences (see sampling.draw). Greedy rows take the argmax exactly as Generator does.
 
 The HTTP side talks to this thread through `submit`, `cancel` and each sequence's `sink`,
 which receives events: ("token", id, logprob), ("prompt_logprobs", [None, lp, ...]),
@@ -49,6 +50,7 @@ class SeqOptions:
     logprobs: Optional[int] = None  # alternatives per token (0: the chosen one only)
     prompt_logprobs: bool = False
     timeout_s: float = 600.0
+    stop_ids: tuple[int, ...] = ()  # tokens that end it like the end of text (a chat end of turn)
 
 
 class Seq:
@@ -224,7 +226,7 @@ class Scheduler:
 
     def _choose(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         """Draw every sequence's next token from its row of logits (N, V), batched by sampling
-        settings; each row's draw uses one uniform from its own generator (sampling.draw)."""
+        settings; each row's draw uses variates from its own generator (sampling.draw)."""
         if not seqs:
             return
         x = logits.float().clone()  # (N, V)
@@ -236,8 +238,10 @@ class Scheduler:
         for i, s in enumerate(seqs):
             if s.seen is not None:
                 x[i] = apply_repetition_penalty(x[i], s.seen[0], s.options.sampling.repetition_penalty)
-            if len(s.out) < s.options.min_tokens and self.eod is not None:
-                x[i, self.eod] = NEG_INF
+            if len(s.out) < s.options.min_tokens:
+                ends = ([self.eod] if self.eod is not None else []) + list(s.options.stop_ids)
+                if ends:
+                    x[i, ends] = NEG_INF
             groups.setdefault(s.options.sampling, []).append(i)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
         failed: set[int] = set()
@@ -247,9 +251,9 @@ class Scheduler:
                 if params.is_greedy:
                     tokens[idx] = x[idx].argmax(dim=-1)
                 else:
-                    u = torch.stack([1.0 - torch.rand((), generator=seqs[i].generator,
-                                                      device=x.device) for i in rows])  # (0, 1]
-                    tokens[idx] = draw(logits_to_probs(x[idx], params), u)
+                    e = torch.stack([torch.empty(x.shape[-1], device=x.device).exponential_(
+                        generator=seqs[i].generator) for i in rows])  # (R, V) Exp(1)
+                    tokens[idx] = draw(logits_to_probs(x[idx], params), e)
             except RuntimeError as exc:  # e.g. no probability mass left: these rows only
                 runtime.say(f"error: sampling failed for {len(rows)} sequence(s): {exc}")
                 failed.update(rows)
@@ -269,7 +273,7 @@ class Scheduler:
             seq.t_first = time.monotonic()
             if self.metrics is not None:
                 self.metrics.observe_ttft(seq.t_first - seq.t_submit)
-        if token == self.eod:
+        if token == self.eod or token in opts.stop_ids:
             self._finish(seq, "eod")
             return
         seq.out.append(token)

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from .. import runtime
+from ..data.chat import BUILTINS as BUILTIN_TEMPLATES
 from ..inference.cli import InputError, Settings, build_parser
 from ..inference.quantize import spec_from_args
 from ..inference.sampling import GREEDY
@@ -26,7 +27,7 @@ from ..parallel.state import discover_launch
 NOT_FOR_SERVING = ("temperature", "top_k", "top_p", "repetition_penalty", "greedy",
                    "max_new_tokens", "min_new_tokens", "stop", "num_samples", "batch_size",
                    "prompt", "sample_input_file", "prompt_separator", "sample_output_file",
-                   "quiet", "compile", "draft_load", "draft_tokens", "draft_quantize")
+                   "quiet", "compile", "draft_load", "draft_tokens", "draft_quantize", "chat", "system")
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
@@ -82,6 +83,10 @@ def parse(argv=None) -> argparse.Namespace:
                              ("--seq-length", args.seq_length or 2, 2)):
         if value < low:
             raise InputError(f"{flag} {value} must be >= {low}")
+    if args.chat_template and args.chat_template not in BUILTIN_TEMPLATES and \
+            not os.path.isfile(args.chat_template):
+        raise InputError(f"--chat-template {args.chat_template}: neither a built-in "
+                         f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
     if args.port > 65535:
         raise InputError(f"--port {args.port} must be <= 65535")
     return args
@@ -92,6 +97,7 @@ def main(argv=None) -> int:
     args = parse(argv)
     try:
         import fastapi  # noqa: F401
+        import jinja2  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError as exc:
         raise InputError(f"serving needs the `serve` extra: pip install -e .[serve] ({exc})") from None
@@ -101,15 +107,18 @@ def main(argv=None) -> int:
                          "processes: a server is one replica, launch exactly TP processes")
     runtime.start_watchdog(args.hang_timeout_minutes)
     from ..inference.runner import Session  # heavy imports after the flag checks
+    from .chat import load_chat_format
     from .engine import BatchEngine
 
     session = Session.open(Settings(args, GREEDY, [], None, 1), launch)
     gen, ps = session.gen, session.ps
     engine = runtime.checked(ps, BatchEngine, gen, args.max_batch_size, gen.max_length)
     sock = runtime.checked(ps, lambda: _bind(args.host, args.port) if ps.rank == 0 else None)
+    chat = runtime.checked(ps, lambda: load_chat_format(args.chat_template, session.tok,
+                                                        args.tokenizer_path) if ps.rank == 0 else None)
     if ps.rank != 0:
         return engine.follow()
-    return _serve(args, session, engine, sock)
+    return _serve(args, session, engine, sock, chat)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -125,7 +134,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(args, session, engine, sock: socket.socket) -> int:
+def _serve(args, session, engine, sock: socket.socket, chat) -> int:
     import uvicorn
 
     from .app import Service, build_app
@@ -147,12 +156,12 @@ def _serve(args, session, engine, sock: socket.socket) -> int:
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
                     max_n=args.max_n)
     service = Service(tok, scheduler, name, limits, metrics, api_key=args.api_key,
-                      request_timeout_s=args.request_timeout,
+                      request_timeout_s=args.request_timeout, chat=chat,
                       log=lambda line: runtime.say(line))
     app = build_app(service)
     host, port = sock.getsockname()[:2]
     ready = (f"serving {name} on http://{host}:{port} (max batch {args.max_batch_size}, queue "
-             f"{args.max_queue}, context {gen.max_length}, {session.ps})")
+             f"{args.max_queue}, context {gen.max_length}, {session.ps}); chat: {chat.name}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _Server(config, ready)

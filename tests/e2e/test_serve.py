@@ -99,6 +99,29 @@ def test_greedy_equals_generate_py(server, client, checkpoint, tmp_path):
     assert got.choices[0].finish_reason == {"eod": "stop"}.get(ref["finish_reason"], ref["finish_reason"])
 
 
+def test_chat_renders_the_template_like_generate_py_chat(server, client, checkpoint, tmp_path):
+    """The demo tokenizer has no chat template: the server uses the built-in rugpt3 dialogue
+    style, exactly as generate.py --chat --chat-template rugpt3 (same prompt ids, same greedy
+    reply; the server's extra "\nuser:" stop passed to generate.py too)."""
+    from megatron_ru.data.chat import load_template
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(TOKENIZER / "vocab.json"),
+                          merge_file=str(TOKENIZER / "merges.txt"))
+    msgs = [{"role": "system", "content": "Ты бот."}, {"role": "user", "content": PROMPTS[3]}]
+    conversations = tmp_path / "chat.jsonl"
+    conversations.write_text(json.dumps({"messages": msgs}, ensure_ascii=False) + "\n", encoding="utf-8")
+    out_file = tmp_path / "reply.jsonl"
+    code = runtime.run(runner.main, "generate.py", [
+        "--load", str(checkpoint), *TOK_FLAGS, "--chat", "--chat-template", "rugpt3", "--greedy",
+        "--sample-input-file", str(conversations), "--out-seq-length", "20", "--stop", "\\nuser:",
+        "--seq-length", "256", "--quiet", "--sample-output-file", str(out_file)])
+    assert code == 0
+    ref = json.loads(out_file.read_text(encoding="utf-8"))
+    got = client.chat.completions.create(model="tiny", messages=msgs, max_tokens=20, temperature=0)
+    assert got.usage.prompt_tokens == len(load_template("rugpt3", tok).prompt_ids(tok, msgs))
+    assert got.choices[0].message.content == ref["text"]
+    assert got.usage.completion_tokens == len(ref["tokens"])
+
+
 def _request(i):
     return dict(model="tiny", prompt=PROMPTS[i % 4] * (1 + i % 3), max_tokens=6 + 5 * i, seed=100 + i,
                 temperature=0.9, top_p=0.95,
@@ -154,6 +177,8 @@ BAD = [  # (route, body or raw bytes, status, param)
     ("/v1/chat/completions", {"messages": "hi"}, 422, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "hi"}]}, 400, "messages[0].role"),
     ("/v1/chat/completions", {"messages": [{"content": "hi"}]}, 422, "messages[0].role"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"},
+                                           {"role": "system", "content": "b"}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/v1/nowhere", {"prompt": "a"}, 404, None),
@@ -238,3 +263,33 @@ def test_tp2_under_mpirun_serves_like_tp1(server, client, checkpoint):
         assert srv.terminate() == 0, srv.log
     assert got == ref
     assert "stopped" in srv.log and "Traceback" not in srv.log
+
+
+def test_quantized_server_greedy_equals_generate_py_quantized(checkpoint, tmp_path):
+    """--quantize int8 --quantize-head on the server: greedy text equals generate.py's with the
+    same flags (the same quantized weights decode in both)."""
+    flags = ["--quantize", "int8", "--quantize-head"]
+    out_file = tmp_path / "gen.jsonl"
+    assert runtime.run(runner.main, "generate.py", [
+        "--load", str(checkpoint), *TOK_FLAGS, *flags, "--greedy", "--prompt", PROMPTS[1],
+        "--out-seq-length", "16", "--seq-length", "256", "--quiet",
+        "--sample-output-file", str(out_file)]) == 0
+    ref = json.loads(out_file.read_text(encoding="utf-8"))
+    with ServerProcess(["--load", str(checkpoint), *TOK_FLAGS, *flags, "--seq-length", "256",
+                        "--max-batch-size", "2"]) as srv:
+        got = srv.openai().completions.create(model="tiny", prompt=PROMPTS[1], max_tokens=16,
+                                              temperature=0)
+        assert srv.terminate() == 0, srv.log
+    assert got.choices[0].text == ref["text"]
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--chat-template", "nowhere.jinja"], "--chat-template nowhere.jinja: neither a built-in"),
+    (["--chat"], "--chat is a generate.py flag"),
+    (["--max-batch-size", "0"], "--max-batch-size 0 must be >= 1"),
+])
+def test_bad_serve_flags_exit_2_before_loading(checkpoint, capsys, flags, message):
+    from megatron_ru.serving import server as serve
+    assert runtime.run(serve.main, "tools/serve.py", ["--load", str(checkpoint), *TOK_FLAGS, *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
