@@ -19,7 +19,7 @@ from pathlib import Path
 from .. import runtime
 from ..data.chat import BUILTINS as BUILTIN_TEMPLATES
 from ..inference.cli import InputError, Settings, build_parser
-from ..inference.quantize import spec_from_args
+from ..inference.quantize import set_per_token, spec_from_args
 from ..inference.sampling import GREEDY
 from ..parallel.state import discover_launch
 
@@ -112,6 +112,7 @@ def main(argv=None) -> int:
 
     session = Session.open(Settings(args, GREEDY, [], None, 1), launch)
     gen, ps = session.gen, session.ps
+    set_per_token(gen.model)  # quantized layers: a row's numbers independent of its batch
     engine = runtime.checked(ps, BatchEngine, gen, args.max_batch_size, gen.max_length)
     sock = runtime.checked(ps, lambda: _bind(args.host, args.port) if ps.rank == 0 else None)
     chat = runtime.checked(ps, lambda: load_chat_format(args.chat_template, session.tok,
