@@ -146,6 +146,27 @@ def zero3_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
     return [f for rank in files for f in rank] if all(files) else []
 
 
+def zero3_shapes(directory: Path, tag: str, tp_size: int) -> list[dict]:
+    """Per TP rank {name: full shape} of a ZeRO-3 checkpoint, from the `param_shapes` (and
+    `frozen_param_shapes`) DeepSpeed records in each rank's model-state file (its `module`
+    holds empty placeholders); [] when a file does not record them."""
+    out = []
+    for r in range(tp_size):
+        path = Path(directory) / tag / f"zero_pp_rank_0_mp_rank_{r:02d}_model_states.pt"
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        except Exception as exc:  # a truncated or foreign file: say which one
+            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        shapes = {}
+        for group in blob.get("param_shapes") or []:
+            shapes.update({k: tuple(v) for k, v in group.items()})
+        shapes.update({k: tuple(v) for k, v in (blob.get("frozen_param_shapes") or {}).items()})
+        if not shapes:
+            return []
+        out.append(shapes)
+    return out
+
+
 def model_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
     """The per-rank model files of a checkpoint: mp_rank_XX files, or ZeRO-3's partitions."""
     return zero3_files(directory, tag, tp_size) or rank_files(directory, tag, tp_size)

@@ -24,7 +24,8 @@ from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
 from .model_io import (CheckpointError, atomic_write_text, check_weights_match_config, latest_tag,
-                       load_module, model_files, read_config, write_config, zero3_files)
+                       load_module, model_files, read_config, write_config, zero3_files,
+                       zero3_shapes)
 
 # Tokenizer files as stored in a checkpoint's tokenizer/ directory (the names HF and
 # generate.py's --tokenizer-path look for).
@@ -90,6 +91,10 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
     if not zero3_files(Path(directory), tag, src_tp):  # weights vs config.json, named and shaped
         check_weights_match_config(saved, [{k: tuple(v.shape) for k, v in load_module(f).items()}
                                            for f in model], Path(directory) / tag)
+    else:  # ZeRO-3: the shapes DeepSpeed recorded for its partitioned parameters
+        shapes = zero3_shapes(Path(directory), tag, src_tp)
+        if shapes:
+            check_weights_match_config(saved, shapes, Path(directory) / tag)
     return tag
 
 

@@ -215,3 +215,18 @@ def test_edited_config_json_is_refused_by_generate_and_convert(ps, work, straigh
     with pytest.raises(Exception, match=message.replace("(", r"\(").replace(")", r"\)")):  # --load too
         trainer(ps, work, "--train-iters", "7", "--load", str(edited), "--num-layers", str(model["num_layers"]),
                 "--hidden-size", str(model["hidden_size"]), "--ffn-hidden-size", str(model["ffn_hidden_size"]))
+
+
+def test_edited_config_json_is_refused_on_a_zero3_resume(ps, work):
+    """ZeRO-3 model-state files hold empty placeholders; the shapes DeepSpeed records for its
+    partitioned parameters are checked against config.json instead."""
+    z3 = ["--deepspeed_config", str(ROOT / "configs/ds_zero3.json"), "--micro-batch-size", "4",
+          "--global-batch-size", "4"]
+    t, _ = trainer(ps, work, *z3, "--train-iters", "1", "--save", str(work / "z3"))
+    t.fit()
+    meta = json.loads((work / "z3" / "config.json").read_text())
+    meta["model"]["num_layers"] = 1
+    (work / "z3" / "config.json").write_text(json.dumps(meta))
+    with pytest.raises(Exception, match=r"tensor blocks\.1\..* has no place in the model its config "
+                                        r"describes \(num_layers=1"):
+        trainer(ps, work, *z3, "--train-iters", "2", "--load", str(work / "z3"), "--num-layers", "1")
