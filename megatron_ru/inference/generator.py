@@ -59,11 +59,14 @@ class Generator:
 
     def __init__(self, model: GPTModel, *, eod: Optional[int] = None,
                  max_length: Optional[int] = None, compile: bool = False,
-                 compile_backend: str = "inductor") -> None:
+                 compile_backend: str = "inductor", end_ids: Sequence[int] = ()) -> None:
         self.model = model.eval()
         self.ps = model.ps
         self.config = model.config
         self.eod = eod
+        # every id that ends a row like the end of text (not kept; finish reason "eod"): eod and
+        # e.g. a chat template's end-of-turn token
+        self.ends = tuple(dict.fromkeys(([eod] if eod is not None else []) + list(end_ids)))
         limit = self.config.max_position_embeddings
         self.max_length = min(max_length or limit, limit)
         self.static = compile
@@ -179,7 +182,7 @@ class _Sampler:
                  generator: Optional[torch.Generator], seed: Optional[int],
                  tokens: torch.Tensor, lengths: torch.Tensor) -> None:
         self.params, self.min_new, self.budget, self.stop = params, min_new_tokens, budget, stop
-        self.eod = gen.eod
+        self.ends = list(gen.ends)
         if generator is None and seed is not None:
             generator = torch.Generator(device=gen.device).manual_seed(seed)
         self.generator = generator
@@ -194,13 +197,13 @@ class _Sampler:
         x = logits.float()
         if self.seen is not None:
             x = apply_repetition_penalty(x, self.seen, self.params.repetition_penalty)
-        if step < self.min_new and self.eod is not None:
-            x[:, self.eod] = NEG_INF
+        if step < self.min_new and self.ends:
+            x[:, self.ends] = NEG_INF
         nxt = sample(x, self.params, self.generator)  # (B,)
         active = state == ACTIVE
         new = state.clone()
-        if self.eod is not None:
-            new[active & (nxt == self.eod)] = EOD
+        if self.ends:
+            new[active & torch.isin(nxt, torch.tensor(self.ends, device=nxt.device))] = EOD
         if self.stop is not None and step + 1 >= self.min_new:
             for i in (active & (new == ACTIVE)).nonzero().flatten().tolist():
                 if self.stop(i, out[i] + [int(nxt[i])]):

@@ -94,13 +94,13 @@ class Session:
         if args.lora:  # adapters on top of the base, not merged (model/lora.py)
             from ..model.lora import attach_adapters
             attach_adapters(model, args.lora)
-        template, eod = None, tokenizer.eod
-        if args.chat:  # the end-of-turn token ends a reply
+        template, ends = None, ()
+        if args.chat:  # the end-of-turn token ends a reply, as the end of text does
             from ..data.chat import load_template
             template = load_template(args.chat_template, tokenizer, args.tokenizer_path)
-            eod = template.eot_id(tokenizer)
-        generator = Generator(model, eod=eod, max_length=args.seq_length or limit,
-                              compile=args.compile)
+            ends = (template.eot_id(tokenizer),)
+        generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
+                              compile=args.compile, end_ids=ends)
         if args.draft_load:  # speculative decoding (inference/speculative.py)
             generator = open_speculative(args, generator, ps, dtype, tokenizer)
         session = cls(settings, ps, generator, tokenizer)

@@ -200,7 +200,7 @@ class _Judge:
     def __init__(self, spec: SpeculativeGenerator, params: SamplingParams, min_new: int,
                  budget: list[int], stop, generator, seed, prompts) -> None:
         self.params, self.min_new, self.budget, self.stop = params, min_new, budget, stop
-        self.eod, self.vocab = spec.eod, spec.config.vocab_size
+        self.ends, self.vocab = spec.target.ends, spec.config.vocab_size
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.gen = generator
@@ -221,8 +221,8 @@ class _Judge:
             if extra is not None and extra.numel():
                 seen.scatter_(1, extra, True)
             x = apply_repetition_penalty(x, seen, self.params.repetition_penalty)
-        if self.eod is not None:
-            x[steps < self.min_new, self.eod] = NEG_INF
+        for end in self.ends:
+            x[steps < self.min_new, end] = NEG_INF
         return x
 
     def _probs(self, x: torch.Tensor) -> torch.Tensor:
@@ -288,7 +288,7 @@ class _Judge:
         kept = []
         for t in tokens:
             step = len(done) + len(kept)
-            if self.eod is not None and t == self.eod:
+            if t in self.ends:
                 return kept, EOD
             kept.append(t)
             if self.stop is not None and step + 1 >= self.min_new and self.stop(i, done + kept):

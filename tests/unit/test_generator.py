@@ -79,6 +79,25 @@ def test_rows_stop_at_eod_alone_and_min_new_tokens_delays_it():
     assert eod not in late.tokens[: first + 2] and len(late.tokens) >= first + 2
 
 
+def test_end_ids_end_rows_like_eod_plain_and_speculative():
+    """end_ids (a chat template's end-of-turn token) end a row as the end of text does, beside
+    it; min_new_tokens holds both back; speculative decoding follows the same rule."""
+    from megatron_ru.inference.speculative import SpeculativeGenerator
+    model = make_model("gpt3")
+    free = Generator(model).generate(PROMPTS, max_new_tokens=8)
+    eot, eod = free[1].tokens[2], free[0].tokens[4]
+    gen = Generator(model, eod=eod, end_ids=(eot,))
+    assert gen.ends == (eod, eot)
+    for g in (gen, SpeculativeGenerator(gen, model, 2)):
+        out = g.generate(PROMPTS, max_new_tokens=8)
+        for row, ref in zip(out, free):
+            cut = min([ref.tokens.index(t) for t in (eod, eot) if t in ref.tokens] + [8])
+            assert row.tokens == ref.tokens[:cut]
+            assert row.finish_reason == ("eod" if cut < 8 else "length")
+        late = g.generate([PROMPTS[1]], max_new_tokens=8, min_new_tokens=4)[0]
+        assert eot not in late.tokens[:4] and eod not in late.tokens[:4] and len(late.tokens) >= 4
+
+
 def test_stop_criterion_and_context_end():
     model = make_model("llama")
     gen = Generator(model, max_length=24)  # PROMPTS[0] has 19 tokens: room for 5 new ones
