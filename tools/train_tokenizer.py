@@ -6,12 +6,18 @@ r"""Trains a byte-level BPE (vocab.json + merges.txt) or SentencePiece tokenizer
         --output-dir out/sp            # -> out/sp/tokenizer.model
     python tools/train_tokenizer.py --format hf --input a.txt --vocab-size 8000 --output-dir out/hf
                                    # -> out/hf/tokenizer.json + tokenizer_config.json
+    python tools/train_tokenizer.py --type sentencepiece --format hf --input a.txt --vocab-size 8000 \
+        --output-dir out/sp-hf         # -> tokenizer.model + tokenizer.json + tokenizer_config.json
 
 Inputs are plain text (each line or blank-line block a document) or jsonl (`--json-key`).
 BPE is trained by our own pure-Python trainer (megatron_ru/data/bpe_trainer.py); the files load
 in GPT2BPETokenizer and in Hugging Face's GPT-2 tokenizer alike. `--format hf` writes the same
 BPE as one `tokenizer.json` (+ tokenizer_config.json), for --tokenizer-type HuggingFaceTokenizer,
-`tokenizers` and `transformers.AutoTokenizer` (byte-level BPE only).
+`tokenizers` and `transformers.AutoTokenizer`. With `--type sentencepiece`, `--format hf` trains
+with Llama's SentencePiece settings (identity normalisation, whitespace kept, byte fallback) and
+writes `tokenizer.model` plus the equivalent Llama-2-style `tokenizer.json`: both give the same ids
+(megatron_ru/data/hf_tokenizer_json.py).
+Exit status: 0, 2 for bad input (one line naming the file or flag), 1 for other failures.
 """
 import argparse
 import json
@@ -22,7 +28,9 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ru.data.bpe_trainer import train_bpe_from_texts  # noqa: E402
-from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer  # noqa: E402
+from megatron_ru.data.hf_tokenizer_json import (SENTENCEPIECE_HF_OPTIONS,  # noqa: E402
+                                                SentencePieceExportError, write_hf_tokenizer,
+                                                write_sentencepiece_hf_tokenizer)
 from megatron_ru.data.progress import Progress  # noqa: E402
 from megatron_ru.runtime import UsageError  # noqa: E402
 
@@ -38,15 +46,14 @@ def parse_args(argv=None):
     p.add_argument("--type", choices=("bpe", "sentencepiece"), default="bpe")
     p.add_argument("--format", choices=("gpt2", "hf"), default="gpt2",
                    help="BPE output: vocab.json + merges.txt (gpt2) or tokenizer.json + "
-                        "tokenizer_config.json (hf)")
+                        "tokenizer_config.json (hf); with --type sentencepiece, hf adds the "
+                        "tokenizer.json of the .model")
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--min-frequency", type=int, default=2, help="BPE: least count of a merged pair")
     p.add_argument("--special-tokens", nargs="*", default=["<|endoftext|>"],
                    help="BPE: added after the merges (the first is the default end of document)")
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(argv)
-    if args.format == "hf" and args.type != "bpe":
-        p.error("--format hf is written for --type bpe only")
     if args.vocab_size < 257 + len(args.special_tokens) and args.type == "bpe":
         p.error(f"--vocab-size {args.vocab_size} is smaller than the 256 byte symbols plus special tokens")
     return args
@@ -89,12 +96,18 @@ def train_sentencepiece(args):
         progress.close()
         sys.stderr.write("training SentencePiece (its own log follows)...\n")
         # SentencePiece writes tokenizer.model/.vocab itself, at the very end.
+        options = dict(model_type="bpe", byte_fallback=True)
+        if args.format == "hf":  # settings whose encoding tokenizer.json reproduces exactly
+            options = dict(SENTENCEPIECE_HF_OPTIONS)
         sentencepiece.SentencePieceTrainer.Train(
-            input=tmp_path, model_prefix=prefix, vocab_size=args.vocab_size, model_type="bpe",
-            character_coverage=1.0, byte_fallback=True, pad_id=3, minloglevel=1)
+            input=tmp_path, model_prefix=prefix, vocab_size=args.vocab_size,
+            character_coverage=1.0, pad_id=3, minloglevel=1, **options)
     finally:
         os.remove(tmp_path)
-    return [prefix + ".model", prefix + ".vocab"]
+    outputs = [prefix + ".model", prefix + ".vocab"]
+    if args.format == "hf":
+        outputs += write_sentencepiece_hf_tokenizer(args.output_dir, prefix + ".model")
+    return outputs
 
 
 def main(argv=None):
@@ -110,7 +123,10 @@ def main(argv=None):
                                            args.output_dir, tuple(args.special_tokens), args.min_frequency)
         else:
             outputs = train_sentencepiece(args)
-    except (InputError, OSError, RuntimeError) as e:
+    except InputError as e:
+        sys.stderr.write(f"train_tokenizer.py: error: {e}\n")
+        return 2
+    except (OSError, RuntimeError, SentencePieceExportError) as e:
         sys.stderr.write(f"train_tokenizer.py: error: {e}\n")
         return 1
     for path in outputs:

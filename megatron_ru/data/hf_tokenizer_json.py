@@ -1,9 +1,19 @@
-"""Writes a byte-level BPE (vocab.json + merges.txt) as Hugging Face `tokenizer.json` + `tokenizer_config.json`.
+"""Writes our tokenizers as Hugging Face `tokenizer.json` + `tokenizer_config.json`.
 
-The JSON follows the `tokenizers` serialisation of GPT-2's fast tokenizer: a BPE model (vocab,
-merges as "a b" strings), the ByteLevel pre-tokenizer with GPT-2's regex and no prefix space, the
-ByteLevel decoder, and the special tokens as added tokens. `tokenizers.Tokenizer.from_file` and
-`transformers.AutoTokenizer.from_pretrained(DIR)` load it and give the ids GPT2BPETokenizer gives.
+Byte-level BPE (vocab.json + merges.txt): the `tokenizers` serialisation of GPT-2's fast
+tokenizer: a BPE model (vocab, merges as "a b" strings), the ByteLevel pre-tokenizer with GPT-2's
+regex and no prefix space, the ByteLevel decoder, and the special tokens as added tokens.
+
+SentencePiece BPE (a `.model` trained by tools/train_tokenizer.py with Llama's settings: identity
+normalisation, a dummy prefix, whitespace kept, byte fallback): the Llama-2 form of
+`tokenizer.json`: normaliser Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer, a BPE model with
+byte fallback whose merges are every split of a piece into two pieces, ranked by the merged
+piece's score (SentencePiece's BPE applies the highest-scoring merge first), and the decoder
+Replace("▁", " ") + ByteFallback + Fuse + Strip(1 leading space). Other SentencePiece settings
+(NFKC normalisation, collapsed whitespace) have no such exact form and are refused.
+
+`tokenizers.Tokenizer.from_file` and `transformers.AutoTokenizer.from_pretrained(DIR)` load
+either and give the ids our tokenizer gives (tests/unit/test_hf_tokenizer_json.py).
 """
 import json
 import os
@@ -24,9 +34,10 @@ def tokenizer_json(vocab: dict, merges: list, special_tokens) -> dict:
                       "ignore_merges": False, "vocab": vocab, "merges": [f"{a} {b}" for a, b in merges]}}
 
 
-def tokenizer_config(eod_token, max_length: int = 2048) -> dict:
-    special = {} if eod_token is None else {"bos_token": eod_token, "eos_token": eod_token,
-                                            "unk_token": eod_token}
+def tokenizer_config(eod_token, max_length: int = 2048, special: dict = None) -> dict:
+    if special is None:
+        special = {} if eod_token is None else {"bos_token": eod_token, "eos_token": eod_token,
+                                                "unk_token": eod_token}
     return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
             "add_prefix_space": False, "clean_up_tokenization_spaces": False, **special}
 
@@ -46,4 +57,79 @@ def write_hf_tokenizer(out_dir, vocab_file, merge_file, special_tokens=("<|endof
     eod = next((t for t in special_tokens if t in vocab), None)
     _write_json(paths[0], tokenizer_json(vocab, merges, special_tokens))
     _write_json(paths[1], tokenizer_config(eod))
+    return paths
+
+
+# SentencePiece trainer options whose encoding the Llama-2 form of tokenizer.json reproduces
+SENTENCEPIECE_HF_OPTIONS = dict(model_type="bpe", normalization_rule_name="identity",
+                                add_dummy_prefix=True, remove_extra_whitespaces=False,
+                                allow_whitespace_only_pieces=True, split_digits=False,
+                                byte_fallback=True)
+
+
+class SentencePieceExportError(ValueError):
+    """A SentencePiece model without an exact tokenizer.json form."""
+
+
+def sentencepiece_tokenizer_json(model_file) -> dict:
+    """The tokenizer.json of a SentencePiece BPE model trained with SENTENCEPIECE_HF_OPTIONS."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(str(model_file))
+    n = sp.GetPieceSize()
+    kept = ["ﬁ ① x", "a  b  ", "  lead", "tab\tnew\nline"]  # NFKC / whitespace rules change these
+    if any(sp.DecodeIds(sp.EncodeAsIds(t)) != t for t in kept) or \
+            not sp.EncodeAsPieces("a")[0].startswith("▁"):
+        raise SentencePieceExportError(
+            f"{model_file} was trained with normalisation or whitespace rules that tokenizer.json "
+            "cannot reproduce exactly (train with tools/train_tokenizer.py --format hf)")
+    scores = [sp.GetScore(i) for i in range(n) if not (sp.IsControl(i) or sp.IsUnknown(i) or
+                                                      sp.IsByte(i) or sp.IsUnused(i))]
+    if any(a <= b for a, b in zip(scores, scores[1:])):
+        raise SentencePieceExportError(f"{model_file} is not a SentencePiece BPE model (its piece "
+                                       "scores are not merge ranks)")
+    vocab = {sp.IdToPiece(i): i for i in range(n)}
+    special = [i for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i)]
+    normal = {sp.IdToPiece(i): (sp.GetScore(i), i) for i in range(n)
+              if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))}
+    ranked = []
+    for piece, (score, i) in normal.items():
+        for cut in range(1, len(piece)):
+            left, right = piece[:cut], piece[cut:]
+            if left in normal and right in normal:
+                ranked.append((-score, i, left, right))
+    merges = [f"{a} {b}" for _, _, a, b in sorted(ranked)]
+    added = [{"id": i, "content": sp.IdToPiece(i), "single_word": False, "lstrip": False,
+              "rstrip": False, "normalized": False, "special": True} for i in special]
+    unk = sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None
+    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
+            "normalizer": {"type": "Sequence", "normalizers": [
+                {"type": "Prepend", "prepend": "▁"},
+                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
+            "pre_tokenizer": None, "post_processor": None,
+            "decoder": {"type": "Sequence", "decoders": [
+                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
+                {"type": "ByteFallback"}, {"type": "Fuse"},
+                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
+            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
+                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
+                      "ignore_merges": False, "vocab": vocab, "merges": merges}}
+
+
+def write_sentencepiece_hf_tokenizer(out_dir, model_file):
+    """OUT_DIR/tokenizer.json and tokenizer_config.json of a SentencePiece BPE model (bos <s>,
+    eos </s>: our SentencePieceTokenizer's end of document)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.Load(str(model_file))
+    os.makedirs(out_dir, exist_ok=True)
+    paths = [os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer_config.json")]
+    names = {key: sp.IdToPiece(i) for key, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
+                                                  ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
+             if i >= 0}
+    _write_json(paths[0], sentencepiece_tokenizer_json(model_file))
+    _write_json(paths[1], {**tokenizer_config(names.get("eos_token"), special=names),
+                           "add_bos_token": False, "add_eos_token": False})
     return paths

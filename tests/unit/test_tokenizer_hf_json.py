@@ -45,3 +45,36 @@ def test_hf_format_ids_equal_ours(tmp_path):
         assert wrapped.tokenize(text) == ids and auto.decode(ids) == text
     assert auto.eos_token == "<|endoftext|>" and auto.eos_token_id == ours.eod == wrapped.eod
     assert json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())["eos_token"] == "<|endoftext|>"
+
+
+def test_sentencepiece_hf_format_ids_equal_sentencepiece(tmp_path):
+    """--type sentencepiece --format hf: tokenizer.model (our SentencePieceTokenizer) and the
+    Llama-2-style tokenizer.json give the same ids through `tokenizers`, AutoTokenizer and our
+    HuggingFaceTokenizer, byte fallback (emoji, rare letters) and whitespace runs included."""
+    pytest.importorskip("sentencepiece")
+    from megatron_ru.data.hf_tokenizer_json import SentencePieceExportError, sentencepiece_tokenizer_json
+    corpus = tmp_path / "c.txt"
+    demo = (ROOT / "examples" / "data" / "ru_demo.txt").read_text(encoding="utf-8")[:20000]
+    corpus.write_text(demo + "\n" + "\n".join(TEXT * 3), encoding="utf-8")
+    train = tool()
+    out = tmp_path / "sp"
+    assert train.main(["--type", "sentencepiece", "--format", "hf", "--input", str(corpus),
+                       "--vocab-size", "700", "--output-dir", str(out)]) == 0
+    assert {"tokenizer.model", "tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
+    ours = build_tokenizer("SentencePieceTokenizer", tokenizer_model=str(out / "tokenizer.model"))
+    fast = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json"))
+    auto = transformers.AutoTokenizer.from_pretrained(str(out))
+    wrapped = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(out / "tokenizer.json"))
+    extra = ["a", " a", "  ", "x\n\n y", "Ω≈ç√∫ 你好 ﬁ ①", "слово,слово.Слово!  ", "🙂🙂 🙂"]
+    for text in TEXT + extra + [demo[:3000]]:
+        ids = ours.tokenize(text)
+        assert fast.encode(text, add_special_tokens=False).ids == ids, text
+        assert auto(text, add_special_tokens=False)["input_ids"] == ids, text
+        assert wrapped.tokenize(text) == ids, text
+        assert auto.decode(ids) == ours.detokenize(ids) == text, text
+    assert auto.eos_token == "</s>" and auto.eos_token_id == ours.eod == wrapped.eod
+    # a model trained with SentencePiece's default NFKC normalisation has no exact tokenizer.json
+    assert train.main(["--type", "sentencepiece", "--input", str(corpus), "--vocab-size", "700",
+                       "--output-dir", str(tmp_path / "nfkc")]) == 0
+    with pytest.raises(SentencePieceExportError, match="normalisation or whitespace rules"):
+        sentencepiece_tokenizer_json(tmp_path / "nfkc" / "tokenizer.model")

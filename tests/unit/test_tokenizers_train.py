@@ -59,9 +59,9 @@ def test_sentencepiece(tmp_path):
 def test_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"txt": "no key"}\n', encoding="utf-8")
-    assert TOOL.main(["--input", str(bad), "--vocab-size", "300", "--output-dir", str(tmp_path / "o")]) == 1
+    assert TOOL.main(["--input", str(bad), "--vocab-size", "300", "--output-dir", str(tmp_path / "o")]) == 2
     assert "bad.jsonl:2: bad jsonl record" in capsys.readouterr().err
     assert TOOL.main(["--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
-                      "--output-dir", str(tmp_path / "o")]) == 1
+                      "--output-dir", str(tmp_path / "o")]) == 2
     assert "not found: " in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "vocab.json")
