@@ -170,13 +170,23 @@ class SFTDataset:
 
 
 def build_sft_datasets(data_path, split, seq_length, seed, num_samples, *, packing="pad",
-                       overlong="truncate", pad_id=0):
-    """(train, valid, test) SFT datasets (None when empty), blends weighted like pretraining."""
+                       overlong="truncate", pad_id=0, vocab_size=None, tokenizer_fingerprint=None,
+                       cache_path=None, warn=None):
+    """(train, valid, test) SFT datasets (None when empty), blends weighted like pretraining.
+    Every prefix and its loss mask are validated first, as pretraining data is (data/validate.py:
+    index structure, ids against `vocab_size`, the tokenizer record), and the mask must be 0/1."""
+    from .validate import DataValidationError, validate_dataset
     blend = parse_data_path(data_path)
     for _, prefix in blend:
         if not dataset_exists(mask_prefix(prefix)):
             raise DatasetConfigError(f"--dataset-type sft: {mask_prefix(prefix)}.bin/.idx is missing "
                                      "(preprocess with tools/preprocess_data.py --dataset-type sft)")
+        validate_dataset(IndexedDataset(prefix), vocab_size=vocab_size, fingerprint=tokenizer_fingerprint,
+                         cache_path=cache_path, warn=warn)
+        stats = validate_dataset(IndexedDataset(mask_prefix(prefix)), cache_path=cache_path)
+        if stats["min_id"] < 0 or stats["max_id"] > 1:
+            raise DataValidationError(f"{mask_prefix(prefix)}: loss-mask values "
+                                      f"{stats['min_id']}..{stats['max_id']}, expected 0 or 1")
     fractions = parse_split(split)
     sizes = {p: len(IndexedDataset(p).document_indices) - 1 for _, p in blend}
     bounds = {p: split_boundaries(fractions, sizes[p]) for _, p in blend}
@@ -238,6 +248,10 @@ def run_sft(args, files: list, stream) -> list:
     counts = write_sft_dataset(records, args.output_prefix, best_fitting_dtype(tokenizer.vocab_size),
                                template=template, tokenizer=tokenizer, prompt_key=args.prompt_key,
                                response_key=args.response_key, train_on_prompt=args.train_on_prompt)
+    from .validate import tokenizer_files, write_tokenizer_record
+    write_tokenizer_record(args.output_prefix, tokenizer_type=args.tokenizer_type,  # read by training
+                           vocab_size=tokenizer.vocab_size,
+                           files=tokenizer_files(args.vocab_file, args.merge_file, args.tokenizer_model))
     stream.write(f"wrote {args.output_prefix}.bin/.idx and {mask_prefix(args.output_prefix)}.bin/.idx: "
                  f"{counts['conversations']} conversations, {counts['tokens']} tokens, "
                  f"{counts['targets']} in the loss ({template.name})\n")

@@ -49,9 +49,11 @@ def validate(args) -> None:
         raise ConfigError("--sft-packing needs --dataset-type sft")
 
 
-def build_datasets(args, counts, pad_id: int):
+def build_datasets(args, counts, pad_id: int, **validation):
+    """`validation`: vocab_size, tokenizer_fingerprint, cache_path, warn (data/sft.py)."""
     return build_sft_datasets(args.data_path, args.split, args.seq_length, args.seed, counts,
-                              packing=args.sft_packing, overlong=args.sft_overlong, pad_id=pad_id)
+                              packing=args.sft_packing, overlong=args.sft_overlong, pad_id=pad_id,
+                              **validation)
 
 
 class GlobalTokenMean:

@@ -181,11 +181,13 @@ class Trainer:
         runtime.fault_point("data")
         counts = self._sample_counts()
         counts = (max(counts[0], train_samples or 0), *counts[1:])
+        fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file,
+                                                            a.tokenizer_model))
         if a.dataset_type == "sft":  # conversations + loss masks (training/sft.py)
-            data = sft.build_datasets(a, counts, self.tokenizer.pad)
+            data = sft.build_datasets(a, counts, self.tokenizer.pad, vocab_size=self.tokenizer.vocab_size,
+                                      tokenizer_fingerprint=fingerprint, cache_path=a.data_cache_path,
+                                      warn=self.log)
         else:
-            fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file,
-                                                                a.tokenizer_model))
             data = build_train_valid_test_datasets(a.data_path, a.split, a.seq_length, a.seed, counts,
                                                    cache_path=a.data_cache_path,
                                                    vocab_size=self.tokenizer.vocab_size,

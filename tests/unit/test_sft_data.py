@@ -204,3 +204,22 @@ def test_overlong_truncated_with_warning_or_error(toy_pair):
     assert all((ds[i]["segment"] >= 0).sum() <= 8 for i in range(len(ds)))
     with pytest.raises(DatasetConfigError, match="--sft-overlong truncate cuts them"):
         SFTDataset(prefix, np.arange(5), name="train", seq_length=7, num_samples=None, seed=1, overlong="error")
+
+
+def test_sft_prefixes_are_validated_like_pretraining_data(toy_pair):
+    """Ids beyond the run's vocabulary and loss-mask values other than 0/1 stop before compute,
+    naming the prefix and the first bad document."""
+    from megatron_ru.data.sft import build_sft_datasets
+    from megatron_ru.data.validate import DataValidationError
+    prefix, _ = toy_pair
+    train, _, _ = build_sft_datasets([prefix], "100,0,0", 15, 1, (5, 0, 0), vocab_size=1000)
+    assert len(train) == 5
+    with pytest.raises(DataValidationError, match=r"toy: token id 500 in document 4 .* outside the "
+                                                  r"tokenizer's vocabulary of 500"):
+        build_sft_datasets([prefix], "100,0,0", 15, 1, (5, 0, 0), vocab_size=500)
+    bad = prefix + "_bad"
+    with IndexedDatasetBuilder(bad, np.int32) as ids, IndexedDatasetBuilder(mask_prefix(bad), np.uint8) as masks:
+        ids.add_document(np.arange(4))
+        masks.add_document(np.array([0, 1, 2, 1], dtype=np.uint8))
+    with pytest.raises(DataValidationError, match="toy_bad_loss_mask: loss-mask values 0..2, expected 0 or 1"):
+        build_sft_datasets([bad], "100,0,0", 15, 1, (1, 0, 0), vocab_size=1000)
