@@ -127,5 +127,9 @@ def draw(probs: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:
     other rows vs alone) change the result only when the two best ratios tie to that precision,
     whereas an inverse-CDF draw flips whenever its uniform falls within rounding of any of the
     V cumulative boundaries (a few times per thousand draws on a flat 2k vocabulary)."""
+    probs = probs.float()
+    total = probs.sum(dim=-1)
+    if not bool(torch.isfinite(total).all() and (total > 0).all()):
+        raise RuntimeError("no probability mass left to draw from (every id masked, or NaN logits)")
     e = exponentials.to(probs.device, torch.float32).clamp(min=torch.finfo(torch.float32).tiny)
-    return (probs.float() / e).argmax(dim=-1)  # a 0 variate would make 0/0 for a 0 probability
+    return (probs / e).argmax(dim=-1)  # a 0 variate would make 0/0 for a 0 probability

@@ -20,11 +20,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.sampling import SamplingParams
+from .chat import ChatFormat
 from .metrics import Metrics
 from .protocol import (ApiError, ChatBody, CompletionBody, Limits, check_common,
                        check_range, message_dicts, parse_body, stop_strings)
 from .responses import Choice, Handle, chat_logprobs, legacy_logprobs, new_id, sse
-from .chat import ChatFormat
 from .scheduler import QueueFull, Scheduler, Seq, SeqOptions
 
 

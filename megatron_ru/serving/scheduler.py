@@ -8,7 +8,8 @@ exponential-race draw (argmax p / E) with one Exp(1) variate per vocabulary id f
 sequence's own torch.Generator (seeded from its request). So with a fixed seed a sequence draws
 the same tokens whatever else shares the batch: the logits it draws from agree only to fp32
 rounding (the decode's batch width and key length vary with the batch), and unlike an
-inverse-CDF draw the race does not flip on such differences (see sampling.draw). Greedy rows take the argmax exactly as Generator does.
+inverse-CDF draw the race does not flip on such differences (see sampling.draw). Greedy rows
+take the argmax exactly as Generator does.
 
 The HTTP side talks to this thread through `submit`, `cancel` and each sequence's `sink`,
 which receives events: ("token", id, logprob), ("prompt_logprobs", [None, lp, ...]),

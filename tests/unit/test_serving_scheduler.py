@@ -142,6 +142,9 @@ def test_draw_follows_the_distribution():
     assert (freq - probs[0]).abs().max() < 0.015, freq
     zero = torch.tensor([[0.0, 2.0, 0.0]])  # unnormalised, and a 0 variate on a 0 probability
     assert draw(zero, torch.tensor([[0.0, 5.0, 0.0]])).tolist() == [1]
+    for empty in (torch.zeros(1, 3), torch.full((1, 3), float("nan"))):  # nothing to draw from
+        with pytest.raises(RuntimeError, match="no probability mass left"):
+            draw(empty, torch.ones(1, 3))
 
 
 def test_draw_is_stable_under_rounding_differences():
