@@ -4,9 +4,9 @@ One thread owns the model. Each step it drops cancelled and timed-out sequences 
 free at once), admits waiting sequences into free rows (lowest first, so the decoded block of
 rows [0, hi) stays short), runs the step plan (decode of the running rows, then the joiners'
 prefills), and samples one token per row: processing batched by sampling settings, then an
-exponential-race draw (argmax p / E) with one Exp(1) variate per vocabulary id from the
-sequence's own torch.Generator (seeded from its request). So with a fixed seed a sequence draws
-the same tokens whatever else shares the batch: the logits it draws from agree only to fp32
+exponential-race draw (argmax p / E, one Exp(1) variate per id still in play, from a
+counter-based stream keyed by the sequence's seed and step). So with a fixed seed a sequence
+draws the same tokens whatever else shares the batch: the logits it draws from agree only to fp32
 rounding (the decode's batch width and key length vary with the batch), and unlike an
 inverse-CDF draw the race does not flip on such differences (see sampling.draw). Greedy rows
 take the argmax exactly as Generator does.
@@ -28,7 +28,7 @@ import torch
 
 from .. import runtime
 from ..inference.sampling import (NEG_INF, SamplingParams, apply_repetition_penalty, draw,
-                                  logits_to_probs, seen_mask)
+                                  logits_to_probs, race_key, seen_mask)
 from ..inference.text import StopStrings
 from .engine import BatchEngine, StepPlan
 
@@ -67,7 +67,6 @@ class Seq:
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + options.timeout_s
         self.t_first: Optional[float] = None
-        self.generator: Optional[torch.Generator] = None
         self.seen: Optional[torch.Tensor] = None  # (1, V) ids seen, for the repetition penalty
         self.stopper: Optional[StopStrings] = None
 
@@ -196,7 +195,6 @@ class Scheduler:
 
     def _prepare(self, seq: Seq) -> None:
         dev = self.engine.device
-        seq.generator = torch.Generator(device=dev).manual_seed(seq.seed)
         if seq.options.sampling.repetition_penalty != 1.0:
             seq.seen = seen_mask(torch.tensor([seq.prompt], device=dev), self.vocab_size)
         if seq.options.stops:
@@ -227,7 +225,7 @@ class Scheduler:
 
     def _choose(self, seqs: list[Seq], logits: torch.Tensor) -> None:
         """Draw every sequence's next token from its row of logits (N, V), batched by sampling
-        settings; each row's draw uses variates from its own generator (sampling.draw)."""
+        settings; each row's draw is keyed by its seed and step (sampling.draw)."""
         if not seqs:
             return
         x = logits.float().clone()  # (N, V)
@@ -252,9 +250,8 @@ class Scheduler:
                 if params.is_greedy:
                     tokens[idx] = x[idx].argmax(dim=-1)
                 else:
-                    e = torch.stack([torch.empty(x.shape[-1], device=x.device).exponential_(
-                        generator=seqs[i].generator) for i in rows])  # (R, V) Exp(1)
-                    tokens[idx] = draw(logits_to_probs(x[idx], params), e)
+                    keys = torch.tensor([race_key(seqs[i].seed, len(seqs[i].out)) for i in rows])
+                    tokens[idx] = draw(logits_to_probs(x[idx], params), keys)
             except RuntimeError as exc:  # e.g. no probability mass left: these rows only
                 runtime.say(f"error: sampling failed for {len(rows)} sequence(s): {exc}")
                 failed.update(rows)

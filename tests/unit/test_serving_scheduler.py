@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_ru.inference import Generator, SamplingParams
-from megatron_ru.inference.sampling import GREEDY, draw
+from megatron_ru.inference.sampling import GREEDY, draw, exponentials, race_key
 from megatron_ru.serving.engine import BatchEngine
 from megatron_ru.serving.scheduler import QueueFull, Scheduler, Seq, SeqOptions
 from tests.helpers import assert_rel_close
@@ -134,29 +134,37 @@ def test_stop_ids_end_a_sequence_like_the_end_of_text(setup):
 
 
 def test_draw_follows_the_distribution():
+    """One key per row (as one sequence per step): frequencies follow p, zero-probability ids are
+    never drawn, the wide (every id) and narrow (ids in play only) paths agree, and a row's
+    variates depend on its key and id only."""
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
-    e = torch.empty(20000, 6).exponential_(generator=torch.Generator().manual_seed(0))
-    ids = draw(probs, e)
+    keys = torch.tensor([race_key(7, step) for step in range(20000)])
+    ids = draw(probs, keys)
     freq = torch.bincount(ids, minlength=6).float() / 20000
     assert freq[[0, 2, 5]].sum() == 0  # zero probability: never drawn
     assert (freq - probs[0]).abs().max() < 0.015, freq
-    zero = torch.tensor([[0.0, 2.0, 0.0]])  # unnormalised, and a 0 variate on a 0 probability
-    assert draw(zero, torch.tensor([[0.0, 5.0, 0.0]])).tolist() == [1]
+    wide = torch.softmax(torch.randn(64, 300, generator=torch.Generator().manual_seed(3)), -1)
+    narrow = wide.clone()
+    narrow[:, 50:] = 0  # fewer than a quarter of the ids in play: the gathered path
+    assert torch.equal(draw(wide[:, :50] * 3.0, keys[:64]), draw(narrow, keys[:64]))  # unnormalised too
+    assert torch.equal(draw(wide, keys[:64])[5:6], draw(wide[5:6], keys[5:6]))  # alone = batched
+    e = exponentials(torch.tensor([race_key(1, 0)]), torch.arange(200000)).float()
+    assert abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03  # Exp(1)
     for empty in (torch.zeros(1, 3), torch.full((1, 3), float("nan"))):  # nothing to draw from
         with pytest.raises(RuntimeError, match="no probability mass left"):
-            draw(empty, torch.ones(1, 3))
+            draw(empty, keys[:1])
 
 
 def test_draw_is_stable_under_rounding_differences():
     """A batched decode's logits differ from the same row's alone in the last bits; the draw of
-    a seeded request must not change with them (the old inverse-CDF draw flips ~1 in 120
-    draws here; the race none)."""
+    a seeded request must not change with them (an inverse-CDF draw with one uniform per row
+    flips ~1 in 120 draws here; the race none)."""
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(4000, 2048, generator=g) * 2  # flat-ish, like a barely trained model
     nudged = logits + 1e-4 * torch.randn(logits.shape, generator=g)  # a generous rounding gap
-    e = torch.empty(logits.shape).exponential_(generator=g)
-    a = draw(torch.softmax(logits, -1), e)
-    b = draw(torch.softmax(nudged, -1), e)
+    keys = torch.tensor([race_key(11, step) for step in range(4000)])
+    a = draw(torch.softmax(logits, -1), keys)
+    b = draw(torch.softmax(nudged, -1), keys)
     assert (a != b).sum() <= 1, int((a != b).sum())
     u = torch.rand(4000, generator=g)  # the inverse-CDF draw on the same pair, for contrast
     cdf, cdf2 = torch.softmax(logits, -1).cumsum(-1), torch.softmax(nudged, -1).cumsum(-1)
