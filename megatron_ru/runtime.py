@@ -127,15 +127,19 @@ def _run_cleanups() -> None:
             pass
 
 
-def hard_exit(code: int) -> None:
-    """End this process now, and with it the job: MPI Abort, or os._exit (no exit hooks)."""
+def hard_exit(code: int, *, together: bool = False) -> None:
+    """End this process now, and with it the job: MPI Abort, or os._exit (no exit hooks).
+    `together`: every rank of the job is leaving here with the same status (an agreed failure),
+    so no abort is needed: each rank runs its clean-ups and exits, skipping the interpreter's
+    teardown of gloo / MPI threads, which could abort the process ("terminate called without
+    an active exception", seen once in CI) and change the job's status."""
     _run_cleanups()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
-    comm = _mpi_comm() if _state.world_size > 1 else None
+    comm = _mpi_comm() if _state.world_size > 1 and not together else None
     if comm is not None:
         try:
             comm.Abort(code)
@@ -414,6 +418,9 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         if _state.world_size > 1 and not isinstance(exc, JobFailure):
             # Only this rank knows: take the whole job down rather than finalise into a wait.
             hard_exit(code)
+        if _state.world_size > 1 and _distributed_started():
+            # An agreed failure: all ranks are here together and leave with the same status.
+            hard_exit(code, together=True)
         _shutdown(previous, dist_before)
         return code
     _shutdown(previous)  # success: the process group ends with the interpreter, as it always did
