@@ -14,8 +14,8 @@ Kernels (chosen by measurement on a 2-vCPU AVX2 EPYC, see bench/quant_kernels.py
   fbgemm   torch.ao dynamic quantized linear (`quantized::linear_dynamic`, per-channel qint8
            weights packed once): 3-8x faster than fp32 F.linear at batch 1-8. Activations are
            quantized per tensor at run time (7-bit, reduce_range), so results depend slightly on
-           the other rows of a batch, unless set_per_token (the server) normalises each row and
-           pins the range: per-token scales, rows independent of their batch. Default on CPU.
+           the other rows of a batch, unless set_per_token (the server) maps each row onto a pinned
+           grid by its own range: rows independent of their batch. Default on CPU.
   dequant  F.linear(x, q.to(x.dtype)) · s: exactly the weight-only numbers, row-independent;
            the reference for tests, and the GPU path (torch.compile fuses it, as gpt-fast does).
   aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu measured 5-10x *slower* than fp32 here;
@@ -190,6 +190,8 @@ class QuantLinear(nn.Module):
         """fbgemm's packed copy of the int8 weight w (out, in); per_token adds two zero columns
         (the range pins of _per_token)."""
         if self.per_token:
+            # sum over the inputs of each dequantized weight row: adds back the rows' centres
+            self._wsum = w.sum(1, dtype=torch.float64).mul_(self.scale.double()).float()
             w = torch.cat([w, torch.zeros(self.out_local, 2, dtype=w.dtype)], 1)
         zeros = torch.zeros(self.out_local, dtype=torch.long)
         with warnings.catch_warnings():  # quantized tensors are deprecated upstream (README)
@@ -231,20 +233,22 @@ class QuantLinear(nn.Module):
     def _per_token(self, x: torch.Tensor) -> torch.Tensor:
         """fbgemm's dynamic linear quantizes its input with one scale for the whole tensor, so a
         row's result depends on the other rows of a batch (a served request on what else is
-        decoded with it). Here each row (token) is divided by its own max |x| and two input
-        columns of zero weight holding -1 and +1 pin the tensor's range to [-1, 1]: every row
-        is quantized on the same grid, independently of the others, with its own resolution
-        (per-token scales: also more accurate when rows differ in size). The output row is
-        multiplied back. Costs a few small ops per call: ~2x the layer time at 768 wide and
-        batch 1, ~7 % at 5120 (README), so only the server turns it on."""
+        decoded with it). Here each row (token) is mapped onto [-1, 1] by its own range,
+        x' = (x - c) / h with c = (max + min) / 2 and h = (max - min) / 2, and two input columns
+        of zero weight holding -1 and +1 pin the tensor's range to exactly [-1, 1]: every row is
+        quantized on the same grid, independently of the others, using all levels for its own
+        range (as fbgemm does for a lone row). Then x W^T = h (x' W^T) + c · rowsum(W). Costs a
+        few small ops per call: ~2x the layer time at 768 wide and batch 1, ~7 % at 5120
+        (README), so only the server turns it on."""
         k = self.in_local
         rows = x.reshape(-1, k).float()
-        a = torch.linalg.vector_norm(rows, float("inf"), dim=-1, keepdim=True).clamp_min_(1e-30)
+        hi, lo = rows.amax(dim=-1, keepdim=True), rows.amin(dim=-1, keepdim=True)
+        c, h = (hi + lo) * 0.5, ((hi - lo) * 0.5).clamp_min_(1e-30)
         buf = torch.empty(rows.shape[0], k + 2, dtype=torch.float32, device=x.device)
         buf[:, k:] = PINS
-        torch.div(rows, a, out=buf[:, :k])
-        y = torch.ops.quantized.linear_dynamic(buf, self._packed, True).mul_(a)
-        return y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        torch.div(rows - c, h, out=buf[:, :k]).clamp_(-1.0, 1.0)  # rounding must not widen the grid
+        y = torch.ops.quantized.linear_dynamic(buf, self._packed, True).mul_(h).addcmul_(c, self._wsum)
+        return y.reshape(*x.shape[:-1], self.out_local).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.ps.tp_comm
@@ -345,7 +349,7 @@ def quantize(model, method: str = "int8", *, group_size: Optional[int] = None, h
 
 
 def set_per_token(model, on: bool = True) -> int:
-    """Switch every fbgemm QuantLinear of `model` to per-token activation scales (rows
+    """Switch every fbgemm QuantLinear of `model` to per-token activation ranges (rows
     independent of their batch; see QuantLinear._per_token) or back; → layers switched."""
     layers = [m for m in model.modules() if isinstance(m, QuantLinear) and m.kernel() == "fbgemm"]
     for m in layers:
