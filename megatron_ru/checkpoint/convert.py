@@ -225,6 +225,19 @@ def _tokenizer_files(tok_dir: Optional[str]) -> list[Path]:
     return [Path(tok_dir) / f for f in hf.TOKENIZER_FILES if (Path(tok_dir) / f).is_file()]
 
 
+def _chat_files(tok_dir: Optional[str]) -> list[Path]:
+    """The chat template files beside a tokenizer (carried into our checkpoints' tokenizer/)."""
+    from ..data.chat import CHAT_FILES
+    return [Path(tok_dir) / f for f in CHAT_FILES if tok_dir and (Path(tok_dir) / f).is_file()]
+
+
+def _chat_template(tok_dir: Optional[str]) -> Optional[str]:
+    """The tokenizer directory's own chat template (Jinja source), or None."""
+    from ..data.chat import _own_template
+    own = _own_template(tok_dir)
+    return own[0] if own else None
+
+
 def _eod(files: list[Path], recorded: Optional[dict]) -> tuple[Optional[str], Optional[int]]:
     """(token, id) of the end-of-text token of any tokenizer type, as our tokenizers pick it
     (the eod_token recorded at training first)."""
@@ -253,7 +266,8 @@ def _eod(files: list[Path], recorded: Optional[dict]) -> tuple[Optional[str], Op
 
 
 def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok_files: list[Path],
-             progress: Progress, max_shard_bytes: int, tokenizer: Optional[dict] = None) -> None:
+             progress: Progress, max_shard_bytes: int, tokenizer: Optional[dict] = None,
+             chat_template: Optional[str] = None) -> None:
     if any(config.sparse_layers()):
         warnings.warn(f"layers {[i for i, s in enumerate(config.sparse_layers()) if s]} use "
                       "block-sparse attention; Hugging Face will run them dense, so its outputs "
@@ -269,6 +283,8 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
     for f in tok_files:
         shutil.copyfile(f, dst / f.name)
     tok_cfg = hf.tokenizer_config((f.name for f in tok_files), eod_token, config.max_position_embeddings)
+    if tok_cfg and chat_template:  # the model's chat template travels with it
+        tok_cfg["chat_template"] = chat_template
     if tok_cfg:
         (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
         if eod_token is not None:
@@ -314,20 +330,22 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
                         stream=sink)
     try:
         tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
+        chat_files = _chat_files(meta.get("tokenizer_dir")) if tok_files else []
         if to == "hf":
             write_hf(tmp, config, full, out_dtype, tok_files, progress, max_shard_bytes,
-                     _tokenizer_entry(meta, tok_files) if tok_files else None)
+                     _tokenizer_entry(meta, tok_files) if tok_files else None,
+                     chat_template=_chat_template(meta.get("tokenizer_dir")))
         elif to == "megatron_core":
             megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec)
             if tok_files:
                 (tmp / "tokenizer").mkdir()
-                for f in tok_files:
+                for f in tok_files + chat_files:
                     shutil.copyfile(f, tmp / "tokenizer" / f.name)
         else:
             tokenizer = None
             if tok_files:
                 (tmp / "tokenizer").mkdir()
-                for f in tok_files:
+                for f in tok_files + chat_files:
                     shutil.copyfile(f, tmp / "tokenizer" / f.name)
                 tokenizer = _tokenizer_entry(meta, tok_files)
             write_ours(tmp, config, full, tp, out_dtype, tokenizer, progress)

@@ -99,12 +99,20 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
 
 
 def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
+    """The run's tokenizer files under canonical names, plus the chat template files beside
+    them (tokenizer_config.json, chat_template.jinja), so samplers and the server find the
+    model's chat template in the checkpoint."""
+    from ..data.chat import CHAT_FILES
     tok_dir = root / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
+    copies = []
     for key, src in tokenizer_files.items():
-        if key not in CANONICAL:
-            continue
-        dst = tok_dir / canonical_name(key, src)  # canonical names: loaders find them alone
+        if key in CANONICAL:
+            copies.append((Path(src), tok_dir / canonical_name(key, src)))  # loaders find them alone
+    sources = {Path(src).parent for src, _ in copies}
+    copies += [(d / name, tok_dir / name) for d in sorted(sources) for name in CHAT_FILES
+               if (d / name).is_file()]
+    for src, dst in copies:
         if dst.exists() and os.path.samefile(src, dst):  # --vocab-file DIR/tokenizer/vocab.json
             continue
         tmp = dst.with_name(f".{dst.name}.tmp")

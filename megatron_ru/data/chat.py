@@ -91,9 +91,15 @@ def _environment():
 
 def special_token_strings(tokenizer) -> list[str]:
     """Strings tokenized as single special ids: added tokens of a tokenizer.json; for GPT-2 BPE
-    the end-of-text token and any other `<|...|>` entry of the vocabulary."""
+    the end-of-text token and any other `<|...|>` entry of the vocabulary; for SentencePiece its
+    control and unknown pieces (`<s>`, `</s>`, ...), which SentencePiece itself would spell out
+    piece by piece (as Hugging Face's tokenizer.json of the same model does not)."""
     if hasattr(tokenizer, "tok"):  # HFTokenizer: the `tokenizers` library splits them itself
         return []
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None:
+        return sorted({sp.IdToPiece(i) for i in range(sp.GetPieceSize())
+                       if sp.IsControl(i) or sp.IsUnknown(i)}, key=len, reverse=True)
     encoder = getattr(tokenizer, "encoder", None)
     if encoder is None:
         return []
@@ -109,7 +115,8 @@ def tokenize_with_offsets(tokenizer, text: str, specials: list[str]) -> tuple[li
         if not piece:
             continue
         if k % 2 == 1:  # a special token string
-            ids.append(tokenizer.encoder[piece])
+            ids.append(tokenizer.sp.PieceToId(piece) if hasattr(tokenizer, "sp")
+                       else tokenizer.encoder[piece])
             starts.append(pos)
         else:
             piece_ids, piece_starts = _piece_offsets(tokenizer, piece)
@@ -225,9 +232,43 @@ class ChatTemplate:
 
 
 def has_template(tokenizer_dir: Optional[str]) -> bool:
-    """Whether `tokenizer_dir/tokenizer_config.json` names a chat template."""
-    path = os.path.join(tokenizer_dir, "tokenizer_config.json") if tokenizer_dir else ""
-    return bool(path and os.path.isfile(path) and _read_json(path, "tokenizer_config.json").get("chat_template"))
+    """Whether `tokenizer_dir` holds a chat template (chat_template.jinja or tokenizer_config.json)."""
+    return _own_template(tokenizer_dir) is not None
+
+
+def template_source(value, where: str) -> str:
+    """The Jinja source of a `chat_template` value: a string, or Hugging Face's list of named
+    templates ([{"name", "template"}, ...]), of which the one named "default" is used."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        if isinstance(named.get("default"), str):
+            return named["default"]
+        raise ChatError(f"{where}: chat_template lists named templates ({', '.join(map(str, named))}) "
+                        "but none named 'default'; pass --chat-template FILE")
+    raise ChatError(f"{where}: chat_template must be a string or a list of named templates")
+
+
+CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # carried with a tokenizer
+
+
+def _own_template(tokenizer_dir: Optional[str]) -> Optional[tuple[str, str]]:
+    """(Jinja source, where it came from) of the tokenizer directory's own template: its
+    chat_template.jinja (how transformers saves templates since 4.43), else the chat_template of
+    its tokenizer_config.json; None when it has neither."""
+    if not tokenizer_dir:
+        return None
+    jinja = os.path.join(tokenizer_dir, "chat_template.jinja")
+    if os.path.isfile(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read(), jinja
+    path = os.path.join(tokenizer_dir, "tokenizer_config.json")
+    if os.path.isfile(path):
+        value = _read_json(path, "tokenizer_config.json").get("chat_template")
+        if value:
+            return template_source(value, path), path
+    return None
 
 
 def _token_name(tokenizer_config: dict, key: str) -> str:
@@ -237,7 +278,8 @@ def _token_name(tokenizer_config: dict, key: str) -> str:
 
 def load_template(spec: Optional[str], tokenizer=None, tokenizer_dir: Optional[str] = None) -> ChatTemplate:
     """The template named by `--chat-template` (built-in name, Jinja file or tokenizer_config.json)
-    or, when None, the `chat_template` of `tokenizer_dir/tokenizer_config.json`."""
+    or, when None, the tokenizer directory's own (chat_template.jinja or the `chat_template` of
+    its tokenizer_config.json)."""
     eod = getattr(tokenizer, "eod_token", None) or _eod_string(tokenizer)
     config = {}
     if tokenizer_dir and os.path.isfile(os.path.join(tokenizer_dir, "tokenizer_config.json")):
@@ -250,19 +292,20 @@ def load_template(spec: Optional[str], tokenizer=None, tokenizer_dir: Optional[s
                             eos_token=_token_name(config, "eos_token") or eod or "",
                             eot_token=BUILTIN_EOT[spec])
     if spec is None:
-        if not config.get("chat_template"):
+        own = _own_template(tokenizer_dir)
+        if own is None:
             raise ChatError("no chat template: pass --chat-template llama3|rugpt3|FILE (the tokenizer "
-                            "has no tokenizer_config.json with a chat_template)")
-        source, name = config["chat_template"], f"{tokenizer_dir}/tokenizer_config.json"
+                            "has no chat_template.jinja or tokenizer_config.json with a chat_template)")
+        source, name = own
     else:
         if not os.path.isfile(spec):
             raise ChatError(f"--chat-template {spec}: neither a built-in ({', '.join(BUILTINS)}) "
                             "nor a file")
         if spec.endswith(".json"):
             config = _read_json(spec, "--chat-template")
-            source = config.get("chat_template")
-            if not isinstance(source, str):
-                raise ChatError(f"--chat-template {spec} has no string 'chat_template' field")
+            if not config.get("chat_template"):
+                raise ChatError(f"--chat-template {spec} has no 'chat_template' field")
+            source = template_source(config["chat_template"], f"--chat-template {spec}")
         else:
             with open(spec, encoding="utf-8") as f:
                 source = f.read()

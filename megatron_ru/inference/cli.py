@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="chat form: the template applied, the end-of-turn token stops a reply; "
                         "interactive multi-turn, or --sample-input-file of {\"messages\": [...]} lines")
     c.add_argument("--chat-template", help="llama3, rugpt3, a Jinja file or a tokenizer_config.json "
-                   "(default: the tokenizer's tokenizer_config.json chat_template)")
+                   "(default: the tokenizer's own: chat_template.jinja or tokenizer_config.json)")
     c.add_argument("--system", help="system message of an interactive --chat session")
     c.add_argument("--lora", metavar="DIR", help="LoRA adapter directory applied on top of --load "
                    "(not merged)")
@@ -246,3 +246,16 @@ def tokenizer_kwargs(args: argparse.Namespace) -> dict:
 def record(prompt: str, text: str, tokens: list[int], finish_reason: str) -> str:
     return json.dumps({"prompt": prompt, "text": text, "tokens": tokens,
                        "finish_reason": finish_reason}, ensure_ascii=False)
+
+
+def tokenizer_dir(args) -> Optional[str]:
+    """The directory whose chat template files (tokenizer_config.json, chat_template.jinja) go
+    with the run's tokenizer: --tokenizer-path, else the folder of --tokenizer-model or
+    --vocab-file."""
+    import os
+    if args.tokenizer_path:
+        return args.tokenizer_path
+    for path in (args.tokenizer_model, args.vocab_file):
+        if path:
+            return path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    return None

@@ -97,7 +97,8 @@ class Session:
         template, ends = None, ()
         if args.chat:  # the end-of-turn token ends a reply, as the end of text does
             from ..data.chat import load_template
-            template = load_template(args.chat_template, tokenizer, args.tokenizer_path)
+            from .cli import tokenizer_dir
+            template = load_template(args.chat_template, tokenizer, tokenizer_dir(args))
             ends = (template.eot_id(tokenizer),)
         generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
                               compile=args.compile, end_ids=ends)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from .. import runtime
 from ..data.chat import BUILTINS as BUILTIN_TEMPLATES
-from ..inference.cli import InputError, Settings, build_parser
+from ..inference.cli import InputError, Settings, build_parser, tokenizer_dir
 from ..inference.quantize import set_per_token, spec_from_args
 from ..inference.sampling import GREEDY
 from ..parallel.state import discover_launch
@@ -116,7 +116,7 @@ def main(argv=None) -> int:
     engine = runtime.checked(ps, BatchEngine, gen, args.max_batch_size, gen.max_length)
     sock = runtime.checked(ps, lambda: _bind(args.host, args.port) if ps.rank == 0 else None)
     chat = runtime.checked(ps, lambda: load_chat_format(args.chat_template, session.tok,
-                                                        args.tokenizer_path) if ps.rank == 0 else None)
+                                                        tokenizer_dir(args)) if ps.rank == 0 else None)
     if ps.rank != 0:
         return engine.follow()
     return _serve(args, session, engine, sock, chat)

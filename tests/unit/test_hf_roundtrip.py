@@ -58,6 +58,49 @@ def test_ours_hf_ours_is_bit_identical(tmp_path, family, kind):
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token_id == EOD
 
 
+def test_chat_template_travels_through_conversions(tmp_path):
+    """A tokenizer's chat template (tokenizer_config.json or chat_template.jinja) goes with the
+    model: ours → HF embeds it in tokenizer_config.json (transformers applies it), HF → ours keeps
+    it under tokenizer/, and the server and generate.py --chat find it there by default."""
+    from megatron_ru.data.chat import load_template
+    from megatron_ru.data.tokenizers import build_tokenizer
+    from megatron_ru.serving.chat import load_chat_format
+    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=VOCAB, make_vocab_size_divisible_by=64)
+    src = ours(tmp_path / "src", cfg, "hf")
+    template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant]{% endif %}"
+    (src / "tokenizer" / "chat_template.jinja").write_text(template, encoding="utf-8")
+    convert(src, tmp_path / "hf", "hf", quiet=True)
+    tok_cfg = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tok_cfg["chat_template"] == template and tok_cfg["eos_token"] == "<|endoftext|>"
+    messages = [{"role": "user", "content": "Привет"}]
+    transformers = pytest.importorskip("transformers")
+    hf_text = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True)
+    assert hf_text == "[user] Привет\n[assistant]"
+    convert(tmp_path / "hf", tmp_path / "back", "megatron_ru", quiet=True)
+    assert (tmp_path / "back" / "tokenizer" / "tokenizer_config.json").is_file()
+    tok = build_tokenizer("HuggingFaceTokenizer", tokenizer_model=str(tmp_path / "back" / "tokenizer" / "tokenizer.json"))
+    own = load_chat_format(None, tok, str(tmp_path / "back" / "tokenizer"))
+    assert own.name.endswith("tokenizer_config.json") and own.template.render(messages, True) == hf_text
+    listed = tmp_path / "listed.json"  # Hugging Face's named-template form
+    listed.write_text(json.dumps({"chat_template": [{"name": "tool_use", "template": "x"},
+                                                    {"name": "default", "template": template}]}))
+    assert load_template(str(listed), tok).render(messages, True) == hf_text
+
+
+def test_training_checkpoints_carry_the_chat_template(tmp_path):
+    """A run's checkpoint copies the tokenizer's chat template files beside its tokenizer."""
+    from megatron_ru.checkpoint.training import _copy_tokenizer
+    tok_dir = tmp_path / "tok"
+    write_hf_tokenizer(tok_dir, TOK / "vocab.json", TOK / "merges.txt")
+    (tok_dir / "chat_template.jinja").write_text("{{ messages[0]['content'] }}", encoding="utf-8")
+    (tmp_path / "run").mkdir()
+    _copy_tokenizer(tmp_path / "run", {"tokenizer_model": str(tok_dir / "tokenizer.json"), "type": "x"})
+    assert sorted(p.name for p in (tmp_path / "run" / "tokenizer").iterdir()) == \
+        ["chat_template.jinja", "tokenizer.json", "tokenizer_config.json"]
+
+
 def _nothing():
     import contextlib
     return contextlib.nullcontext()

@@ -73,6 +73,16 @@ def test_sentencepiece_hf_format_ids_equal_sentencepiece(tmp_path):
         assert wrapped.tokenize(text) == ids, text
         assert auto.decode(ids) == ours.detokenize(ids) == text, text
     assert auto.eos_token == "</s>" and auto.eos_token_id == ours.eod == wrapped.eod
+    # chat rendering splits control pieces out as their ids (SentencePiece alone would spell
+    # "</s>" out), which is what tokenizer.json does with them: the same ids again
+    from megatron_ru.data.chat import load_template
+    chat = [{"role": "user", "content": "Привет!"}, {"role": "assistant", "content": "Здравствуйте."},
+            {"role": "user", "content": "Как дела?"}]
+    template = load_template("rugpt3", ours)
+    enc = template.encode(ours, chat)
+    assert enc.text.count("</s>") == 1 and enc.ids.count(ours.eod) == 1
+    assert enc.ids == auto(enc.text, add_special_tokens=False)["input_ids"] == wrapped.tokenize(enc.text)
+    assert template.eot_id(ours) == ours.eod
     # a model trained with SentencePiece's default NFKC normalisation has no exact tokenizer.json
     assert train.main(["--type", "sentencepiece", "--input", str(corpus), "--vocab-size", "700",
                        "--output-dir", str(tmp_path / "nfkc")]) == 0
