@@ -99,9 +99,13 @@ def train_sentencepiece(args):
         options = dict(model_type="bpe", byte_fallback=True)
         if args.format == "hf":  # settings whose encoding tokenizer.json reproduces exactly
             options = dict(SENTENCEPIECE_HF_OPTIONS)
-        sentencepiece.SentencePieceTrainer.Train(
-            input=tmp_path, model_prefix=prefix, vocab_size=args.vocab_size,
-            character_coverage=1.0, pad_id=3, minloglevel=1, **options)
+        try:
+            sentencepiece.SentencePieceTrainer.Train(
+                input=tmp_path, model_prefix=prefix, vocab_size=args.vocab_size,
+                character_coverage=1.0, pad_id=3, minloglevel=1, **options)
+        except RuntimeError as e:  # its checks of the request, e.g. a vocabulary the text cannot fill
+            raise InputError(f"SentencePiece refused --vocab-size {args.vocab_size} on --input "
+                             f"{' '.join(args.input)}: {' '.join(str(e).split())}") from None
     finally:
         os.remove(tmp_path)
     outputs = [prefix + ".model", prefix + ".vocab"]

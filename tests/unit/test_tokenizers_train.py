@@ -64,4 +64,7 @@ def test_bad_input(tmp_path, capsys):
     assert TOOL.main(["--input", str(tmp_path / "nope.txt"), "--vocab-size", "300",
                       "--output-dir", str(tmp_path / "o")]) == 2
     assert "not found: " in capsys.readouterr().err
+    assert TOOL.main(["--type", "sentencepiece", "--input", CORPUS, "--vocab-size", "900000",
+                      "--output-dir", str(tmp_path / "sp")]) == 2
+    assert "SentencePiece refused --vocab-size 900000" in capsys.readouterr().err
     assert not os.path.exists(tmp_path / "o" / "vocab.json")
