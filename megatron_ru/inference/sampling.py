@@ -160,29 +160,40 @@ def exponentials(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     return -torch.log(u)
 
 
+RACE_BLOCK = 256  # ids per block of the two-stage race
+
+
+def _race(weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """argmax w_i / E_i per row of (R, N) weights, E_i = exponentials(key, i); w = 0 never wins."""
+    ids = torch.arange(weights.shape[-1], device=weights.device)
+    score = weights / exponentials(keys[:, None], ids[None, :])
+    return score.masked_fill_(weights <= 0, -1.0).argmax(dim=-1)
+
+
 def draw(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """Exponential race: (B, V) probabilities (unnormalised is fine) and (B,) int64 keys
-    (race_key) → ids (B,): argmax p_i / E_i over the ids of nonzero probability, E_i ~ Exp(1)
-    from `exponentials(key, i)`, which is id i with probability p_i / sum(p).
+    (race_key) → ids (B,), id i with probability p_i / sum(p); ids of probability 0 never.
 
-    Each row's variates come from its own key (serving: the request's seed and the step), and
-    they are only computed for ids still in play after top-k / top-p, so a draw costs as much as
-    the distribution is wide. And a draw is stable under rounding: logits that differ in the last
-    bits (a decode batched with other rows vs alone) change the result only when the two best
-    ratios tie to that precision, whereas an inverse-CDF draw flips whenever its uniform falls
-    within rounding of any of the V cumulative boundaries (it flipped a token of the 16-request
-    serving test in one CI run of four)."""
+    The race argmax p_i / E_i (E_i ~ Exp(1), keyed by row and id) runs in two stages: first
+    over blocks of RACE_BLOCK ids weighted by their total probability, then over the ids of the
+    winning block. The minimum of independent E_i / p_i over a block is Exp(1) / P_block, so the
+    result has exactly the one-stage law, with V / 256 + 256 variates per row instead of V.
+
+    Each row's variates come from its own key (serving: the request's seed and the step), never
+    from which other rows are drawn for. And a draw is stable under rounding: logits that differ
+    in the last bits (a decode batched with other rows vs alone) change the result only when the
+    two best ratios of a stage tie to that precision, whereas an inverse-CDF draw flips whenever
+    its uniform falls within rounding of any of the V cumulative boundaries (it flipped a token
+    of the 16-request serving test in one CI run of four)."""
     probs = probs.float()
     total = probs.sum(dim=-1)
     if not bool(torch.isfinite(total).all() and (total > 0).all()):
         raise RuntimeError("no probability mass left to draw from (every id masked, or NaN logits)")
+    b, v = probs.shape
     keys = keys.to(device=probs.device, dtype=torch.int64)
-    live = probs > 0
-    if int(live.sum()) * 4 >= probs.numel():  # wide distributions: every id, no gather
-        ids = torch.arange(probs.shape[-1], device=probs.device)
-        score = probs.double() / exponentials(keys[:, None], ids[None, :])
-        return score.masked_fill_(~live, -1.0).argmax(dim=-1)
-    rows, ids = live.nonzero(as_tuple=True)
-    score = torch.full(probs.shape, -1.0, dtype=torch.float64, device=probs.device)
-    score[rows, ids] = probs[rows, ids].double() / exponentials(keys[rows], ids)
-    return score.argmax(dim=-1)
+    blocks = -(-v // RACE_BLOCK)
+    padded = torch.nn.functional.pad(probs, (0, blocks * RACE_BLOCK - v)).view(b, blocks, RACE_BLOCK)
+    block = _race(padded.sum(dim=-1, dtype=torch.float64), _mix(keys ^ 0x5EED))  # (B,) winners
+    inner = padded[torch.arange(b, device=probs.device), block].double()  # (B, RACE_BLOCK)
+    within = _race(inner, _mix(keys + (block + 1) * _signed(_GOLDEN)))
+    return block * RACE_BLOCK + within

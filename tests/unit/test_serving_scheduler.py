@@ -134,20 +134,24 @@ def test_stop_ids_end_a_sequence_like_the_end_of_text(setup):
 
 
 def test_draw_follows_the_distribution():
-    """One key per row (as one sequence per step): frequencies follow p, zero-probability ids are
-    never drawn, the wide (every id) and narrow (ids in play only) paths agree, and a row's
-    variates depend on its key and id only."""
+    """One key per row (as one sequence per step): frequencies follow p within and across the
+    race's blocks, zero-probability ids are never drawn, scaling p changes nothing, and a row's
+    draw depends on its key and probabilities only."""
     probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2, 0.0]]).repeat(20000, 1)
     keys = torch.tensor([race_key(7, step) for step in range(20000)])
     ids = draw(probs, keys)
     freq = torch.bincount(ids, minlength=6).float() / 20000
     assert freq[[0, 2, 5]].sum() == 0  # zero probability: never drawn
     assert (freq - probs[0]).abs().max() < 0.015, freq
-    wide = torch.softmax(torch.randn(64, 300, generator=torch.Generator().manual_seed(3)), -1)
+    wide = torch.softmax(torch.randn(64, 3000, generator=torch.Generator().manual_seed(3)), -1)
     narrow = wide.clone()
-    narrow[:, 50:] = 0  # fewer than a quarter of the ids in play: the gathered path
-    assert torch.equal(draw(wide[:, :50] * 3.0, keys[:64]), draw(narrow, keys[:64]))  # unnormalised too
+    narrow[:, 700:] = 0  # ids out of play, whole blocks of them too
+    got = draw(narrow, keys[:64])
+    assert (got < 700).all() and torch.equal(draw(narrow[:, :700] * 4.0, keys[:64]), got)  # unnormalised
     assert torch.equal(draw(wide, keys[:64])[5:6], draw(wide[5:6], keys[5:6]))  # alone = batched
+    big = torch.tensor([[0.2, 0.3] + [0.0] * 600 + [0.5]]).repeat(20000, 1)  # across blocks
+    freq = torch.bincount(draw(big, keys), minlength=603).float() / 20000
+    assert abs(freq[0] - 0.2) < 0.015 and abs(freq[1] - 0.3) < 0.015 and abs(freq[602] - 0.5) < 0.015
     e = exponentials(torch.tensor([race_key(1, 0)]), torch.arange(200000)).float()
     assert abs(e.mean() - 1) < 0.01 and abs(e.var() - 1) < 0.03  # Exp(1)
     for empty in (torch.zeros(1, 3), torch.full((1, 3), float("nan"))):  # nothing to draw from
