@@ -127,25 +127,51 @@ def _run_cleanups() -> None:
             pass
 
 
+ABORT_GRACE_S = 0.5
+
+
 def hard_exit(code: int, *, together: bool = False) -> None:
     """End this process now, and with it the job: MPI Abort, or os._exit (no exit hooks).
     `together`: every rank of the job is leaving here with the same status (an agreed failure),
-    so no abort is needed: each rank runs its clean-ups and exits, skipping the interpreter's
-    teardown of gloo / MPI threads, which could abort the process ("terminate called without
-    an active exception", seen once in CI) and change the job's status."""
+    so no abort is needed: each rank runs its clean-ups, waits at a barrier until every rank has
+    (rank 0 has printed the report: a launcher kills the others once one rank exits non-zero),
+    finalises MPI and exits, skipping the interpreter's teardown of gloo threads, which could
+    abort the process ("terminate called without an active exception", seen once in CI)."""
     _run_cleanups()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except Exception:  # noqa: BLE001
             pass
-    comm = _mpi_comm() if _state.world_size > 1 and not together else None
-    if comm is not None:
-        try:
+    comm = _mpi_comm() if _state.world_size > 1 else None
+    if together:
+        _barrier(comm)
+        if comm is not None:
+            try:
+                sys.modules["mpi4py.MPI"].Finalize()
+            except Exception:  # noqa: BLE001
+                pass
+    elif comm is not None:
+        time.sleep(ABORT_GRACE_S)  # MPI's abort kills the job at once: let the launcher forward
+        try:  # the error line first (a fault test lost it in one of a few local runs)
             comm.Abort(code)
         except Exception:  # noqa: BLE001
             pass
     os._exit(code)
+
+
+def _barrier(comm) -> None:
+    """Every rank of the job reaches this point (MPI's barrier, else the process group's);
+    bounded by the collective timeout of the process group."""
+    try:
+        if comm is not None:
+            comm.Barrier()
+            return
+        dist = sys.modules.get("torch.distributed")
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            dist.barrier()
+    except Exception:  # noqa: BLE001 - leaving anyway
+        pass
 
 
 def say(message: str, *, rank: Optional[int] = None) -> None:
