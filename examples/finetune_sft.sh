@@ -27,7 +27,8 @@ mkdir -p "$OUT"
 "$PYTHON" tools/preprocess_data.py --dataset-type sft --chat-template rugpt3 --input "$DATA" \
     --tokenizer-type GPT2BPETokenizer --vocab-file "$VOCAB" --merge-file "$MERGES" \
     --output-prefix "$OUT/data/sft"
-# 2. LoRA on the tensor-parallel layers; packed rows; the base stays frozen; adapters only are saved
+# 2. LoRA on the tensor-parallel layers; packed rows; the base stays frozen; the adapters and their
+#    training state are saved (never the base)
 rm -rf "$OUT/lora"
 "$MPIRUN" --np "$NP" "$PYTHON" pretrain_gpt.py $MODEL_ARGS --tensor-model-parallel-size "$TP" \
     --deepspeed --deepspeed_config configs/tiny_sparse.json \

@@ -63,6 +63,7 @@ class TrainArgs:
     save_interval: Optional[int] = None
     load: Optional[str] = None
     finetune: bool = False
+    pretrained_checkpoint: Optional[str] = None
     no_load_optim: bool = False
     # evaluation and logging
     eval_interval: int = 1000
@@ -177,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--save-interval", type=int)
     c.add_argument("--load")
     c.add_argument("--finetune", action="store_true", help="load weights only; restart the run")
+    c.add_argument("--pretrained-checkpoint", metavar="BASE",
+                   help="weights to start from when --load holds no checkpoint yet (Megatron's "
+                        "flag): `--pretrained-checkpoint BASE --load RUN --save RUN` fine-tunes "
+                        "BASE on the first launch and resumes RUN on every later one")
     c.add_argument("--no-load-optim", action="store_true")
     c.add_argument("--use-checkpoint-args", action="store_true",
                    help="take the model settings from --load's config.json (no model flags needed)")
@@ -278,6 +283,10 @@ def validate(args: TrainArgs) -> None:
         raise ConfigError("--data-path is required (a preprocessed PREFIX, see tools/preprocess_data.py)")
     if args.finetune and not args.load:
         raise ConfigError("--finetune needs --load DIR to take the weights from")
+    if args.finetune and args.pretrained_checkpoint:
+        raise ConfigError("--finetune --load BASE and --pretrained-checkpoint BASE both name the "
+                          "weights to start from: give one (--pretrained-checkpoint resumes --load "
+                          "once it holds a checkpoint)")
     positive("max_skipped_steps", args.max_skipped_steps)
     positive("spike_window", args.spike_window)
     if args.spike_threshold <= 0 or args.max_rollbacks < 0:

@@ -123,9 +123,11 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
 def save_training_checkpoint(engine, directory: str, iteration: int, client_state: dict,
                              config: ModelConfig, ps: ParallelState,
                              tokenizer_files: Optional[dict] = None,
-                             needed_bytes: Optional[int] = None) -> Path:
+                             needed_bytes: Optional[int] = None, trainable_only: bool = False) -> Path:
     """Collective: every rank calls it. On any error the partial `<tag>.tmp` is removed and the
-    previous checkpoint stays `latest`; a full disk is named as such with the size needed."""
+    previous checkpoint stays `latest`; a full disk is named as such with the size needed.
+    `trainable_only` (a LoRA run): frozen parameters are left out and no config.json is written
+    (the directory is an adapter directory pointing at its base, model/lora.py)."""
     root = Path(directory)
     tag = f"iter_{iteration:07d}"
     tmp, final = root / f"{tag}.tmp", root / tag
@@ -137,7 +139,8 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
                 _copy_tokenizer(root, tokenizer_files)
         ps.barrier()
         runtime.fault_point("save", iteration)
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False)
+        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False,
+                               exclude_frozen_parameters=trainable_only)
         ps.barrier()
         if ps.rank == 0:
             tokenizer = None
@@ -145,7 +148,8 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
                 tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
                              for k, v in tokenizer_files.items()}
             runtime.fault_point("save_config", iteration)
-            write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
+            if not trainable_only:
+                write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
             old = root / f"{tag}.old"
             if final.exists():
                 final.rename(old)
@@ -167,12 +171,14 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
 
 
 def load_training_checkpoint(engine, directory: str, *, load_optimizer: bool,
-                             tag: Optional[str] = None) -> dict:
-    """Restore module, optimizer, scheduler, loss scaler; returns our client state."""
+                             tag: Optional[str] = None, strict: bool = True) -> dict:
+    """Restore module, optimizer, scheduler, loss scaler; returns our client state. `strict`
+    False: a LoRA run's checkpoint holds the adapters only (the base is loaded before)."""
     tag = tag or latest_tag(Path(directory))
     runtime.fault_point("load")
     path, client = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=load_optimizer,
-                                          load_lr_scheduler_states=load_optimizer)
+                                          load_lr_scheduler_states=load_optimizer,
+                                          load_module_strict=strict)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {Path(directory) / tag}")
     return client or {}

@@ -213,7 +213,7 @@ def adapter_state(model) -> dict:
 def save_adapters(model, directory, *, base: Optional[str], write: bool = True, **extra) -> Optional[Path]:
     """Writes the adapter directory (TP rank 0 of DP rank 0 writes; all ranks must call)."""
     from ..checkpoint.hf import write_safetensors
-    from ..checkpoint.model_io import atomic_write_text
+    from ..checkpoint.model_io import atomic_write_text, ordinary_mode
     state = adapter_state(model)
     if not write:
         return None
@@ -224,6 +224,7 @@ def save_adapters(model, directory, *, base: Optional[str], write: bool = True, 
     try:
         write_safetensors(Path(tmp), [(n, tuple(t.shape), lambda t=t: t) for n, t in state.items()],
                           torch.float32)
+        os.chmod(tmp, ordinary_mode())  # mkstemp's 0600 → what open() gives
         os.replace(tmp, directory / WEIGHTS_FILE)
     finally:
         if os.path.exists(tmp):

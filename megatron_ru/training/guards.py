@@ -194,7 +194,8 @@ class Guards:
         if self.rollbacks >= a.max_rollbacks or not a.save or not (Path(a.save) / "latest").is_file():
             return False
         spike_iteration, spike_consumed = t.iteration, t.consumed
-        client = ckpt.load_training_checkpoint(t.engine, a.save, load_optimizer=True)
+        client = ckpt.load_training_checkpoint(t.engine, a.save, load_optimizer=True,
+                                               strict=not a.lora_rank)
         t.iteration = int(client.get("iteration", 0))
         start = int(client.get("consumed_samples", 0))
         t.consumed_valid = int(client.get("consumed_valid_samples", 0))

@@ -70,9 +70,12 @@ def resume_tag(args: TrainArgs, log: Callable) -> Optional[str]:
         return tag
     leftovers = sorted(p.name for p in Path(args.load).glob("iter_*.tmp")) \
         if Path(args.load).is_dir() else []
-    if _same_dir(args.load, args.save):  # the auto-resume idiom, first launch
+    if _same_dir(args.load, args.save) or args.pretrained_checkpoint:
+        # the auto-resume idiom, first launch
         what = f" (only leftovers of an interrupted save: {', '.join(leftovers)})" if leftovers else ""
-        log(f"no checkpoint in {args.load} yet{what}: starting from scratch")
+        start = f"--pretrained-checkpoint {args.pretrained_checkpoint}" if args.pretrained_checkpoint \
+            else "scratch"
+        log(f"no checkpoint in {args.load} yet{what}: starting from {start}")
         return None
     if not Path(args.load).is_dir():
         raise CheckpointError(f"--load {args.load} does not exist")
@@ -104,15 +107,37 @@ def check_save_holds_this_run(args: TrainArgs, config: ModelConfig, resuming: Op
 
 def apply_checkpoint_args(args: TrainArgs, log: Callable) -> None:
     """--use-checkpoint-args: model settings (and the tokenizer, when none is given) from --load."""
-    if not args.load:
-        raise ConfigError("--use-checkpoint-args needs --load DIR")
-    if not (Path(args.load) / "config.json").is_file():
-        if _same_dir(args.load, args.save):
+    if not args.load and not args.pretrained_checkpoint:
+        raise ConfigError("--use-checkpoint-args needs --load DIR (or --pretrained-checkpoint BASE)")
+    source = _settings_source(args)
+    if source is None:
+        if args.load and _same_dir(args.load, args.save):
             if not args.preset and "num_layers" not in args.model_overrides:
                 raise ConfigError(f"--use-checkpoint-args: {args.load} has no checkpoint yet, so "
                                   "the first launch needs the model flags (or --preset)")
             return
         raise CheckpointError(f"--use-checkpoint-args: {Path(args.load) / 'config.json'} is missing")
+    args_load, args.load = args.load, str(source)  # read the settings (and tokenizer) from there
+    try:
+        _apply_settings(args, log)
+    finally:
+        args.load = args_load
+
+
+def _settings_source(args: TrainArgs) -> Optional[Path]:
+    """Whose config.json holds the model settings: --load's; for a LoRA run in --load, its base;
+    when --load holds nothing yet, --pretrained-checkpoint."""
+    from ..model.lora import _read_meta
+    if args.load and (Path(args.load) / "config.json").is_file():
+        return Path(args.load)
+    base = _read_meta(Path(args.load)).get("base") if args.load else None
+    for candidate in (base, args.pretrained_checkpoint):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    return None
+
+
+def _apply_settings(args: TrainArgs, log: Callable) -> None:
     config, meta = read_config(Path(args.load))
     taken = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}  # vocab: tokenizer's
     args.preset = None

@@ -11,6 +11,7 @@ or rank they land, and the logged loss is the same global mean.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -40,11 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def validate(args) -> None:
     if args.lora_rank < 0:
         raise ConfigError(f"--lora-rank={args.lora_rank} must be >= 0")
-    if args.lora_rank and not args.load:
-        raise ConfigError("--lora-rank needs --load BASE (adapters are trained on a base model)")
-    if args.lora_rank and args.load and not args.finetune:
-        raise ConfigError("--lora-rank needs --finetune (LoRA runs start from the base's weights; "
-                          "resuming a LoRA run is not supported)")
+    if args.lora_rank and not (args.load or args.pretrained_checkpoint):
+        raise ConfigError("--lora-rank needs a base model: --finetune --load BASE, or "
+                          "--pretrained-checkpoint BASE --load RUN --save RUN (resumable)")
     if args.dataset_type != "sft" and args.sft_packing != "pad":
         raise ConfigError("--sft-packing needs --dataset-type sft")
 
@@ -99,11 +98,39 @@ def setup_lora(model, args, log) -> None:
         f"tensors, {trainable:,} trainable of {total:,} parameters on this rank (base frozen)")
 
 
+def lora_resume_base(args, tag: str) -> str:
+    """The base of the LoRA run in --load (its adapter_config.json, else --pretrained-checkpoint),
+    after checking that this run's LoRA settings are the saved run's."""
+    import os
+
+    from ..model.lora import CONFIG_FILE, _read_meta, base_of, parse_targets
+    meta = _read_meta(Path(args.load))
+    if not meta:  # killed between its first training state and its adapter files
+        if not args.pretrained_checkpoint:
+            raise ConfigError(f"{args.load}/{tag} is a LoRA run's state without its {CONFIG_FILE} "
+                              "(which names the base): pass --pretrained-checkpoint BASE")
+        return args.pretrained_checkpoint
+    base = base_of(meta, args.load)
+    if args.pretrained_checkpoint and os.path.realpath(args.pretrained_checkpoint) != os.path.realpath(base):
+        raise ConfigError(f"--pretrained-checkpoint {args.pretrained_checkpoint}, but the LoRA run in "
+                          f"{args.load} was trained on {base}")
+    want = {"rank": args.lora_rank, "alpha": args.lora_alpha or 2.0 * args.lora_rank,
+            "dropout": args.lora_dropout}
+    for key, value in want.items():
+        if key in meta and float(meta[key]) != float(value):
+            raise ConfigError(f"--lora-{key} {value}, but the LoRA run in {args.load} was saved with "
+                              f"{key} {meta[key]}: resume with the same LoRA settings")
+    if "targets" in meta and list(parse_targets(args.lora_targets)) != list(meta["targets"]):
+        raise ConfigError(f"--lora-targets {args.lora_targets}, but the LoRA run in {args.load} was "
+                          f"saved with {','.join(meta['targets'])}: resume with the same LoRA settings")
+    return base
+
+
 def save_lora(trainer) -> str:
     """Adapters only (full tensors, any TP) + a pointer to the base, into --save."""
     from ..model.lora import save_adapters
     ps = trainer.ps
-    path = save_adapters(trainer.model, trainer.args.save, base=trainer.args.load,
+    path = save_adapters(trainer.model, trainer.args.save, base=trainer.base,
                          write=ps.rank == 0, iteration=trainer.iteration)
     if ps.world_size > 1:
         dist.barrier()

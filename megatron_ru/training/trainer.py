@@ -95,6 +95,7 @@ class Trainer:
         args, ps = self.args, self.ps
         runtime.start_watchdog(args.hang_timeout_minutes)
         self.resume_tag = None  # the checkpoint tag this run resumes from (not with --finetune)
+        self.base = None  # whose weights the model starts from (--finetune / --pretrained-checkpoint / LoRA base)
         runtime.checked(ps, self._prepare)  # flags, tokenizer, paths, lock: all ranks agree
         ds = self.ds
         # rank 0 builds (and caches) the indices first; the others then load them
@@ -105,11 +106,13 @@ class Trainer:
 
         ps.seed(args.seed)
         model = GPTModel(self.config, ps, seed=args.seed)
-        if args.finetune:  # weights only, from any TP size
-            _, full = load_full_state_dict(Path(args.load))
+        if self.base is not None:  # weights only, from any TP size
+            _, full = load_full_state_dict(Path(self.base))
             model.load_state_dict(shard_state_dict(full, model))
-            self.log(f"loaded weights from {args.load} (--finetune: iteration, optimizer and data "
-                     "position start fresh)")
+            if self.resume_tag is None:
+                self.log(f"loaded weights from {self.base} (iteration, optimizer and data position "
+                         "start fresh)")
+            del full
         if args.lora_rank:
             sft.setup_lora(model, args, self.log)
         self.model = model
@@ -145,7 +148,8 @@ class Trainer:
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
-                                                   load_optimizer=not args.no_load_optim)
+                                                   load_optimizer=not args.no_load_optim,
+                                                   strict=not args.lora_rank)
             self.iteration = self.loaded_iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_samples", 0))
             self.consumed_valid = int(client.get("consumed_valid_samples", 0))
@@ -233,12 +237,28 @@ class Trainer:
                          + ", ".join(removed))
         if args.load:
             self.resume_tag = lifecycle.resume_tag(args, self.log)
-            if self.resume_tag is not None or args.finetune:
-                ckpt.check_compatible(args.load, self.config, ps.tp_size,
-                                      weights_only=args.finetune, tag=self.resume_tag)
+        if args.lora_rank and self.resume_tag is not None:  # a LoRA run: its base, then its state
+            self.base = sft.lora_resume_base(args, self.resume_tag)
+            ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
+        elif self.resume_tag is not None:
+            ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
+                                  tag=self.resume_tag)
+        else:
+            self.base = args.load if args.finetune else args.pretrained_checkpoint
+            if self.base is not None:
+                ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
+            elif args.lora_rank:
+                raise ConfigError("--lora-rank needs a base model: --finetune --load BASE, or "
+                                  "--pretrained-checkpoint BASE (with --load RUN --save RUN the "
+                                  f"run resumes once RUN holds a checkpoint; {args.load} has none)")
         if args.save:
             lifecycle.check_save_holds_this_run(args, self.config, resuming=self.resume_tag)
-        if self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
+        if self.resume_tag is not None and args.lora_rank:
+            if universal.plan_resume(args.load, self.resume_tag, ps.dp_size)[1]:
+                raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
+                                  "size; a LoRA run resumes at the same size (its adapters are small: "
+                                  "start a new run from the adapters instead)")
+        elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
                                                                     ps.dp_size)
             if load_universal:
@@ -441,10 +461,6 @@ class Trainer:
 
     def save(self) -> Path:
         a = self.args
-        if a.lora_rank:  # adapters only, pointing at the base
-            path = Path(sft.save_lora(self))
-            self.log(f"saved LoRA adapters {path}")
-            return path
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
                   "universal_checkpoint_info": universal.checkpoint_info(self.model),
@@ -454,11 +470,18 @@ class Trainer:
             if getattr(a, key):
                 files[key] = getattr(a, key)
         runtime.heartbeat(f"saving iteration {self.iteration}")
-        path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
-                                             self.config, self.ps, tokenizer_files=files,
-                                             needed_bytes=self.checkpoint_bytes)
+        if a.lora_rank:  # the adapters' training state (base frozen: not saved), then the adapters
+            path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
+                                                 self.config, self.ps, needed_bytes=self.checkpoint_bytes,
+                                                 trainable_only=True)
+            sft.save_lora(self)
+            self.log(f"saved LoRA adapters and their training state {path}")
+        else:
+            path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
+                                                 self.config, self.ps, tokenizer_files=files,
+                                                 needed_bytes=self.checkpoint_bytes)
+            self.log(f"saved checkpoint {path}")
         runtime.heartbeat(f"saved iteration {self.iteration}")
-        self.log(f"saved checkpoint {path}")
         if a.keep_last_n and self.ps.rank == 0:
             removed = save_dir.prune(a.save, a.keep_last_n, latest=path.name)
             if removed:

@@ -6,9 +6,10 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from megatron_ru.arguments import model_config, parse_pretrain_args
-from megatron_ru.checkpoint.model_io import save_model
+from megatron_ru.checkpoint.model_io import latest_tag, save_model
 from megatron_ru.data.tokenizers import build_tokenizer
 from megatron_ru.inference.runner import main as generate_main
 from megatron_ru.model.gpt import GPTModel
@@ -91,4 +92,46 @@ def test_lora_trains_under_zero_and_half_precision(tmp_path, config, precision, 
     meta, tensors = read_adapters(tmp_path / "lora")
     assert meta["base"] == str(tmp_path / "base") and meta["rank"] == 4
     assert all(float(t.abs().max()) > 0 for n, t in tensors.items() if n.endswith(".B")), "B never moved"
-    assert not (tmp_path / "lora" / "latest").exists()  # adapters only, no full checkpoint
+    state = list((tmp_path / "lora" / latest_tag(tmp_path / "lora")).glob("*model_states.pt"))
+    assert state and sum(f.stat().st_size for f in state) < 200_000  # the adapters' state, no base
+
+
+def test_lora_run_resumes_bit_exactly(tmp_path):
+    """`--pretrained-checkpoint BASE --load RUN --save RUN`: the first launch starts from BASE,
+    a later one resumes RUN (adapters, their optimizer state, schedule, data position); a run
+    stopped at iteration 2 and relaunched ends where the straight run does (ZeRO-3, adapters on
+    the output head too). Other LoRA settings or another base are refused."""
+    tok = ["--vocab-file", str(TOK / "vocab.json"), "--merge-file", str(TOK / "merges.txt")]
+    assert preprocess_data.main(["--input", str(ROOT / "examples" / "data" / "ru_sft.jsonl"),
+                                 "--output-prefix", str(tmp_path / "sft"), "--dataset-type", "sft",
+                                 "--chat-template", "rugpt3", "--tokenizer-type", "GPT2BPETokenizer", *tok]) == 0
+    model = ["--preset", "tiny-gpt3", "--seq-length", "64", *tok]
+    args = parse_pretrain_args([*model, "--data-path", str(tmp_path / "sft")])
+    save_model(tmp_path / "base", GPTModel(model_config(args, 1815, None), seed=7))
+
+    def launch(run, *extra):
+        return subprocess.run([sys.executable, "pretrain_gpt.py", *model, "--data-path", str(tmp_path / "sft"),
+                               "--dataset-type", "sft", "--split", "100,0,0", "--train-iters", "4", "--lr", "1e-2",
+                               "--eval-iters", "0", "--log-interval", "1", "--save-interval", "2",
+                               "--deepspeed_config", str(ROOT / "configs" / "ds_zero3.json"),
+                               "--lora-rank", "4", "--lora-targets", "qkv,proj,fc1,fc2,lm_head",
+                               "--pretrained-checkpoint", str(tmp_path / "base"), "--load", str(run),
+                               "--save", str(run), "--metrics-file", f"{run}.jsonl", *extra],
+                              cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+
+    def losses(run):
+        rows = [json.loads(line) for line in open(f"{run}.jsonl", encoding="utf-8")]
+        return [(r["iteration"], r["loss"]) for r in rows if "loss" in r]
+
+    straight = launch(tmp_path / "straight")
+    assert straight.returncode == 0 and "starting from --pretrained-checkpoint" in straight.stdout, \
+        straight.stderr[-3000:]
+    first = launch(tmp_path / "split", "--exit-interval", "2")
+    assert first.returncode == 0 and latest_tag(tmp_path / "split") == "iter_0000002", first.stderr[-3000:]
+    second = launch(tmp_path / "split")
+    assert second.returncode == 0 and "resumed from" in second.stdout, second.stderr[-3000:]
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight") and len(losses(tmp_path / "split")) == 4
+    (ma, a), (mb, b) = read_adapters(tmp_path / "straight"), read_adapters(tmp_path / "split")
+    assert mb["iteration"] == 4 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    other = launch(tmp_path / "split", "--lora-rank", "8")
+    assert other.returncode == 2 and "--lora-rank 8, but the LoRA run" in other.stderr, other.stderr[-2000:]
