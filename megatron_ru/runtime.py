@@ -161,15 +161,14 @@ def hard_exit(code: int, *, together: bool = False) -> None:
 
 
 def _barrier(comm) -> None:
-    """Every rank of the job reaches this point (MPI's barrier, else the process group's);
-    bounded by the collective timeout of the process group."""
+    """Every rank of the job reaches this point: the process group's barrier (bounded by its
+    collective timeout), else MPI's when MPI spans the whole job."""
     try:
-        if comm is not None:
-            comm.Barrier()
-            return
         dist = sys.modules.get("torch.distributed")
         if dist is not None and dist.is_available() and dist.is_initialized():
             dist.barrier()
+        elif comm is not None and comm.Get_size() == _state.world_size:
+            comm.Barrier()
     except Exception:  # noqa: BLE001 - leaving anyway
         pass
 
@@ -431,7 +430,8 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         _shutdown(previous, dist_before)
         return code
     except BaseException as exc:  # noqa: BLE001 - the point of this function
-        if isinstance(exc, KeyboardInterrupt):
+        interrupted = isinstance(exc, KeyboardInterrupt)  # this rank's signal: not agreed
+        if interrupted:
             exc = JobFailure("interrupted", EXIT_ABORTED)
         code = exit_code_of(exc)
         if _state.world_size > 1 and code == EXIT_USAGE and not _distributed_started():
@@ -441,7 +441,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
                 report(exc)
             return code
         code = report(exc)
-        if _state.world_size > 1 and not isinstance(exc, JobFailure):
+        if _state.world_size > 1 and (interrupted or not isinstance(exc, JobFailure)):
             # Only this rank knows: take the whole job down rather than finalise into a wait.
             hard_exit(code)
         if _state.world_size > 1 and _distributed_started():

@@ -46,6 +46,13 @@ def detect_format(directory: Path) -> str:
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if is_own_checkpoint(directory):
         return "megatron_ru"
+    from ..model.lora import CONFIG_FILE, is_adapter_dir
+    if is_adapter_dir(directory):
+        raise CheckpointError(
+            f"{directory} holds LoRA adapters ({CONFIG_FILE}), not a whole model: sample with "
+            "generate.py --load BASE --lora DIR, merge or export them with "
+            "tools/convert_checkpoint.py --load DIR, resume their run with --lora-rank R "
+            "--pretrained-checkpoint BASE --load DIR --save DIR")
     cfg = directory / "config.json"
     if cfg.is_file():
         try:

@@ -70,7 +70,7 @@ def resume_tag(args: TrainArgs, log: Callable) -> Optional[str]:
         return tag
     leftovers = sorted(p.name for p in Path(args.load).glob("iter_*.tmp")) \
         if Path(args.load).is_dir() else []
-    if _same_dir(args.load, args.save) or args.pretrained_checkpoint:
+    if _same_dir(args.load, args.save):
         # the auto-resume idiom, first launch
         what = f" (only leftovers of an interrupted save: {', '.join(leftovers)})" if leftovers else ""
         start = f"--pretrained-checkpoint {args.pretrained_checkpoint}" if args.pretrained_checkpoint \
@@ -116,7 +116,9 @@ def apply_checkpoint_args(args: TrainArgs, log: Callable) -> None:
                 raise ConfigError(f"--use-checkpoint-args: {args.load} has no checkpoint yet, so "
                                   "the first launch needs the model flags (or --preset)")
             return
-        raise CheckpointError(f"--use-checkpoint-args: {Path(args.load) / 'config.json'} is missing")
+        where = args.load or args.pretrained_checkpoint
+        raise CheckpointError(f"--use-checkpoint-args: {Path(where) / 'config.json'} is missing (it "
+                              "reads our config.json; give the model flags for other formats)")
     args_load, args.load = args.load, str(source)  # read the settings (and tokenizer) from there
     try:
         _apply_settings(args, log)

@@ -225,6 +225,8 @@ class Trainer:
         self.peak = device_peak_tflops(args.peak_tflops)
         self.checkpoint_bytes = save_dir.checkpoint_bytes(
             self.config.num_parameters(), 4 if self.precision == "fp32" else 2)
+        if args.lora_rank:  # a LoRA save holds the adapters' state only
+            self.checkpoint_bytes = sft.lora_checkpoint_bytes(self.config, args)
         lifecycle.check_outputs(args, ps, self.checkpoint_bytes)
         if args.save and ps.rank == 0:  # one owner per save directory, then its leftovers
             self.lock = save_dir.SaveLock(args.save).acquire()
@@ -238,7 +240,7 @@ class Trainer:
         if args.load:
             self.resume_tag = lifecycle.resume_tag(args, self.log)
         if args.lora_rank and self.resume_tag is not None:  # a LoRA run: its base, then its state
-            self.base = sft.lora_resume_base(args, self.resume_tag)
+            self.base = sft.lora_resume_base(args, self.resume_tag, ps.tp_size)
             ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
         elif self.resume_tag is not None:
             ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
@@ -256,8 +258,8 @@ class Trainer:
         if self.resume_tag is not None and args.lora_rank:
             if universal.plan_resume(args.load, self.resume_tag, ps.dp_size)[1]:
                 raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
-                                  "size; a LoRA run resumes at the same size (its adapters are small: "
-                                  "start a new run from the adapters instead)")
+                                  "size; a LoRA run resumes at the size it was saved at (or start "
+                                  "a new one: --finetune --load BASE)")
         elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
                                                                     ps.dp_size)
@@ -470,11 +472,12 @@ class Trainer:
             if getattr(a, key):
                 files[key] = getattr(a, key)
         runtime.heartbeat(f"saving iteration {self.iteration}")
-        if a.lora_rank:  # the adapters' training state (base frozen: not saved), then the adapters
+        if a.lora_rank:  # the adapters, then their training state (the frozen base: never), latest last
+            client.pop("universal_checkpoint_info")  # a LoRA run resumes at its own sizes only
+            sft.save_lora(self)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, needed_bytes=self.checkpoint_bytes,
                                                  trainable_only=True)
-            sft.save_lora(self)
             self.log(f"saved LoRA adapters and their training state {path}")
         else:
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,

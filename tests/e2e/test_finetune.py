@@ -109,13 +109,13 @@ def test_lora_run_resumes_bit_exactly(tmp_path):
     args = parse_pretrain_args([*model, "--data-path", str(tmp_path / "sft")])
     save_model(tmp_path / "base", GPTModel(model_config(args, 1815, None), seed=7))
 
-    def launch(run, *extra):
+    def launch(run, *extra, base=tmp_path / "base", iters=4):
         return subprocess.run([sys.executable, "pretrain_gpt.py", *model, "--data-path", str(tmp_path / "sft"),
-                               "--dataset-type", "sft", "--split", "100,0,0", "--train-iters", "4", "--lr", "1e-2",
-                               "--eval-iters", "0", "--log-interval", "1", "--save-interval", "2",
+                               "--dataset-type", "sft", "--split", "100,0,0", "--train-iters", str(iters),
+                               "--lr", "1e-2", "--eval-iters", "0", "--log-interval", "1", "--save-interval", "2",
                                "--deepspeed_config", str(ROOT / "configs" / "ds_zero3.json"),
                                "--lora-rank", "4", "--lora-targets", "qkv,proj,fc1,fc2,lm_head",
-                               "--pretrained-checkpoint", str(tmp_path / "base"), "--load", str(run),
+                               "--pretrained-checkpoint", str(base), "--load", str(run),
                                "--save", str(run), "--metrics-file", f"{run}.jsonl", *extra],
                               cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
 
@@ -135,3 +135,12 @@ def test_lora_run_resumes_bit_exactly(tmp_path):
     assert mb["iteration"] == 4 and set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     other = launch(tmp_path / "split", "--lora-rank", "8")
     assert other.returncode == 2 and "--lora-rank 8, but the LoRA run" in other.stderr, other.stderr[-2000:]
+    whole = launch(tmp_path / "base", "--exit-interval", "1")  # a whole model is no LoRA run
+    assert whole.returncode == 2 and "holds a whole model's training checkpoint" in whole.stderr, \
+        whole.stderr[-2000:]
+    (tmp_path / "base").rename(tmp_path / "moved")  # the base moved: name its new place
+    gone = launch(tmp_path / "split", iters=5)
+    assert gone.returncode == 2 and "which does not exist: pass its new place" in gone.stderr, gone.stderr[-2000:]
+    moved = launch(tmp_path / "split", base=tmp_path / "moved", iters=5)
+    assert moved.returncode == 0 and "resumed from" in moved.stdout, moved.stderr[-2000:]
+    assert [i for i, _ in losses(tmp_path / "split")] == [1, 2, 3, 4, 5]
