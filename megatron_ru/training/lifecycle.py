@@ -94,6 +94,12 @@ def check_save_holds_this_run(args: TrainArgs, config: ModelConfig, resuming: Op
     tag = save_dir.latest_or_newest(args.save)
     if tag is None or (_same_dir(args.load, args.save) and resuming is not None):
         return
+    from ..model.lora import is_adapter_dir
+    if is_adapter_dir(root):
+        raise CheckpointError(
+            f"--save {root} already holds a LoRA run (latest {tag}); resume it with --lora-rank R "
+            f"--pretrained-checkpoint BASE --load {root} --save {root} (its LoRA flags), or choose an "
+            "empty --save directory")
     what = "another model's" if not is_own_checkpoint(root) else None
     if what is None:
         saved, _ = read_config(root)
