@@ -132,8 +132,8 @@ ABORT_GRACE_S = 0.5
 
 def hard_exit(code: int, *, together: bool = False) -> None:
     """End this process now, and with it the job: MPI Abort, or os._exit (no exit hooks).
-    `together`: every rank of the job is leaving here with the same status (an agreed failure),
-    so no abort is needed: each rank runs its clean-ups, waits at a barrier until every rank has
+    `together`: every rank of the job is leaving here with the same status (success, or an
+    agreed failure), so no abort is needed: each rank runs its clean-ups, waits at a barrier until every rank has
     (rank 0 has printed the report: a launcher kills the others once one rank exits non-zero),
     finalises MPI and exits, skipping the interpreter's teardown of gloo threads, which could
     abort the process ("terminate called without an active exception", seen once in CI)."""
@@ -449,7 +449,12 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
             hard_exit(code, together=True)
         _shutdown(previous, dist_before)
         return code
-    _shutdown(previous)  # success: the process group ends with the interpreter, as it always did
+    if _state.world_size > 1 and _distributed_started():
+        # A rank of a job that succeeded: leave together, as after an agreed failure. The
+        # interpreter's own teardown of gloo / DeepSpeed threads could abort a finished ZeRO-3
+        # run ("terminate called without an active exception", status 6: twice in CI).
+        hard_exit(int(code or 0), together=True)
+    _shutdown(previous)
     return int(code or 0)
 
 
