@@ -240,8 +240,8 @@ def _chat_files(tok_dir: Optional[str]) -> list[Path]:
 
 def _chat_template(tok_dir: Optional[str]) -> Optional[str]:
     """The tokenizer directory's own chat template (Jinja source), or None."""
-    from ..data.chat import _own_template
-    own = _own_template(tok_dir)
+    from ..data.chat import own_template
+    own = own_template(tok_dir)
     return own[0] if own else None
 
 

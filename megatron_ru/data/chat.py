@@ -233,7 +233,7 @@ class ChatTemplate:
 
 def has_template(tokenizer_dir: Optional[str]) -> bool:
     """Whether `tokenizer_dir` holds a chat template (chat_template.jinja or tokenizer_config.json)."""
-    return _own_template(tokenizer_dir) is not None
+    return own_template(tokenizer_dir) is not None
 
 
 def template_source(value, where: str) -> str:
@@ -253,7 +253,7 @@ def template_source(value, where: str) -> str:
 CHAT_FILES = ("tokenizer_config.json", "chat_template.jinja")  # carried with a tokenizer
 
 
-def _own_template(tokenizer_dir: Optional[str]) -> Optional[tuple[str, str]]:
+def own_template(tokenizer_dir: Optional[str]) -> Optional[tuple[str, str]]:
     """(Jinja source, where it came from) of the tokenizer directory's own template: its
     chat_template.jinja (how transformers saves templates since 4.43), else the chat_template of
     its tokenizer_config.json; None when it has neither."""
@@ -292,7 +292,7 @@ def load_template(spec: Optional[str], tokenizer=None, tokenizer_dir: Optional[s
                             eos_token=_token_name(config, "eos_token") or eod or "",
                             eot_token=BUILTIN_EOT[spec])
     if spec is None:
-        own = _own_template(tokenizer_dir)
+        own = own_template(tokenizer_dir)
         if own is None:
             raise ChatError("no chat template: pass --chat-template llama3|rugpt3|FILE (the tokenizer "
                             "has no chat_template.jinja or tokenizer_config.json with a chat_template)")

@@ -104,7 +104,7 @@ def lora_resume_base(args, tag: str, tp_size: int) -> str:
     the saved run's."""
     import os
 
-    from ..model.lora import CONFIG_FILE, _read_meta
+    from ..model.lora import CONFIG_FILE, _read_meta, parse_targets
     load = Path(args.load)
     if (load / "config.json").is_file():
         raise ConfigError(f"--lora-rank with --load {load}: it holds a whole model's training "
@@ -132,7 +132,6 @@ def lora_resume_base(args, tag: str, tp_size: int) -> str:
             raise ConfigError(f"{flag} {value}, but the LoRA run in {load} was saved with {key} "
                               f"{meta[key]}: resume with the same settings (a LoRA run resumes at "
                               "its TP and data-parallel sizes)")
-    from ..model.lora import parse_targets
     if "targets" in meta and list(parse_targets(args.lora_targets)) != list(meta["targets"]):
         raise ConfigError(f"--lora-targets {args.lora_targets}, but the LoRA run in {load} was "
                           f"saved with {','.join(meta['targets'])}: resume with the same LoRA settings")

@@ -465,7 +465,6 @@ class Trainer:
         a = self.args
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
-                  "universal_checkpoint_info": universal.checkpoint_info(self.model),
                   **self.guards.client_state()}
         files = {"type": a.tokenizer_type, "eod_token": a.eod_token}
         for key in ("vocab_file", "merge_file", "tokenizer_model"):
@@ -473,13 +472,13 @@ class Trainer:
                 files[key] = getattr(a, key)
         runtime.heartbeat(f"saving iteration {self.iteration}")
         if a.lora_rank:  # the adapters, then their training state (the frozen base: never), latest last
-            client.pop("universal_checkpoint_info")  # a LoRA run resumes at its own sizes only
             sft.save_lora(self)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, needed_bytes=self.checkpoint_bytes,
                                                  trainable_only=True)
             self.log(f"saved LoRA adapters and their training state {path}")
-        else:
+        else:  # universal-checkpoint info: a LoRA run resumes at its own sizes only, so not there
+            client["universal_checkpoint_info"] = universal.checkpoint_info(self.model)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, tokenizer_files=files,
                                                  needed_bytes=self.checkpoint_bytes)
