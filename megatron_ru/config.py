@@ -7,13 +7,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from .model.sparsity import (SPARSE_LAYER_MODES, SparsityConfigError, normalize_sparse_attention,
-                             sparse_layer_indices)
-from .runtime import UsageError
-
-
-class ConfigError(UsageError):
-    """A model or parallel configuration breaks a rule; the message names the value and the rule."""
+from .errors import ConfigError  # noqa: F401 (part of this module's interface)
+from .sparse_config import (SPARSE_LAYER_MODES, SparsityConfigError, normalize_sparse_attention,
+                            sparse_layer_indices)
 
 
 FAMILIES = ("gpt3", "llama")

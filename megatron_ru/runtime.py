@@ -41,49 +41,9 @@ import time
 import traceback
 from typing import Callable, Optional
 
-EXIT_OK, EXIT_FAILURE, EXIT_USAGE, EXIT_DIVERGED, EXIT_HANG, EXIT_ABORTED = 0, 1, 2, 3, 4, 130
-
-
-class UsageError(ValueError):
-    """A user mistake (flag, file, input): one line, exit status 2. Our error classes derive from it."""
-    exit_code = EXIT_USAGE
-
-
-class JobFailure(Exception):
-    """An error every rank learnt about together (via `agree`): rank 0 reports it, all exit alike."""
-
-    def __init__(self, message: str, exit_code: int = EXIT_FAILURE,
-                 rank: Optional[int] = None) -> None:
-        super().__init__(message)
-        self.exit_code, self.rank = exit_code, rank
-
-
-class InjectedFault(RuntimeError):
-    """Raised by `fault_point` when MEGATRON_RU_FAULT names the site."""
-
-
-# OSErrors that are the user's path mistakes rather than faults of the machine.
-_PATH_ERRORS = (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
-                FileExistsError)
-
-
-def exit_code_of(exc: BaseException) -> int:
-    code = getattr(exc, "exit_code", None)
-    if isinstance(code, int):
-        return code
-    if isinstance(exc, _PATH_ERRORS):
-        return EXIT_USAGE
-    return EXIT_FAILURE
-
-
-def describe(exc: BaseException) -> str:
-    """One line: the message, prefixed by the exception type where the message alone is unclear."""
-    msg = " ".join(str(exc).split()) or type(exc).__name__
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return msg if "No space left on device" in msg else f"No space left on device: {msg}"
-    if isinstance(exc, (UsageError, JobFailure)) or exit_code_of(exc) == EXIT_USAGE:
-        return msg
-    return f"{type(exc).__name__}: {msg}"
+from .errors import (EXIT_ABORTED, EXIT_DIVERGED, EXIT_FAILURE, EXIT_HANG, EXIT_OK,  # noqa: F401 (re-exported)
+                     EXIT_USAGE, InjectedFault, JobFailure, UsageError, describe, exit_code_of)
+from .launch import discover_launch
 
 
 # ---- process-wide state of the job (one per process by nature: signals, MPI) --------------------
@@ -415,8 +375,6 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
     words = sys.argv[1:] if argv is None else list(argv)
     _state.debug = "--debug" in words or os.environ.get("MEGATRON_RU_DEBUG", "") not in ("", "0")
     try:
-        from .parallel.state import discover_launch
-
         launch = discover_launch()
         _state.rank, _state.world_size = launch.rank, launch.world_size
     except Exception:  # noqa: BLE001 - a malformed launcher environment is reported by main

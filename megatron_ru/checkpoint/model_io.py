@@ -27,7 +27,7 @@ from ..config import ConfigError, ModelConfig
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard, unshard
 from ..parallel.state import ParallelState
-from ..runtime import UsageError
+from ..errors import UsageError
 
 FORMAT = "megatron_ru"
 VOCAB_PARAMS = ("embed.weight", "lm_head.weight")

@@ -21,7 +21,7 @@ import re
 from dataclasses import dataclass
 from typing import Optional
 
-from ..runtime import UsageError
+from ..errors import UsageError
 
 ROLES = ("system", "user", "assistant")
 

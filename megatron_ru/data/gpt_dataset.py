@@ -22,7 +22,7 @@ import warnings
 import numpy as np
 
 from .indexed_dataset import IndexedDataset
-from ..runtime import UsageError
+from ..errors import UsageError
 
 INDEX_VERSION = 2  # bump when the index layout or algorithm changes: invalidates caches
 

@@ -16,7 +16,7 @@ import os
 import struct
 
 import numpy as np
-from ..runtime import UsageError
+from ..errors import UsageError
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1

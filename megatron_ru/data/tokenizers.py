@@ -8,7 +8,7 @@ import json
 import os
 
 import regex
-from ..runtime import UsageError
+from ..errors import UsageError
 
 # The GPT-2 pre-tokenizer: contractions, letter runs, number runs, other-symbol runs, each with an
 # optional leading space; whitespace runs keep their last space for the next word (`\s+(?!\S)`).

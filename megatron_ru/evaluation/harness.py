@@ -24,7 +24,7 @@ try:
     from lm_eval.api.registry import register_model
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 except ImportError as exc:  # an optional extra
-    from ..runtime import UsageError
+    from ..errors import UsageError
     raise UsageError(f"the lm-eval backend needs the lm-eval package ({exc}); "
                      "pip install 'megatron_ru[eval]'") from None
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
-from ..runtime import UsageError
+from ..errors import UsageError
 
 
 class EvalInputError(UsageError):

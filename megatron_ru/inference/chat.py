@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..checkpoint.model_io import atomic_write_text
 from ..data.chat import ChatError, check_messages
+from ..errors import UsageError
 from .cli import InputError
 
 CHAT_PROMPT = "User (\"stop\" to quit, \"reset\" to start over) >>> "
@@ -95,9 +96,6 @@ def interactive(session) -> int:
             ids = encode(session, turn, "the conversation")
             record = json.loads(session.generate_rows([(line, ids)], show_prompt=False)[0])
             history = turn + [{"role": "assistant", "content": record["text"].strip()}]
-        except Exception as exc:  # noqa: BLE001 - a bad turn is reported, the session goes on
-            from .runner import USER_ERRORS
-            if not isinstance(exc, USER_ERRORS + (ChatError,)):
-                raise
+        except UsageError as exc:  # a bad turn is reported, the session goes on
             if session.writer:
                 print(f"error: {exc}", file=sys.stderr, flush=True)

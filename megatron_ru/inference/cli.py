@@ -13,7 +13,7 @@ from .quantize import add_arguments as add_quantize_arguments, spec_from_args
 from .speculative import add_arguments as add_speculative_arguments, check_args
 from .sampling import SamplingParams, SamplingError
 from .. import runtime
-from ..runtime import UsageError
+from ..errors import UsageError
 
 MODEL_SHAPE_FLAGS = ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings")
 

@@ -22,7 +22,7 @@ from ..model.gpt import GPTModel
 from ..model.kv_cache import KVCache
 from .sampling import (GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, sample,
                        seen_mask)
-from ..runtime import UsageError
+from ..errors import UsageError
 
 ACTIVE, EOD, STOP, LENGTH = 0, 1, 2, 3
 FINISH_REASONS = {EOD: "eod", STOP: "stop", LENGTH: "length"}

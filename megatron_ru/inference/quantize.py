@@ -36,7 +36,7 @@ from torch import nn
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear
 from ..parallel.mappings import copy_to_region, gather_from_region, reduce_from_region
 from ..parallel.sharding import ShardSpec
-from ..runtime import UsageError
+from ..errors import UsageError
 
 METHODS = ("int8", "int4")
 KERNELS = ("auto", "fbgemm", "dequant")

@@ -15,20 +15,15 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
-from ..checkpoint.model_io import CheckpointError, atomic_write_text, read_config
-from ..config import ConfigError
-from ..data.tokenizers import TokenizerError, build_tokenizer
+from ..errors import UsageError
+from ..checkpoint.model_io import atomic_write_text, read_config
+from ..data.tokenizers import build_tokenizer
 from ..parallel.state import LaunchInfo, ParallelState, discover_launch
 from .cli import InputError, Settings, check_model_flags, parse, record, tokenizer_kwargs
-from .generator import Generator, PromptError
-from .quantize import QuantizeError
+from .generator import Generator
 from .quantize_io import load_for_inference, open_speculative
-from .speculative import SpeculativeError
-from .sampling import SamplingError
 from .text import StopStrings, TextStream
 
-USER_ERRORS = (InputError, ConfigError, CheckpointError, TokenizerError, PromptError, SamplingError,
-               QuantizeError, SpeculativeError)
 INTERACTIVE_PROMPT = "Model prompt (\"stop\" or end of input to quit) >>> "
 
 
@@ -146,7 +141,7 @@ class Session:
                 rows = [(line, ids)] * self.settings.num_samples
                 for start in range(0, len(rows), self.args.batch_size):
                     self.generate_rows(rows[start:start + self.args.batch_size], show_prompt=False)
-            except USER_ERRORS as exc:
+            except UsageError as exc:  # a user mistake in this line (every error class of ours)
                 if self.writer:
                     print(f"error: {exc}", file=sys.stderr, flush=True)
 

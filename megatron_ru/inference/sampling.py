@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from ..runtime import UsageError
+from ..errors import UsageError
 
 NEG_INF = float("-inf")
 

@@ -28,7 +28,7 @@ import torch.distributed as dist
 
 from .generator import ACTIVE, EOD, FINISH_REASONS, LENGTH, STOP, Completion, Generator
 from .sampling import GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, logits_to_probs
-from ..runtime import UsageError
+from ..errors import UsageError
 
 
 class SpeculativeError(UsageError):

@@ -34,7 +34,7 @@ from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, _param_seed, tag
 from ..parallel.mappings import copy_to_region, reduce_from_region
 from ..parallel.sharding import ShardSpec, shard, unshard
-from ..runtime import UsageError
+from ..errors import UsageError
 
 FORMAT = "megatron_ru_lora"
 TARGETS = ("qkv", "proj", "fc1", "fc2", "lm_head")

@@ -13,55 +13,15 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError, ModelConfig
+from ..launch import LaunchInfo, discover_launch  # noqa: F401 (re-exported)
 from .random import RNGTracker, model_parallel_seed
-
-
-@dataclass(frozen=True)
-class LaunchInfo:
-    launcher: str  # "torchrun", "openmpi", "mpich", "slurm" or "single"
-    rank: int
-    world_size: int
-    local_rank: int
-
-
-def _int(environ: Mapping[str, str], key: str, default: Optional[int] = None) -> int:
-    value = environ.get(key)
-    if value is None:
-        if default is None:
-            raise ConfigError(f"environment variable {key} is missing")
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"environment variable {key}={value!r} is not an integer") from None
-
-
-def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
-    """Rank, world size and local rank as the launcher published them (no MPI calls)."""
-    env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return LaunchInfo("torchrun", _int(env, "RANK"), _int(env, "WORLD_SIZE"),
-                          _int(env, "LOCAL_RANK", 0))
-    if "OMPI_COMM_WORLD_RANK" in env:
-        return LaunchInfo("openmpi", _int(env, "OMPI_COMM_WORLD_RANK"),
-                          _int(env, "OMPI_COMM_WORLD_SIZE"),
-                          _int(env, "OMPI_COMM_WORLD_LOCAL_RANK", 0))
-    if "PMI_RANK" in env:
-        return LaunchInfo("mpich", _int(env, "PMI_RANK"), _int(env, "PMI_SIZE"),
-                          _int(env, "MPI_LOCALRANKID", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        # SLURM_STEP_ID is only set inside an `srun` step; a batch script run by hand is one process.
-        return LaunchInfo("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
-                          _int(env, "SLURM_LOCALID", 0))
-    return LaunchInfo("single", 0, 1, 0)
 
 
 def _free_port() -> int:

@@ -7,7 +7,7 @@ drops the gradients and raises the optimizer's `overflow` flag, which DeepSpeed'
 to count the skip and hold the LR schedule. A finite loss above --max-loss (default 4 ln V, four
 times the loss of guessing uniformly) counts the same (its update is applied). After
 `--max-skipped-steps` such consecutive steps, or when fp16 loss scaling reaches its minimum, the run stops with one line and exit status
-runtime.EXIT_DIVERGED (3), without saving (or rolls back, with --rollback-on-nonfinite).
+errors.EXIT_DIVERGED (3), without saving (or rolls back, with --rollback-on-nonfinite).
 
 Spike rollback. A finite loss more than Z standard deviations above the mean of the last W
 iterations (--spike-window W --spike-threshold Z) reloads the last checkpoint of --save in
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .. import runtime
+from ..errors import EXIT_DIVERGED, JobFailure, UsageError
 from ..checkpoint import training as ckpt
 from ..data.blended import parse_data_path, parse_split
 
@@ -36,14 +36,14 @@ DIVERGED_HINT = ("try a lower --lr, a longer warmup (--lr-warmup-iters), --clip-
                  "fp16, or --rollback-on-nonfinite with --save-interval")
 
 
-class TrainingDiverged(runtime.JobFailure):
+class TrainingDiverged(JobFailure):
     """Every rank stops together (their skip decisions agree): exit status 3, nothing saved."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(message, runtime.EXIT_DIVERGED)
+        super().__init__(message, EXIT_DIVERGED)
 
 
-class DataArgsMismatch(runtime.UsageError):
+class DataArgsMismatch(UsageError):
     """A resume whose data settings differ from the checkpoint's (without --override-data-args)."""
 
 

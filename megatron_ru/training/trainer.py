@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
+from ..errors import EXIT_OK
 from ..arguments import TrainArgs, model_config
 from ..config import ConfigError
 from ..checkpoint import save_dir, universal
@@ -351,7 +352,7 @@ class Trainer:
     def run(self) -> int:
         """The whole job; returns the exit status."""
         self.fit()
-        return runtime.EXIT_OK
+        return EXIT_OK
 
     def fit(self) -> list[dict]:
         a = self.args
