@@ -21,7 +21,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # single-thread HF, li
 import numpy as np  # noqa: E402
 
 from megatron_ru.data.blended import build_blend_indices  # noqa: E402
-from megatron_ru.data.gpt_dataset import GPTDataset, build_indices  # noqa: E402
+from megatron_ru.data.gpt_dataset import GPTDataset  # noqa: E402
+from megatron_ru.data.order import build_indices  # noqa: E402
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder  # noqa: E402
 from megatron_ru.data.tokenizers import GPT2BPETokenizer  # noqa: E402
 

@@ -1,9 +1,10 @@
 """Data pipeline: tokenizers, Megatron .bin/.idx datasets, packing, blending, batches (torch-free import)."""
-from .blended import (BlendedDataset, build_blend_indices, build_train_valid_test_datasets, parse_data_path,
-                      parse_split, split_boundaries)
-from .gpt_dataset import DatasetConfigError, GPTDataset, build_indices
+from .blended import BlendedDataset, build_blend_indices, parse_data_path, parse_split, split_boundaries
+from .builder import build_train_valid_test_datasets
+from .gpt_dataset import GPTDataset
 from .indexed_dataset import (IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError, best_fitting_dtype,
                               write_index)
+from .order import DatasetConfigError, build_indices
 from .tokenizers import (GPT2BPETokenizer, HFTokenizer, SentencePieceTokenizer, TokenizerError,
                          build_tokenizer)
 

@@ -1,19 +1,17 @@
-"""Weighted blending of datasets, `--data-path` / `--split` parsing, and the train/valid/test builder.
+"""Weighted blending of datasets (our low-discrepancy order) and `--data-path` / `--split` parsing.
 
 Blending is deterministic and low-discrepancy: the k-th sample of dataset d is "due" at time
 (k + 1/2) / w_d; merging all due times in order gives, after any n samples, a count per dataset
 within (D + 1) / 2 of w_d * n, so every window of the blend matches the weights to +-(D + 1)
-samples. It is one vectorised sort, no Python loop per sample.
+samples. It is one vectorised sort, no Python loop per sample. data/builder.py puts the
+train/valid/test datasets together from these parts.
 """
 import math
-import os
-import warnings
 
 import numpy as np
 
-from .gpt_dataset import DatasetConfigError, GPTDataset
-from .indexed_dataset import IndexedDataset, dataset_exists
-from .validate import validate_dataset
+from .indexed_dataset import dataset_exists
+from .order import DatasetConfigError
 
 SPLIT_NAMES = ("train", "valid", "test")
 
@@ -116,71 +114,3 @@ class BlendedDataset:
         sample = dict(self.datasets[d][int(self.dataset_sample_index[idx])])
         sample["dataset_id"] = np.int64(d)
         return sample
-
-
-def build_train_valid_test_datasets(data_path, split, seq_length, seed, num_samples, cache_path=None,
-                                    vocab_size=None, tokenizer_fingerprint=None, warn=None,
-                                    data_order="ours"):
-    """The training loop's entry point: (train, valid, test) datasets, each None when empty.
-
-    data_path: `--data-path` items (`["0.85", "ru", "0.15", "en"]`) or [(weight, prefix)].
-    split: `--split` ("969,30,1"), applied to the documents of every prefix separately.
-    num_samples: (train, valid, test) sample counts; None in a slot = one epoch of that split
-    (single prefix only). Each sample is {"text": int64[seq_length + 1]} (+ "dataset_id" in blends).
-    Every prefix is validated first (data/validate.py; ids checked against `vocab_size` if given).
-    data_order: "ours" (default) or "megatron" (Megatron-Core's indices, data/megatron_order.py).
-    """
-    if seq_length < 1:
-        raise DatasetConfigError(f"--seq-length must be positive, got {seq_length}")
-    blend = parse_data_path(data_path)
-    fractions = parse_split(split)
-    indexed = [(w, IndexedDataset(p)) for w, p in blend]
-    for _, ds in indexed:
-        validate_dataset(ds, vocab_size=vocab_size, fingerprint=tokenizer_fingerprint,
-                         cache_path=cache_path, warn=warn)
-    if data_order == "megatron":
-        from .megatron_order import build_datasets
-        return build_datasets(blend, fractions, [ds for _, ds in indexed], seq_length, seed,
-                              num_samples, cache_path)
-    bounds = {p: split_boundaries(fractions, len(ds)) for (_, p), (_, ds) in zip(blend, indexed)}
-    result = []
-    for s, name in enumerate(SPLIT_NAMES):
-        wanted = num_samples[s]
-        parts = [(w, ds) for w, ds in indexed if bounds[ds.prefix][s + 1] > bounds[ds.prefix][s]]
-        if wanted == 0 or not parts:
-            result.append(None)
-            continue
-        if len(parts) < len(indexed):
-            warnings.warn(f"the {name} split is empty for some --data-path prefixes; blending the others")
-        if len(parts) == 1:
-            ds = parts[0][1]
-            lo, hi = bounds[ds.prefix][s:s + 2]
-            result.append(GPTDataset(ds, np.arange(lo, hi), name=name, seq_length=seq_length,
-                                     num_samples=wanted, seed=seed, cache_path=cache_path))
-            continue
-        if wanted is None:
-            raise DatasetConfigError(f"blending several --data-path prefixes needs a sample count for {name}")
-        weights = [w for w, _ in parts]
-        counts = blend_sample_counts([w / sum(weights) for w in weights], wanted)
-        members = []
-        for (w, ds), count in zip(parts, counts):
-            lo, hi = bounds[ds.prefix][s:s + 2]
-            members.append(GPTDataset(ds, np.arange(lo, hi), name=name, seq_length=seq_length,
-                                      num_samples=count, seed=seed, cache_path=cache_path))
-        result.append(BlendedDataset(members, weights, wanted))
-    return tuple(result)
-
-
-def describe_datasets(datasets):
-    """One line per split for logs: sample counts and blend members."""
-    lines = []
-    for name, ds in zip(SPLIT_NAMES, datasets):
-        if ds is None:
-            lines.append(f"{name}: none")
-        elif isinstance(ds, BlendedDataset):
-            members = ", ".join(f"{w:.3f} {os.path.basename(m.indexed.prefix)}"
-                                for w, m in zip(ds.weights, ds.datasets))
-            lines.append(f"{name}: {len(ds)} samples blended from {members}")
-        else:
-            lines.append(f"{name}: {len(ds)} samples from {ds.indexed.prefix} ({ds.num_epochs} epochs)")
-    return lines

@@ -1,6 +1,6 @@
-"""`--data-order megatron`: sample order identical to Megatron-Core's GPTDataset + BlendedDataset.
+"""`--data-order megatron`: index math giving the sample order of Megatron-Core's GPTDataset + BlendedDataset.
 
-Our default order (gpt_dataset.py, blended.py) differs from Megatron-Core's on purpose: one
+Our default order (order.py, blended.py) differs from Megatron-Core's on purpose: one
 document permutation per epoch and a low-discrepancy blend. This module rebuilds Megatron-Core's
 arrays instead (written from its documented algorithms, megatron-core 0.16), so a run can move
 between Megatron-LM and us without repeating or skipping data:
@@ -14,12 +14,13 @@ between Megatron-LM and us without repeating or skipping data:
                   sum(ceil(N * w)) entries chosen greedily: sample i goes to the dataset with the
                   largest w * max(i, 1) - used (ties: lowest id), as helpers.build_blending_indices
 One RandomState(seed) serves the document and shuffle indices of each dataset, in that order.
+data/builder.py builds the datasets of this order from these arrays.
 """
 import math
 
 import numpy as np
 
-from .gpt_dataset import DatasetConfigError, GPTDataset, num_epochs_needed
+from .order import DatasetConfigError, num_epochs_needed
 
 SURPLUS = 0.005  # Megatron-Core's mid_level_dataset_surplus
 THRESHOLD = 0.80
@@ -109,49 +110,3 @@ def split_ranges(fractions, num_documents):
 
 def sizes_per_dataset(weights, size, surplus=0.0):
     return [int(math.ceil(math.ceil(size * w) * (1 + surplus))) for w in weights]
-
-
-def build_datasets(blend, fractions, indexed, seq_length, seed, num_samples, cache_path=None):
-    """(train, valid, test) as Megatron-Core's BlendedMegatronDatasetBuilder builds them from one
-    blend: `blend` [(normalised weight, prefix)], `indexed` the matching IndexedDatasets."""
-    from .blended import SPLIT_NAMES, BlendedDataset
-    weights = [w for w, _ in blend]
-    result = []
-    for s, name in enumerate(SPLIT_NAMES):
-        wanted = num_samples[s]
-        ranges = [split_ranges(fractions, len(ds))[s] for ds in indexed]
-        if wanted == 0 or ranges[0] is None:
-            result.append(None)
-            continue
-        if any(lo >= hi for lo, hi in ranges):
-            raise DatasetConfigError(f"the {name} split rounds to no documents for some --data-path "
-                                     "prefixes; Megatron-Core cannot build it either")
-        make = lambda ds, lo, hi, n: GPTDataset(ds, np.arange(lo, hi), name=name,  # noqa: E731
-                                                seq_length=seq_length, num_samples=n, seed=seed,
-                                                cache_path=cache_path, order="megatron")
-        if len(indexed) == 1:
-            result.append(make(indexed[0], *ranges[0], wanted))
-            continue
-        if wanted is None:
-            raise DatasetConfigError(f"blending several --data-path prefixes needs a sample count for {name}")
-        build = sizes_per_dataset(weights, wanted, SURPLUS)
-        members = [make(ds, lo, hi, n) for ds, (lo, hi), n in zip(indexed, ranges, build)]
-        result.append(MegatronBlendedDataset(members, weights, sum(sizes_per_dataset(weights, wanted))))
-    return tuple(result)
-
-
-def _blended_base():
-    from .blended import BlendedDataset
-    return BlendedDataset
-
-
-class MegatronBlendedDataset(_blended_base()):
-    """BlendedDataset whose indices follow Megatron-Core's greedy blending."""
-
-    def __init__(self, datasets, weights, size):
-        self.datasets, self.weights, self.size = datasets, list(weights), size
-        self.dataset_index, self.dataset_sample_index = blend_indices(self.weights, size)
-        for d, ds in enumerate(datasets):
-            mine = self.dataset_sample_index[self.dataset_index == d]
-            if mine.size and len(ds) <= int(mine.max()):
-                raise DatasetConfigError(f"dataset {d} has {len(ds)} samples, the blend needs {mine.size}")

@@ -20,8 +20,8 @@ import numpy as np
 
 from .blended import BlendedDataset, blend_sample_counts, parse_data_path, parse_split, split_boundaries
 from .chat import ChatError, ChatTemplate
-from .gpt_dataset import DatasetConfigError
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dataset_exists
+from .order import DatasetConfigError
 
 PACKING = ("pad", "packed")
 SPLIT_NAMES = ("train", "valid", "test")

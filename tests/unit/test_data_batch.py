@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from megatron_ru.data.batch import DataParallelSampler, build_data_loader, get_batch
-from megatron_ru.data.blended import build_train_valid_test_datasets
+from megatron_ru.data.builder import build_train_valid_test_datasets
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
 
 

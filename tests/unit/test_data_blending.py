@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from megatron_ru.data.blended import (BlendedDataset, blend_sample_counts, build_blend_indices,
-                                      build_train_valid_test_datasets, parse_data_path)
-from megatron_ru.data.gpt_dataset import DatasetConfigError
+from megatron_ru.data.blended import BlendedDataset, blend_sample_counts, build_blend_indices, parse_data_path
+from megatron_ru.data.builder import build_train_valid_test_datasets
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
+from megatron_ru.data.order import DatasetConfigError
 
 
 def _write_dataset(prefix, num_docs, first_id, seed):

@@ -5,9 +5,11 @@ import time
 import numpy as np
 import pytest
 
-from megatron_ru.data.blended import build_train_valid_test_datasets, parse_split, split_boundaries
-from megatron_ru.data.gpt_dataset import DatasetConfigError, GPTDataset, build_indices
+from megatron_ru.data.blended import parse_split, split_boundaries
+from megatron_ru.data.builder import build_train_valid_test_datasets
+from megatron_ru.data.gpt_dataset import GPTDataset
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_ru.data.order import DatasetConfigError, build_indices
 
 
 def unique_token_dataset(prefix, num_docs=60, seed=0, first_id=0):

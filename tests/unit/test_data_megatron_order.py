@@ -4,7 +4,8 @@ two-prefix blend, empty documents; and the split boundaries round as Megatron-Co
 import numpy as np
 import pytest
 
-from megatron_ru.data.blended import build_train_valid_test_datasets, parse_split, split_boundaries
+from megatron_ru.data.blended import parse_split, split_boundaries
+from megatron_ru.data.builder import build_train_valid_test_datasets
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
 
 mcore = pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder")

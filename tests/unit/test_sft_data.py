@@ -8,8 +8,8 @@ import pytest
 
 from megatron_ru.data.chat import BUILTINS, ChatError, ChatTemplate, load_template
 from megatron_ru.data.sft import SFTDataset, mask_prefix, record_to_example, sft_batch
-from megatron_ru.data.gpt_dataset import DatasetConfigError
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
+from megatron_ru.data.order import DatasetConfigError
 from megatron_ru.data.tokenizers import build_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
