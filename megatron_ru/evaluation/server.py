@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 CLOSE = "close"
 
@@ -21,16 +20,10 @@ class TPWorker:
     def __init__(self, ps, handlers: dict[str, Callable[[Any], Any]]) -> None:
         self.ps, self.handlers = ps, handlers
         self.is_driver = ps.tp_rank == 0
-        self._src = ps.rank - ps.tp_rank  # global rank of TP rank 0
         self.closed = False
 
     def _exchange(self, message):
-        if self.ps.tp_comm is None:
-            return message
-        box = [message]
-        device = self.ps.device if self.ps.device.type == "cuda" else None
-        dist.broadcast_object_list(box, src=self._src, group=self.ps.tp_group, device=device)
-        return box[0]
+        return self.ps.broadcast_from_tp_source(message)
 
     def call(self, op: str, payload: Any = None) -> Any:
         """Driver only: run `op` on every rank of the TP group; returns the driver's result."""

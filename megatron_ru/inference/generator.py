@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from ..model.gpt import GPTModel
 from ..model.kv_cache import KVCache
@@ -73,7 +72,6 @@ class Generator:
         self._decode = self.forward
         if compile:
             self._decode = torch.compile(self.forward, backend=compile_backend, dynamic=False)
-        self._src = self.ps.rank - self.ps.tp_rank  # global rank of TP rank 0
         self.device = model.embed.weight.device
 
     # ---- checks ---------------------------------------------------------------------------
@@ -155,8 +153,7 @@ class Generator:
                         kept[i].append(logits[i].float().clone())
             choice = (sampler.choose(logits, step, state, out) if sampler is not None
                       else torch.empty(2, b, dtype=torch.long, device=dev))  # (2, B): ids, codes
-            if self.ps.tp_comm is not None:
-                dist.broadcast(choice, src=self._src, group=self.ps.tp_group)
+            self.ps.broadcast_from_tp_source(choice)
             ids, new_codes = choice.tolist()  # the one host sync of a step
             for i in range(b):
                 if codes[i] == ACTIVE and new_codes[i] != EOD:

@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
 from .generator import ACTIVE, EOD, FINISH_REASONS, LENGTH, STOP, Completion, Generator
 from .sampling import GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, logits_to_probs
@@ -64,7 +63,6 @@ class SpeculativeGenerator:
         self.ps, self.config, self.eod = target.ps, tcfg, target.eod
         self.device, self.max_length = target.device, min(target.max_length,
                                                           dcfg.max_position_embeddings)
-        self._src = target._src
         self.stats = Stats()
 
     def summary(self) -> str:
@@ -90,11 +88,6 @@ class SpeculativeGenerator:
         logits = model(tokens.to(self.device), pos.to(self.device), cache,
                        logits_index=None if all_logits else last)
         return model.gather_logits(logits).float()
-
-    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
-        if self.ps.tp_comm is not None:
-            dist.broadcast(t, src=self._src, group=self.ps.tp_group)
-        return t
 
     # ---- the loop ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -129,7 +122,7 @@ class SpeculativeGenerator:
         while True:
             decision = judge.decide(target_logits, proposals, out, codes) if judge else \
                 torch.empty(b, proposals.shape[1] + 3, dtype=torch.long)
-            decision = self._broadcast(decision.to(self.device)).cpu()
+            decision = self.ps.broadcast_from_tp_source(decision.to(self.device)).cpu()
             self._commit(decision, proposals, seqs, out, codes, dseen, on_token)
             if ACTIVE not in codes:
                 break
@@ -160,7 +153,7 @@ class SpeculativeGenerator:
                 probs.append(q)
             else:
                 d = torch.empty(b, dtype=torch.long)
-            d = self._broadcast(d.to(self.device)).cpu()
+            d = self.ps.broadcast_from_tp_source(d.to(self.device)).cpu()
             ids.append(d)
             if j < k - 1:
                 logits = self._feed(self.draft, dcache, [[int(x)] for x in d],

@@ -160,6 +160,26 @@ class ParallelState:
         """The TP group, or None when there is nothing to communicate (TP=1: plain PyTorch)."""
         return self.tp_group if self.tp_size > 1 else None
 
+    @property
+    def tp_source_rank(self) -> int:
+        """Global rank of TP rank 0: the rank that decides (samples, plans) for its TP group."""
+        return self.rank - self.tp_rank
+
+    def broadcast_from_tp_source(self, value):
+        """TP rank 0's `value` on every rank of the TP group; returns it (no-op at TP=1).
+
+        A tensor is broadcast in place (every rank passes one of the same shape and dtype); any
+        other value is pickled (the other ranks may pass None) and the source's object returned."""
+        if self.tp_comm is None:
+            return value
+        if isinstance(value, torch.Tensor):
+            dist.broadcast(value, src=self.tp_source_rank, group=self.tp_group)
+            return value
+        box = [value]
+        device = self.device if self.device.type == "cuda" else None
+        dist.broadcast_object_list(box, src=self.tp_source_rank, group=self.tp_group, device=device)
+        return box[0]
+
     def validate(self, config: ModelConfig) -> None:
         config.validate_parallel(self.tp_size)
 

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from .. import runtime
 from ..inference.generator import Generator
@@ -46,7 +45,6 @@ class BatchEngine:
         self.max_batch, self.max_length = max_batch, max_length
         self.cache = generator.new_cache(max_batch, max_length)  # (L, rows, H_kv, S, D) buffers
         self.device = generator.device
-        self._src = self.ps.rank - self.ps.tp_rank  # global rank of TP rank 0
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> tuple[Optional[torch.Tensor], list[torch.Tensor]]:
@@ -94,13 +92,11 @@ class BatchEngine:
     # ---- tensor parallelism ---------------------------------------------------------------
     def share(self, plan: StepPlan) -> None:
         """Rank 0: send the plan to the other ranks of the TP group (no-op at TP=1)."""
-        if self.ps.tp_comm is not None:
-            dist.broadcast_object_list([plan], src=self._src, group=self.ps.tp_group)
+        self.ps.broadcast_from_tp_source(plan)
 
     def receive(self) -> StepPlan:
-        box = [None]
-        dist.broadcast_object_list(box, src=self._src, group=self.ps.tp_group)
-        return box[0]
+        """The other TP ranks: the plan rank 0 shares next."""
+        return self.ps.broadcast_from_tp_source(None)
 
     def follow(self) -> int:
         """TP ranks other than 0: run every plan rank 0 sends until it says stop. Signals are
