@@ -11,6 +11,7 @@ from collections import Counter, defaultdict
 
 import regex
 
+from ..files import atomic_open
 from .progress import Progress
 from .tokenizers import GPT2_PATTERN, bytes_to_unicode
 
@@ -107,10 +108,8 @@ def save_bpe(out_dir, vocab, merges):
     for name, write in (("vocab.json", lambda f: json.dump(vocab, f, ensure_ascii=False)),
                         ("merges.txt", lambda f: f.write(merges_text))):
         path = os.path.join(out_dir, name)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             write(f)
-        os.replace(tmp, path)
     return os.path.join(out_dir, "vocab.json"), os.path.join(out_dir, "merges.txt")
 
 

@@ -11,6 +11,7 @@ import warnings
 
 import numpy as np
 
+from ..files import atomic_open
 from .indexed_dataset import IndexedDataset
 from .megatron_order import build_indices as build_megatron_indices
 from .order import DatasetConfigError, build_indices
@@ -19,10 +20,8 @@ INDEX_VERSION = 2  # bump when the index layout or algorithm changes: invalidate
 
 
 def _save_npy_atomic(path, array):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_open(path, "wb") as f:
         np.save(f, array, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 class GPTDataset:
@@ -75,9 +74,8 @@ class GPTDataset:
             os.makedirs(cache_dir, exist_ok=True)
             for n, arr in zip(names, (doc_index, sample_index, shuffle_index)):
                 _save_npy_atomic(n, arr)
-            with open(f"{base}.json.tmp-{os.getpid()}", "w") as f:
+            with atomic_open(base + ".json") as f:  # written last: marks complete
                 json.dump(dict(self.description, num_epochs=epochs), f, indent=1)
-            os.replace(f"{base}.json.tmp-{os.getpid()}", base + ".json")  # written last: marks complete
         except OSError as e:
             warnings.warn(f"cannot cache dataset indices in {cache_dir} ({e}); set --data-cache-path")
         return doc_index, sample_index, shuffle_index

@@ -18,6 +18,7 @@ either and give the ids our tokenizer gives (tests/unit/test_hf_tokenizer_json.p
 import json
 import os
 
+from ..files import atomic_open
 from .tokenizers import load_vocab_and_merges
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
@@ -43,10 +44,8 @@ def tokenizer_config(eod_token, max_length: int = 2048, special: dict = None) ->
 
 
 def _write_json(path, obj):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(obj, f, ensure_ascii=False, indent=1)
-    os.replace(tmp, path)
 
 
 def write_hf_tokenizer(out_dir, vocab_file, merge_file, special_tokens=("<|endoftext|>",)):

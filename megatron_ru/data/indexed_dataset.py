@@ -16,7 +16,9 @@ import os
 import struct
 
 import numpy as np
+
 from ..errors import UsageError
+from ..files import commit, discard, temp_sibling
 
 MAGIC = b"MMIDIDX\x00\x00"
 VERSION = 1
@@ -77,9 +79,8 @@ class IndexedDatasetBuilder:
         self.dtype = np.dtype(dtype)
         if self.dtype not in CODE_OF_DTYPE:
             raise IndexedDatasetError(f"dtype {self.dtype} has no Megatron code")
-        suffix = f".tmp-{os.getpid()}"
-        self._bin_tmp = data_file_path(prefix) + suffix
-        self._idx_tmp = index_file_path(prefix) + suffix
+        self._bin_tmp = temp_sibling(data_file_path(prefix))
+        self._idx_tmp = temp_sibling(index_file_path(prefix))
         self._bin = open(self._bin_tmp, "wb")
         self.sizes = []
         self.document_indices = [0]
@@ -128,14 +129,13 @@ class IndexedDatasetBuilder:
     def finalize(self):
         self._bin.close()
         write_index(self._idx_tmp, self.sizes, self.document_indices, self.dtype)
-        os.replace(self._bin_tmp, data_file_path(self.prefix))
-        os.replace(self._idx_tmp, index_file_path(self.prefix))
+        commit(self._bin_tmp, data_file_path(self.prefix))
+        commit(self._idx_tmp, index_file_path(self.prefix))
 
     def abort(self):
         self._bin.close()
         for path in (self._bin_tmp, self._idx_tmp):
-            if os.path.exists(path):
-                os.remove(path)
+            discard(path)
 
     def __enter__(self):
         return self
@@ -194,6 +194,11 @@ class IndexedDataset:
     @property
     def num_tokens(self):
         return int(self.sizes.sum(dtype=np.int64))
+
+    @property
+    def tokens(self):
+        """The whole .bin as one read-only array (memory-mapped; sequences back to back)."""
+        return self._bin
 
     def get(self, idx, offset=0, length=None):
         """Tokens [offset, offset+length) of sequence `idx` as a view (no copy)."""

@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 
+from ..files import atomic_open
 from .indexed_dataset import IndexedDataset, IndexedDatasetError, data_file_path, index_file_path
 
 VALIDATE_VERSION = 1
@@ -53,10 +54,8 @@ def write_tokenizer_record(prefix: str, *, tokenizer_type: str, vocab_size: int,
     record = {"tokenizer_type": tokenizer_type, "vocab_size": int(vocab_size),
               "fingerprint": tokenizer_fingerprint(files),
               "files": {k: os.path.basename(v) for k, v in files.items()}}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_open(path) as f:
         json.dump(record, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
     return path
 
 
@@ -117,7 +116,7 @@ def check_structure(ds: IndexedDataset) -> None:
 # ---- token ids ----------------------------------------------------------------------------------
 def scan_token_ids(ds: IndexedDataset) -> tuple[int, int]:
     """(min id, max id) over the whole .bin, chunk by chunk; (0, -1) when empty."""
-    data = ds._bin
+    data = ds.tokens
     lo, hi = None, None
     for start in range(0, data.size, SCAN_CHUNK):
         chunk = data[start:start + SCAN_CHUNK]
@@ -129,7 +128,7 @@ def scan_token_ids(ds: IndexedDataset) -> tuple[int, int]:
 
 def first_token_outside(ds: IndexedDataset, vocab_size: int) -> tuple[int, int, int]:
     """(document, token position in it, id) of the first id < 0 or >= vocab_size."""
-    data = ds._bin
+    data = ds.tokens
     for start in range(0, data.size, SCAN_CHUNK):
         chunk = np.asarray(data[start:start + SCAN_CHUNK]).astype(np.int64)
         bad = np.flatnonzero((chunk < 0) | (chunk >= vocab_size))
@@ -165,10 +164,8 @@ def _scan_cached(ds: IndexedDataset, cache_dir: str) -> dict:
              "num_tokens": ds.num_tokens, "dtype": ds.dtype.name}
     try:
         os.makedirs(cache_dir, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path) as f:
             json.dump(stats, f)
-        os.replace(tmp, path)
     except OSError as exc:
         warnings.warn(f"cannot cache the validation of {ds.prefix} in {cache_dir} ({exc})")
     return stats
