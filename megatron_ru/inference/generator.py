@@ -19,8 +19,9 @@ import torch
 
 from ..model.gpt import GPTModel
 from ..model.kv_cache import KVCache
-from .sampling import (GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, sample,
-                       seen_mask)
+from . import logits as logits_chain
+from .logits import Rules, needs_seen, seen_of
+from .sampling import GREEDY, SamplingParams
 from ..errors import UsageError
 
 ACTIVE, EOD, STOP, LENGTH = 0, 1, 2, 3
@@ -138,7 +139,7 @@ class Generator:
         # No padding: plain contiguous decode. The static window always needs positions.
         contiguous = len(set(lens)) == 1 and not self.static
         sampler = _Sampler(self, sampling, min_new_tokens, budget, stop, generator, seed,
-                           tokens, lengths) if self.ps.tp_rank == 0 else None
+                           prompts) if self.ps.tp_rank == 0 else None
 
         logits = self.prefill(cache, tokens, lengths)
         pos = lengths.clone()  # (B,) position of each row's next token
@@ -172,31 +173,27 @@ class Generator:
 
 
 class _Sampler:
-    """TP rank 0's side of a generate call: logits processing, draws and stop decisions."""
+    """TP rank 0's side of a generate call: the logits chain (logits.py), draws and stop decisions."""
 
     def __init__(self, gen: Generator, params: SamplingParams, min_new_tokens: int,
                  budget: torch.Tensor, stop: Optional[StopCriterion],
                  generator: Optional[torch.Generator], seed: Optional[int],
-                 tokens: torch.Tensor, lengths: torch.Tensor) -> None:
-        self.params, self.min_new, self.budget, self.stop = params, min_new_tokens, budget, stop
+                 prompts: Sequence[Sequence[int]]) -> None:
+        self.rules = Rules(params, min_new_tokens, gen.ends)
+        self.min_new, self.budget, self.stop = min_new_tokens, budget, stop
         self.ends = list(gen.ends)
         if generator is None and seed is not None:
             generator = torch.Generator(device=gen.device).manual_seed(seed)
         self.generator = generator
-        self.seen = None
-        if params.repetition_penalty != 1.0:  # ids of the prompts (padding excluded), then new ones
-            valid = torch.arange(tokens.shape[1], device=tokens.device) < lengths.unsqueeze(1)
-            self.seen = seen_mask(tokens, gen.config.vocab_size, valid)  # (B, V)
+        self.seen = None  # (B, V): ids of the prompts, then the new ones
+        if needs_seen(self.rules):
+            self.seen = seen_of(prompts, gen.config.vocab_size, gen.device)
 
     def choose(self, logits: torch.Tensor, step: int, state: torch.Tensor,
                out: list[list[int]]) -> torch.Tensor:
         """(2, B): the next ids and every row's finish code after taking them."""
-        x = logits.float()
-        if self.seen is not None:
-            x = apply_repetition_penalty(x, self.seen, self.params.repetition_penalty)
-        if step < self.min_new and self.ends:
-            x[:, self.ends] = NEG_INF
-        nxt = sample(x, self.params, self.generator)  # (B,)
+        x = logits_chain.process(logits, self.rules, produced=step, seen=self.seen)
+        nxt = logits_chain.choose(x, self.rules, generator=self.generator)  # (B,)
         active = state == ACTIVE
         new = state.clone()
         if self.ends:

@@ -26,7 +26,9 @@ from typing import Optional, Sequence
 import torch
 
 from .generator import ACTIVE, EOD, FINISH_REASONS, LENGTH, STOP, Completion, Generator
-from .sampling import GREEDY, NEG_INF, SamplingParams, apply_repetition_penalty, logits_to_probs
+from . import logits as logits_chain
+from .logits import Rules, needs_seen, seen_of
+from .sampling import GREEDY, SamplingParams
 from ..errors import UsageError
 
 
@@ -193,39 +195,27 @@ class _Judge:
     def __init__(self, spec: SpeculativeGenerator, params: SamplingParams, min_new: int,
                  budget: list[int], stop, generator, seed, prompts) -> None:
         self.params, self.min_new, self.budget, self.stop = params, min_new, budget, stop
-        self.ends, self.vocab = spec.target.ends, spec.config.vocab_size
+        self.ends = spec.target.ends
+        self.rules = Rules(params, min_new, tuple(self.ends))
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         self.gen = generator
         self.draft_probs = None
-        self.seen = None
-        if params.repetition_penalty != 1.0:
-            self.seen = torch.zeros(len(prompts), self.vocab, dtype=torch.bool)
-            for i, p in enumerate(prompts):
-                self.seen[i, list(p)] = True
+        self.seen = seen_of(prompts, spec.config.vocab_size) if needs_seen(self.rules) else None
 
-    def _process(self, logits: torch.Tensor, steps: torch.Tensor,
-                 extra: Optional[torch.Tensor]) -> torch.Tensor:
+    def _probs(self, logits: torch.Tensor, steps: torch.Tensor,
+               extra: Optional[torch.Tensor]) -> torch.Tensor:
         """Logits (B, V) of each row's step `steps` (B,), `extra` (B, j) drafted ids counted as
-        seen → processed logits (as the plain sampler makes them)."""
-        x = logits.float().cpu()
-        if self.seen is not None:
-            seen = self.seen.clone()
-            if extra is not None and extra.numel():
-                seen.scatter_(1, extra, True)
-            x = apply_repetition_penalty(x, seen, self.params.repetition_penalty)
-        for end in self.ends:
-            x[steps < self.min_new, end] = NEG_INF
-        return x
-
-    def _probs(self, x: torch.Tensor) -> torch.Tensor:
-        if self.params.is_greedy:
-            return torch.nn.functional.one_hot(x.argmax(-1), x.shape[-1]).float()
-        return logits_to_probs(x, self.params)
+        seen → the distributions (B, V) the plain sampler would draw from (logits.py's chain)."""
+        seen = self.seen
+        if seen is not None and extra is not None and extra.numel():
+            seen = seen.clone().scatter_(1, extra, True)
+        x = logits_chain.process(logits.cpu(), self.rules, produced=steps, seen=seen)
+        return logits_chain.distributions(x, self.rules)
 
     def draft_step(self, logits, drafted, out):
         steps = torch.tensor([len(o) for o in out]) + (0 if drafted is None else drafted.shape[1])
-        q = self._probs(self._process(logits, steps, drafted))  # (B, V)
+        q = self._probs(logits, steps, drafted)  # (B, V)
         if self.params.is_greedy:
             return q.argmax(-1), q
         return torch.multinomial(q, 1, generator=self.gen).squeeze(-1), q
@@ -234,7 +224,7 @@ class _Judge:
         """(B, k+3): how many tokens each row keeps, the tokens, its finish code after them."""
         b, k = proposals.shape
         base = torch.tensor([len(o) for o in out])
-        p = torch.stack([self._probs(self._process(target_logits[:, j], base + j, proposals[:, :j]))
+        p = torch.stack([self._probs(target_logits[:, j], base + j, proposals[:, :j])
                          for j in range(k + 1)], 1)  # (B, k+1, V)
         result = torch.zeros(b, k + 3, dtype=torch.long)
         for i in range(b):

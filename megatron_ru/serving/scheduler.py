@@ -27,8 +27,9 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from .. import runtime
-from ..inference.sampling import (NEG_INF, SamplingParams, apply_repetition_penalty, draw,
-                                  logits_to_probs, race_key, seen_mask)
+from ..inference import logits as logits_chain
+from ..inference.logits import Rules, needs_seen, seen_of
+from ..inference.sampling import SamplingParams, race_key
 from ..inference.text import StopStrings
 from .engine import BatchEngine, StepPlan
 
@@ -67,7 +68,8 @@ class Seq:
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + options.timeout_s
         self.t_first: Optional[float] = None
-        self.seen: Optional[torch.Tensor] = None  # (1, V) ids seen, for the repetition penalty
+        self.rules: Optional[Rules] = None  # how its tokens are chosen (set at admission)
+        self.seen: Optional[torch.Tensor] = None  # (V,) ids seen, for the repetition penalty
         self.stopper: Optional[StopStrings] = None
 
     @property
@@ -194,9 +196,11 @@ class Scheduler:
         return joins
 
     def _prepare(self, seq: Seq) -> None:
-        dev = self.engine.device
-        if seq.options.sampling.repetition_penalty != 1.0:
-            seq.seen = seen_mask(torch.tensor([seq.prompt], device=dev), self.vocab_size)
+        opts = seq.options
+        ends = ((self.eod,) if self.eod is not None else ()) + tuple(opts.stop_ids)
+        seq.rules = Rules(opts.sampling, opts.min_tokens, ends)
+        if needs_seen(seq.rules):
+            seq.seen = seen_of([seq.prompt], self.vocab_size, self.engine.device)[0]
         if seq.options.stops:
             seq.stopper = StopStrings(seq.options.stops, self.detokenize)
 
@@ -224,37 +228,23 @@ class Scheduler:
         return logits[-1]
 
     def _choose(self, seqs: list[Seq], logits: torch.Tensor) -> None:
-        """Draw every sequence's next token from its row of logits (N, V), batched by sampling
-        settings; each row's draw is keyed by its seed and step (sampling.draw)."""
+        """Draw every sequence's next token from its row of logits (N, V) through the logits
+        chain (batched by settings); each row's draw is keyed by its seed and step."""
         if not seqs:
             return
-        x = logits.float().clone()  # (N, V)
-        raw = torch.log_softmax(x, dim=-1) if any(s.options.logprobs is not None for s in seqs) \
-            else None
-        if self.token_limit is not None:
-            x[:, self.token_limit:] = NEG_INF
-        groups: dict[SamplingParams, list[int]] = {}
-        for i, s in enumerate(seqs):
-            if s.seen is not None:
-                x[i] = apply_repetition_penalty(x[i], s.seen[0], s.options.sampling.repetition_penalty)
-            if len(s.out) < s.options.min_tokens:
-                ends = ([self.eod] if self.eod is not None else []) + list(s.options.stop_ids)
-                if ends:
-                    x[i, ends] = NEG_INF
-            groups.setdefault(s.options.sampling, []).append(i)
-        tokens = torch.empty(len(seqs), dtype=torch.long, device=x.device)
+        raw = torch.log_softmax(logits.float(), dim=-1) \
+            if any(s.options.logprobs is not None for s in seqs) else None
+        rules = [s.rules for s in seqs]
+        x = logits_chain.process(logits, rules, produced=[len(s.out) for s in seqs],
+                                 seen=[s.seen for s in seqs], token_limit=self.token_limit)
+        keys = torch.tensor([race_key(s.seed, len(s.out)) for s in seqs])
         failed: set[int] = set()
-        for params, rows in groups.items():
-            idx = torch.tensor(rows, device=x.device)
-            try:
-                if params.is_greedy:
-                    tokens[idx] = x[idx].argmax(dim=-1)
-                else:
-                    keys = torch.tensor([race_key(seqs[i].seed, len(seqs[i].out)) for i in rows])
-                    tokens[idx] = draw(logits_to_probs(x[idx], params), keys)
-            except RuntimeError as exc:  # e.g. no probability mass left: these rows only
-                runtime.say(f"error: sampling failed for {len(rows)} sequence(s): {exc}")
-                failed.update(rows)
+
+        def failure(rows: list[int], exc: RuntimeError) -> None:  # e.g. no probability mass left
+            runtime.say(f"error: sampling failed for {len(rows)} sequence(s): {exc}")
+            failed.update(rows)
+
+        tokens = logits_chain.choose(x, rules, keys=keys, on_failure=failure)
         for i, (s, token) in enumerate(zip(seqs, tokens.tolist())):
             if i in failed:
                 self._finish(s, "error")
@@ -266,7 +256,7 @@ class Scheduler:
         """Append a drawn token, emit it, and finish the sequence when due."""
         opts = seq.options
         if seq.seen is not None:
-            seq.seen[0, token] = True
+            seq.seen[token] = True
         if seq.t_first is None:
             seq.t_first = time.monotonic()
             if self.metrics is not None:
