@@ -2,7 +2,9 @@
 
 Order of application (Hugging Face's): repetition penalty and min-new-tokens (logits
 processors), then temperature, top-k, top-p (warpers), then argmax (greedy) or a draw. Every
-function takes logits (B, V) and returns new logits; filtered entries are -inf.
+function takes logits (B, V) and returns new logits; filtered entries are -inf. These are the
+primitives; inference/logits.py composes them, per row's settings, into the one chain that the
+Generator, the speculative judge and the serving scheduler call.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 One thread owns the model. Each step it drops cancelled and timed-out sequences (their rows are
 free at once), admits waiting sequences into free rows (lowest first, so the decoded block of
 rows [0, hi) stays short), runs the step plan (decode of the running rows, then the joiners'
-prefills), and samples one token per row: processing batched by sampling settings, then an
+prefills), and samples one token per row through the logits chain (inference/logits.py:
+processing batched by settings; the scheduler never edits logits itself), then an
 exponential-race draw (argmax p / E, one Exp(1) variate per id still in play, from a
 counter-based stream keyed by the sequence's seed and step). So with a fixed seed a sequence
 draws the same tokens whatever else shares the batch: the logits it draws from agree only to fp32
