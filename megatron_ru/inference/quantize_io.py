@@ -1,5 +1,5 @@
 """Quantized checkpoints: write one (TP=1, full tensors) and load it at any TP size without the
-fp weights; `load_for_inference` is the one loader generate.py / serve.py call.
+fp weights; `load_for_inference` reads the weights for loading.open_model (quantized or fp).
 
 A quantized checkpoint is an ordinary megatron_ru directory whose config.json has a
 "quantization" entry ({method, group_size, head}) and whose state dict holds, for each linear
@@ -16,10 +16,11 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.model_io import (VOCAB_PARAMS, CheckpointError, atomic_torch_save,
-                                   atomic_write_text, latest_tag, load_model, load_module,
-                                   rank_files, read_config)
+from ..checkpoint.load import load_model, read_config
+from ..checkpoint.model_io import (VOCAB_PARAMS, CheckpointError, atomic_torch_save, latest_tag,
+                                   load_module, rank_files)
 from ..config import ModelConfig
+from ..files import atomic_write_text
 from ..model.gpt import GPTModel
 from ..parallel.sharding import shard
 from ..parallel.state import ParallelState
@@ -132,29 +133,3 @@ def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dst
-
-
-def open_speculative(args, target, ps: ParallelState, dtype, tokenizer):
-    """generate.py's --draft-load: the draft model (same TP, optionally quantized) wrapped with
-    the target Generator; SpeculativeError when it cannot draft for this target."""
-    from .speculative import SpeculativeError, SpeculativeGenerator
-    config, meta = read_config(Path(args.draft_load))
-    own = Path(meta.get("tokenizer_dir") or Path(args.draft_load) / "tokenizer")
-    if config.vocab_size != target.config.vocab_size:
-        raise SpeculativeError(f"--draft-load {args.draft_load}: vocabulary of {config.vocab_size} "
-                               f"ids, the target has {target.config.vocab_size}; the draft must "
-                               "use the target's tokenizer")
-    if own.is_dir() and getattr(args, "tokenizer_path", None):
-        mine = {f.name: f.read_bytes() for f in Path(args.tokenizer_path).iterdir() if f.is_file()}
-        theirs = {f.name: f.read_bytes() for f in own.iterdir() if f.is_file()}
-        differ = [n for n in set(mine) & set(theirs) if mine[n] != theirs[n]]
-        if differ:
-            raise SpeculativeError(f"--draft-load {args.draft_load}: its tokenizer differs from "
-                                   f"the target's ({', '.join(sorted(differ))})")
-    try:
-        config.validate_parallel(ps.tp_size)
-    except Exception as exc:  # ConfigError: heads / vocabulary not divisible by TP
-        raise SpeculativeError(f"--draft-load {args.draft_load}: {exc}") from None
-    spec = QuantSpec(args.draft_quantize) if args.draft_quantize else None
-    draft = load_for_inference(args.draft_load, ps, dtype=dtype, device=ps.device, spec=spec)
-    return SpeculativeGenerator(target, draft, args.draft_tokens)

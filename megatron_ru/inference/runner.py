@@ -1,4 +1,4 @@
-"""generate.py's work: process groups, checkpoint + tokenizer, prompt batches, streamed and file output.
+"""generate.py's work: the model (loading.open_model), prompt batches, streamed and file output.
 
 Under `mpirun --np N` with N = TP size, rank 0 of the TP group draws every token and broadcasts
 it (Generator). With N > TP size the data-parallel replicas all decode the same prompts with the
@@ -16,12 +16,11 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..errors import UsageError
-from ..checkpoint.model_io import atomic_write_text, read_config
-from ..data.tokenizers import build_tokenizer
+from ..files import atomic_write_text
 from ..parallel.state import LaunchInfo, ParallelState, discover_launch
-from .cli import InputError, Settings, check_model_flags, parse, record, tokenizer_kwargs
+from .cli import Settings, parse, record
 from .generator import Generator
-from .quantize_io import load_for_inference, open_speculative
+from .loading import open_draft, open_model
 from .text import StopStrings, TextStream
 
 INTERACTIVE_PROMPT = "Model prompt (\"stop\" or end of input to quit) >>> "
@@ -51,54 +50,24 @@ class Session:
     @classmethod
     def open(cls, settings: Settings, launch: LaunchInfo) -> "Session":
         args = settings.args
-        config, meta = read_config(Path(args.load))
-        saved = Path(meta.get("tokenizer_dir") or Path(args.load) / "tokenizer")  # its own tokenizer
-        if not (args.vocab_file or args.merge_file or args.tokenizer_model or args.tokenizer_path) \
-                and saved.is_dir():
-            args.tokenizer_path = str(saved)
-            recorded = meta.get("tokenizer") or {}  # what training used, e.g. --eod-token <pad>
-            args.tokenizer_type = args.tokenizer_type or recorded.get("type")
-            if args.eod_token is None:
-                args.eod_token = recorded.get("eod_token")
-        tokenizer = build_tokenizer(**tokenizer_kwargs(args))
-        overrides = check_model_flags(args, meta["model"], args.load)
-        tp = args.tp or launch.world_size
-        config.validate_parallel(tp)
-        if tokenizer.vocab_size > config.vocab_size:
-            raise InputError(f"the tokenizer has {tokenizer.vocab_size} ids but the model in "
-                             f"{args.load} only {config.vocab_size}: wrong tokenizer for it")
-        limit = config.max_position_embeddings
-        if args.seq_length is not None and args.seq_length > limit:
-            raise InputError(f"--seq-length {args.seq_length} exceeds the model's "
-                             f"max_position_embeddings={limit}")
-        if launch.world_size == 1 and tp == 1:
-            ps = ParallelState.single("cuda" if torch.cuda.is_available() else "cpu")
-        else:
-            ps = ParallelState.from_environment(
-                tensor_model_parallel_size=tp, timeout_s=60.0 * args.distributed_timeout_minutes)
+        opened = open_model(settings.model, max_length=args.seq_length, seed=args.seed,
+                            timeout_s=60.0 * args.distributed_timeout_minutes)
+        model, tokenizer, ps = opened.model, opened.tokenizer, opened.ps
         if ps.dp_size > 1 and ps.rank == 0:
-            print(f"note: {ps.world_size} processes at TP={tp}: the {ps.dp_size} replicas decode "
-                  "the same prompts; only rank 0 writes", file=sys.stderr)
-        ps.seed(args.seed)
-        dtype = torch.float16 if args.fp16 else torch.bfloat16 if args.bf16 else torch.float32
-        if args.lora and args.quant_spec is not None:
-            raise InputError("--lora with --quantize: merge the adapters first (convert_checkpoint.py "
-                             "--load ADAPTERS --to megatron_ru), then quantize the merged model")
-        model = load_for_inference(args.load, ps, tag=args.tag, dtype=dtype, device=ps.device,
-                                   spec=args.quant_spec, **overrides)
-        if args.lora:  # adapters on top of the base, not merged (model/lora.py)
-            from ..model.lora import attach_adapters
-            attach_adapters(model, args.lora)
+            print(f"note: {ps.world_size} processes at TP={ps.tp_size}: the {ps.dp_size} replicas "
+                  "decode the same prompts; only rank 0 writes", file=sys.stderr)
         template, ends = None, ()
         if args.chat:  # the end-of-turn token ends a reply, as the end of text does
             from ..data.chat import load_template
-            from .cli import tokenizer_dir
-            template = load_template(args.chat_template, tokenizer, tokenizer_dir(args))
+            template = load_template(args.chat_template, tokenizer, opened.template_dir)
             ends = (template.eot_id(tokenizer),)
-        generator = Generator(model, eod=tokenizer.eod, max_length=args.seq_length or limit,
+        generator = Generator(model, eod=tokenizer.eod,
+                              max_length=args.seq_length or model.config.max_position_embeddings,
                               compile=args.compile, end_ids=ends)
         if args.draft_load:  # speculative decoding (inference/speculative.py)
-            generator = open_speculative(args, generator, ps, dtype, tokenizer)
+            from .speculative import SpeculativeGenerator
+            draft = open_draft(args.draft_load, opened, quantize=args.draft_quantize)
+            generator = SpeculativeGenerator(generator, draft, args.draft_tokens)
         session = cls(settings, ps, generator, tokenizer)
         session.template = template
         return session
