@@ -1,4 +1,8 @@
-"""Serve a checkpoint over an OpenAI-compatible HTTP API: `python tools/serve.py --load DIR [--port 8000]`."""
+"""Serve a checkpoint over an OpenAI-compatible HTTP API: `python tools/serve.py --load DIR [--port 8000]`.
+
+Model flags as generate.py's (--lora DIR, --quantize int8, tokenizer flags); the work lives in
+megatron_ru/serving/server.py.
+"""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""tools/serve.py's work: flags, the model (as generate.py loads it), the scheduler and uvicorn on rank 0.
+"""tools/serve.py's work: flags, the model (loading.open_model, as generate.py), the scheduler and uvicorn on rank 0.
 
 Under `mpirun --np N` (N = TP size) rank 0 runs the HTTP server and the scheduler and the
 other ranks follow its step plans (engine.BatchEngine.follow). SIGTERM / SIGINT on rank 0:
@@ -18,27 +18,24 @@ from pathlib import Path
 
 from .. import runtime
 from ..data.chat import BUILTINS as BUILTIN_TEMPLATES
-from ..inference.cli import InputError, Settings, build_parser, tokenizer_dir
-from ..inference.quantize import set_per_token, spec_from_args
-from ..inference.sampling import GREEDY
+from ..inference.cli import (add_chat_template_argument, add_context_arguments, add_rugpts_arguments,
+                             is_generate_flag, model_options)
+from ..inference.loading import InputError, add_inference_arguments
 from ..parallel.state import discover_launch
-
-# generate.py flags that mean nothing to a server (sampling settings come with each request)
-NOT_FOR_SERVING = ("temperature", "top_k", "top_p", "repetition_penalty", "greedy",
-                   "max_new_tokens", "min_new_tokens", "stop", "num_samples", "batch_size",
-                   "prompt", "sample_input_file", "prompt_separator", "sample_output_file",
-                   "quiet", "compile", "draft_load", "draft_tokens", "draft_quantize", "chat", "system")
 
 
 def build_serve_parser() -> argparse.ArgumentParser:
-    p = build_parser()
-    p.prog = "tools/serve.py"
-    p.description = ("Serve a megatron_ru checkpoint over an OpenAI-compatible HTTP API with "
-                     "continuous batching; under `mpirun --np N` at tensor-parallel size N.")
-    for action in p._actions:
-        if action.dest in NOT_FOR_SERVING:
-            action.help = argparse.SUPPRESS
+    """loading.py's model, tokenizer and quantization groups, the context and chat-template flags,
+    and the serving group; no sampling or prompt flags (those come with each request)."""
+    p = argparse.ArgumentParser(
+        prog="tools/serve.py", allow_abbrev=False,  # --chat must not abbreviate --chat-template
+        description="Serve a megatron_ru checkpoint over an OpenAI-compatible HTTP API with "
+                    "continuous batching; under `mpirun --np N` at tensor-parallel size N.")
+    add_inference_arguments(p)
+    add_rugpts_arguments(p)
     g = p.add_argument_group("serving")
+    add_context_arguments(g)
+    add_chat_template_argument(g)
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
     g.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed)")
@@ -60,20 +57,20 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="largest request body (default 1 MiB; more gets HTTP 413)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, running requests get S seconds to finish")
+    runtime.add_arguments(p)
     return p
 
 
 def parse(argv=None) -> argparse.Namespace:
     p = build_serve_parser()
-    args = p.parse_args(argv)
-    for action in p._actions:
-        if action.dest in NOT_FOR_SERVING and getattr(args, action.dest) != action.default:
-            flag = action.option_strings[0]
-            raise InputError(f"{flag} is a generate.py flag: a server takes sampling settings "
-                             "and prompts with each request")
-    if args.fp16 and args.bf16:
-        raise InputError("--fp16 and --bf16 exclude each other")
-    args.quant_spec = spec_from_args(args)  # --quantize / --group-size / --quantize-head (issue 16)
+    args, rest = p.parse_known_args(argv)
+    for word in rest:
+        if is_generate_flag(word.split("=", 1)[0]):
+            raise InputError(f"{word.split('=', 1)[0]} is a generate.py flag: a server takes sampling "
+                             "settings and prompts with each request")
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.model = model_options(args)  # --fp16/--bf16, TP size, --quantize, --lora, shape flags
     for flag, value, low in (("--max-batch-size", args.max_batch_size, 1),
                              ("--max-queue", args.max_queue, 0),
                              ("--max-tokens-limit", args.max_tokens_limit, 1),
@@ -106,20 +103,25 @@ def main(argv=None) -> int:
         raise InputError(f"--tensor-model-parallel-size {args.tp} but {launch.world_size} "
                          "processes: a server is one replica, launch exactly TP processes")
     runtime.start_watchdog(args.hang_timeout_minutes)
-    from ..inference.runner import Session  # heavy imports after the flag checks
+    from ..inference.generator import Generator  # heavy imports after the flag checks
+    from ..inference.loading import open_model
+    from ..inference.quantize import set_per_token
     from .chat import load_chat_format
     from .engine import BatchEngine
 
-    session = Session.open(Settings(args, GREEDY, [], None, 1), launch)
-    gen, ps = session.gen, session.ps
+    opened = open_model(args.model, max_length=args.seq_length, seed=args.seed,
+                        timeout_s=60.0 * args.distributed_timeout_minutes)
+    ps, tok = opened.ps, opened.tokenizer
+    gen = Generator(opened.model, eod=tok.eod,
+                    max_length=args.seq_length or opened.model.config.max_position_embeddings)
     set_per_token(gen.model)  # quantized layers: a row's numbers independent of its batch
     engine = runtime.checked(ps, BatchEngine, gen, args.max_batch_size, gen.max_length)
     sock = runtime.checked(ps, lambda: _bind(args.host, args.port) if ps.rank == 0 else None)
-    chat = runtime.checked(ps, lambda: load_chat_format(args.chat_template, session.tok,
-                                                        tokenizer_dir(args)) if ps.rank == 0 else None)
+    chat = runtime.checked(ps, lambda: load_chat_format(args.chat_template, tok, opened.template_dir)
+                           if ps.rank == 0 else None)
     if ps.rank != 0:
         return engine.follow()
-    return _serve(args, session, engine, sock, chat)
+    return _serve(args, opened, gen, engine, sock, chat)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -135,7 +137,7 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _serve(args, session, engine, sock: socket.socket, chat) -> int:
+def _serve(args, opened, gen, engine, sock: socket.socket, chat) -> int:
     import uvicorn
 
     from .app import Service, build_app
@@ -143,7 +145,7 @@ def _serve(args, session, engine, sock: socket.socket, chat) -> int:
     from .protocol import Limits
     from .scheduler import Scheduler
 
-    tok, gen = session.tok, session.gen
+    tok = opened.tokenizer
     holder = {}
     metrics = Metrics({
         "queue_length": ("sequences waiting for a row", lambda: holder["s"].queued),
@@ -162,7 +164,7 @@ def _serve(args, session, engine, sock: socket.socket, chat) -> int:
     app = build_app(service)
     host, port = sock.getsockname()[:2]
     ready = (f"serving {name} on http://{host}:{port} (max batch {args.max_batch_size}, queue "
-             f"{args.max_queue}, context {gen.max_length}, {session.ps}); chat: {chat.name}")
+             f"{args.max_queue}, context {gen.max_length}, {opened.ps}); chat: {chat.name}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
                             timeout_graceful_shutdown=args.shutdown_timeout)
     server = _Server(config, ready)
