@@ -1,7 +1,7 @@
 """Score a checkpoint on held-out text: `python tools/evaluate.py --load DIR --input FILE|PREFIX ...`.
 
 Sliding-window perplexity, loss and bits per byte per input and overall (table + --output JSON);
-tensor parallel under `mpirun --np N`. The work lives in megatron_ru/evaluation/ (cli.py).
+tensor parallel under `mpirun --np N`; generate.py's model flags (--lora DIR, --quantize int8, ...). The work lives in megatron_ru/evaluation/ (cli.py).
 """
 import os
 import sys

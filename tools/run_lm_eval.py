@@ -1,6 +1,7 @@
 """lm-evaluation-harness with the `megatron_ru` backend (named so as not to shadow the lm_eval package):
 `python tools/run_lm_eval.py --model megatron_ru --model_args load=DIR --tasks ru_choice,ru_yesno,ru_answer`
 (lm-eval's flags; bundled tasks on the include path); tensor parallel under `mpirun --np N`.
+generate.py's model flags work too: `python tools/run_lm_eval.py --load BASE --lora DIR --tasks ...`.
 """
 import os
 import sys

@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 
 from .. import runtime
-from ..config import SPARSE_MODES
 from ..data.indexed_dataset import IndexedDataset, dataset_exists
-from .loading import DTYPES, open_model, parallel_state
+from ..inference.loading import ModelOptions, add_inference_arguments
+from .loading import open_for_scoring, parallel_state
 from .perplexity import Corpus, EvalInputError, check_ids, evaluate_corpora
 
 
@@ -19,36 +19,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="tools/evaluate.py",
         description="Sliding-window perplexity and bits per byte of a checkpoint (any format "
-                    "generate.py reads, any TP size under mpirun --np N).")
-    p.add_argument("--load", required=True, metavar="DIR", help="checkpoint directory")
-    p.add_argument("--tag", help="checkpoint tag (default: the one `latest` names)")
-    p.add_argument("--input", "--eval-data", dest="inputs", nargs="+", required=True,
+                    "generate.py reads, with the same model flags: --lora, --quantize, any TP size "
+                    "under mpirun --np N).")
+    add_inference_arguments(p)  # --load --tag --lora --dtype --quantize, tokenizer flags (as generate.py)
+    e = p.add_argument_group("evaluation")
+    e.add_argument("--input", "--eval-data", dest="inputs", nargs="+", required=True,
                    metavar="PATH", help="text files (documents separated by blank lines, or one "
                    "per line), JSON lines (*.jsonl, --json-key), or .bin/.idx PREFIXes")
-    p.add_argument("--json-key", default="text", help="field of a JSON-lines record (default text)")
-    p.add_argument("--seq-length", type=int, help="window length (default: the model's maximum)")
-    p.add_argument("--stride", type=int,
+    e.add_argument("--json-key", default="text", help="field of a JSON-lines record (default text)")
+    e.add_argument("--seq-length", type=int, help="window length (default: the model's maximum)")
+    e.add_argument("--stride", type=int,
                    help="step between windows; each token gets >= seq_length - stride tokens of "
                         "context (default: seq_length // 2)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    p.add_argument("--tensor-model-parallel-size", "--model-parallel-size", dest="tp", type=int,
-                   help="TP size (default: the number of processes)")
-    p.add_argument("--sparse-mode", choices=SPARSE_MODES, help="override which layers are block-sparse")
-    p.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"),
-                   help="override the block-sparse execution path")
-    p.add_argument("--untrained", action="store_true",
+    e.add_argument("--batch-size", type=int, default=8, help="windows per forward")
+    e.add_argument("--untrained", action="store_true",
                    help="score the checkpoint's model at initialisation (weights drawn from "
                         "--seed as pretrain_gpt.py draws them): the baseline training improves on")
-    p.add_argument("--seed", type=int, default=1234, help="initialisation seed for --untrained")
-    p.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
-    t = p.add_argument_group("tokenizer (default: the one saved with the checkpoint)")
-    t.add_argument("--tokenizer-type")
-    t.add_argument("--vocab-file")
-    t.add_argument("--merge-file")
-    t.add_argument("--tokenizer-model")
-    t.add_argument("--tokenizer-path")
-    t.add_argument("--eod-token")
+    e.add_argument("--seed", type=int, default=1234, help="initialisation seed for --untrained")
+    e.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
     runtime.add_arguments(p)
     return p
 
@@ -119,8 +107,8 @@ def format_table(per: dict, total, seq_length: int, stride: int) -> str:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for flag, value in (("--batch-size", args.batch_size), ("--seq-length", args.seq_length),
-                        ("--tensor-model-parallel-size", args.tp)):
+    options = ModelOptions.from_args(args)  # --fp16/--bf16, TP size, --quantize, --lora
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-length", args.seq_length)):
         if value is not None and value < 1:
             raise EvalInputError(f"{flag} {value} must be >= 1")
     if args.output and not Path(args.output).resolve().parent.is_dir():
@@ -130,12 +118,8 @@ def main(argv=None) -> int:
     ps = parallel_state(args.tp, 60.0 * args.distributed_timeout_minutes)
 
     def prepare():
-        model, tok = open_model(args.load, ps, dtype=args.dtype, tag=args.tag,
-                                sparse_mode=args.sparse_mode, sparse_impl=args.sparse_impl,
-                                untrained_seed=args.seed if args.untrained else None,
-                                tokenizer_type=args.tokenizer_type, vocab_file=args.vocab_file,
-                                merge_file=args.merge_file, tokenizer_model=args.tokenizer_model,
-                                tokenizer_path=args.tokenizer_path, eod_token=args.eod_token)
+        opened = open_for_scoring(options, ps, untrained_seed=args.seed if args.untrained else None)
+        model, tok = opened.model, opened.tokenizer
         limit = model.config.max_position_embeddings
         seq = args.seq_length or limit
         if seq > limit:
@@ -147,9 +131,10 @@ def main(argv=None) -> int:
         corpora = [read_corpus(spec, tok, args.json_key) for spec in args.inputs]
         for c in corpora:
             check_ids(c, model.config.vocab_size, f"--input {c.name}")
-        return model, tok, corpora, seq, stride
+        return opened, corpora, seq, stride
 
-    model, tok, corpora, seq, stride = runtime.checked(ps if ps.world_size > 1 else None, prepare)
+    opened, corpora, seq, stride = runtime.checked(ps if ps.world_size > 1 else None, prepare)
+    model, tok = opened.model, opened.tokenizer
     t0 = time.perf_counter()
     per, total = evaluate_corpora(model, corpora, tok.eod, seq_length=seq, stride=stride,
                                   batch_size=args.batch_size, ps=ps)
@@ -159,9 +144,11 @@ def main(argv=None) -> int:
         print(f"[{total.tokens:,} tokens in {elapsed:.2f} s: {total.tokens / max(elapsed, 1e-9):,.0f} "
               f"tokens/s, {ps}]", file=sys.stderr, flush=True)
         if args.output:
-            from ..checkpoint.model_io import atomic_write_text
+            from ..files import atomic_write_text
             result = {"load": args.load, "untrained": args.untrained, "seq_length": seq,
                       "stride": stride,
+                      **({"lora": opened.options.lora} if opened.options.lora else {}),
+                      **({"quantization": options.quant.to_dict()} if options.quant else {}),
                       "tensor_model_parallel_size": ps.tp_size,
                       "inputs": {n: s.as_dict() for n, s in per.items()},
                       "overall": total.as_dict()}

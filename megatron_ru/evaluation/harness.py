@@ -3,6 +3,7 @@ model registry (lm-eval 0.4.x has no plugin entry point for models).
 
     import megatron_ru.evaluation.harness            # then lm_eval.simple_evaluate(model="megatron_ru", ...)
     python tools/run_lm_eval.py --model megatron_ru --model_args load=DIR,dtype=float32 --tasks ru_choice
+    python tools/run_lm_eval.py --load BASE --lora DIR --tasks ru_choice   # generate.py's model flags
     mpirun --np 2 python tools/run_lm_eval.py --model megatron_ru --model_args load=DIR ...   # TP=2
 
 `loglikelihood` / `loglikelihood_rolling` score with one forward per unique context
@@ -31,7 +32,8 @@ except ImportError as exc:  # an optional extra
 from .. import runtime
 from ..inference.generator import Generator
 from ..inference.sampling import SamplingParams
-from .loading import open_model, parallel_state
+from ..inference.loading import option_names, options_from_mapping
+from .loading import open_for_scoring, parallel_state
 from .perplexity import EvalInputError
 from .scoring import generate, score_continuations
 from .server import TPWorker, no_grad_handlers
@@ -53,35 +55,33 @@ def _int(value, name: str, default: int) -> int:
 
 @register_model(NAME)
 class MegatronRuLM(TemplateLM):
-    """`--model_args load=DIR[,dtype=float32|bfloat16|float16][,batch_size=N][,max_length=N]
-    [,max_gen_toks=N][,seed=N][,tp=N][,tokenizer_path=DIR | vocab_file=..,merge_file=..]`.
+    """`--model_args load=DIR[,batch_size=N][,max_length=N][,max_gen_toks=N][,seed=N]` plus any
+    model flag of generate.py by its name: `lora=DIR`, `quantize=int8|int4`, `group_size=N`,
+    `quantize_head=true`, `dtype=...`, `tag=...`, `tp=N`, `tokenizer_path=DIR | vocab_file=..,
+    merge_file=..`, `sparse_mode=...` (inference/loading.py parses them as the flags).
     In Python, `MegatronRuLM(model=gpt_model, tokenizer=tok)` wraps a live model (training)."""
 
     # Instances whose TP servers wait for a "close" (lm-eval drops its reference when it is
     # done; tools/run_lm_eval.py then calls close_all() so the servers exit cleanly).
     _open: list = []
 
-    def __init__(self, load: Optional[str] = None, dtype: str = "float32", batch_size=8,
-                 max_length=None, max_gen_toks=256, seed=1234, tp=None, tokenizer_path=None,
-                 tokenizer_type=None, vocab_file=None, merge_file=None, tokenizer_model=None,
-                 eod_token=None, sparse_mode=None, sparse_impl=None, *, model=None, tokenizer=None,
-                 device=None, max_batch_size=None, **unknown) -> None:  # noqa: ARG002
+    def __init__(self, batch_size=8, max_length=None, max_gen_toks=256, seed=1234, *, model=None,
+                 tokenizer=None, device=None, max_batch_size=None, **model_args) -> None:  # noqa: ARG002
         super().__init__()
+        unknown = set(model_args) - option_names()
         if unknown:
             raise EvalInputError(f"--model_args {', '.join(sorted(unknown))}: unknown for "
                                  f"{NAME}; see megatron_ru/evaluation/harness.py")
         if model is None:
-            if not load:
+            if not model_args.get("load"):
                 raise EvalInputError(f"--model {NAME} needs --model_args load=DIR")
-            ps = parallel_state(_int(tp, "tp", 1) if tp is not None else None)
+            options = options_from_mapping(model_args)
+            ps = parallel_state(options.tp)
             if ps.world_size != ps.tp_size:
                 raise EvalInputError(f"{ps.world_size} processes at TP={ps.tp_size}: launch "
                                      "exactly TP processes for lm-eval")
-            model, tokenizer = runtime.checked(ps, open_model, str(load), ps, dtype=str(dtype),
-                                               sparse_mode=sparse_mode, sparse_impl=sparse_impl,
-                                               tokenizer_type=tokenizer_type, vocab_file=vocab_file,
-                                               merge_file=merge_file, tokenizer_model=tokenizer_model,
-                                               tokenizer_path=tokenizer_path, eod_token=eod_token)
+            opened = runtime.checked(ps, open_for_scoring, options, ps)
+            model, tokenizer = opened.model, opened.tokenizer
         elif tokenizer is None:
             raise EvalInputError("MegatronRuLM(model=...) needs tokenizer=...")
         self.model, self.tokenizer_ = model, tokenizer

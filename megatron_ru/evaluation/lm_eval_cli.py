@@ -5,13 +5,18 @@ serve its tensor-parallel forward passes.
     python tools/run_lm_eval.py --model megatron_ru --model_args load=DIR --tasks ru_choice,ru_yesno
     mpirun --np 2 python tools/run_lm_eval.py --model megatron_ru --model_args load=DIR,batch_size=8 \
         --tasks ru_choice --output_path results/
+
+generate.py's model flags work here too (inference/loading.py's groups): `--load BASE --lora DIR`,
+`--quantize int8`, `--tokenizer-path DIR`, ... become `--model megatron_ru --model_args ...`.
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 from typing import Optional
 
+from ..inference.loading import add_inference_arguments
 from ..parallel.state import discover_launch
 from .perplexity import EvalInputError
 
@@ -27,6 +32,42 @@ def _flag(argv: list[str], name: str) -> Optional[str]:
     return None
 
 
+def model_flags_to_args(argv: list[str]) -> list[str]:
+    """generate.py's model / tokenizer / quantization flags in `argv` → lm-eval's `--model
+    megatron_ru --model_args k=v,...` (merged with any --model_args given); other words untouched."""
+    parser = argparse.ArgumentParser(prog="tools/run_lm_eval.py", add_help=False, allow_abbrev=False)
+    add_inference_arguments(parser, load_required=False)
+    ours, rest = parser.parse_known_args(argv)
+    given = {k: v for k, v in vars(ours).items() if v is not None and v is not False}
+    if not given:
+        return argv
+    from . import harness
+    model = _flag(rest, "--model")
+    if model not in (None, harness.NAME):
+        raise EvalInputError(f"--load and the other model flags are for --model {harness.NAME}, "
+                             f"not --model {model}")
+    pairs = []
+    for key, value in given.items():
+        text = "true" if value is True else str(value)
+        if "," in text or "=" in text:
+            raise EvalInputError(f"--{key.replace('_', '-')} {text}: lm-eval's --model_args cannot "
+                                 "carry ',' or '='; rename the path")
+        pairs.append(f"{key}={text}")
+    extra = _flag(rest, "--model_args")
+    out, skip = [], False
+    for i, word in enumerate(rest):  # drop --model / --model_args; they are rebuilt below
+        if skip:
+            skip = False
+            continue
+        if word in ("--model", "--model_args"):
+            skip = True
+            continue
+        if word.startswith(("--model=", "--model_args=")):
+            continue
+        out.append(word)
+    return out + ["--model", harness.NAME, "--model_args", ",".join(pairs + ([extra] if extra else []))]
+
+
 def local_tasks(include: str) -> list[str]:
     """Task names defined by the YAML files of an --include_path (no built-in index: fast)."""
     from lm_eval.tasks import TaskManager
@@ -34,7 +75,7 @@ def local_tasks(include: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = model_flags_to_args(list(sys.argv[1:] if argv is None else argv))
     from . import harness
     from lm_eval.utils import simple_parse_args_string
 
@@ -46,7 +87,7 @@ def main(argv=None) -> int:
     if launch.world_size > 1:
         if _flag(argv, "--model") != harness.NAME:
             raise EvalInputError(f"under mpirun only --model {harness.NAME} runs tensor parallel")
-        from .loading import parallel_state
+        from ..inference.loading import parallel_state
         model_args = simple_parse_args_string(_flag(argv, "--model_args") or "")
         tp = model_args.get("tp")
         parallel_state(int(tp) if tp else None)  # every rank meets here before lm-eval starts
