@@ -18,11 +18,15 @@ from typing import Iterator, Union
 PathLike = Union[str, "os.PathLike[str]"]
 
 
-def ordinary_mode() -> int:
-    """0666 minus the umask: what open() would give (mkstemp's files are 0600)."""
+def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
-    return 0o666 & ~mask
+    return mask
+
+
+def ordinary_mode() -> int:
+    """0666 minus the umask: what open() would give (mkstemp's files are 0600)."""
+    return 0o666 & ~_umask()
 
 
 def temp_sibling(path: PathLike) -> str:
@@ -84,11 +88,13 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
 
 @contextlib.contextmanager
 def atomic_directory(path: PathLike) -> Iterator[Path]:
-    """Yields a new temporary directory next to `path` to fill; on success it replaces `path`
-    (an existing one is removed first), on an exception it is removed and `path` is untouched."""
+    """Yields a new temporary directory next to `path` (mode as mkdir gives) to fill; on success it
+    replaces `path` (an existing one is removed first), on an exception it is removed and `path`
+    is untouched."""
     path = Path(path)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp."))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's 0700 → what mkdir gives
         yield tmp
         if path.exists():
             shutil.rmtree(path)

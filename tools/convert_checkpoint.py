@@ -88,7 +88,7 @@ def main(argv=None) -> int:
         if not isinstance(section, dict):
             raise CheckpointError(f"--sparse-config {args.sparse_config} has no sparse_attention section")
         hints["sparse_attention"] = section
-    from megatron_ru.model import lora
+    from megatron_ru.checkpoint import lora_files as lora
     adapters = None
     if lora.is_adapter_dir(args.load):  # LoRA adapters: export as PEFT, or merge into the base
         meta, _ = lora.read_adapters(args.load)

@@ -79,7 +79,7 @@ def rename(flat: dict, source, layer_offset: int = 0) -> dict:
     return out
 
 
-def _args_dict(args, source) -> dict:
+def args_dict(args, source) -> dict:
     if args is None:
         raise CheckpointError(f"{source} carries no `args`: its model shapes are unknown")
     a = vars(args) if not isinstance(args, dict) else args
@@ -97,7 +97,7 @@ def _args_dict(args, source) -> dict:
 
 
 def make_config(args, vocab_hint: Optional[int], source) -> ModelConfig:
-    a = _args_dict(args, source)
+    a = args_dict(args, source)
     ns = argparse.Namespace(**a)
     return config_from_args(ns, vocab_hint, source, core=True)
 
@@ -147,7 +147,7 @@ def read_torch(directory: Path, tag: Optional[str] = None, *, load: bool = True,
     files = rank_grid(it_dir)
     pp, tp = len(files), len(files[0])
     first = load_blob(files[0][0])
-    a = _args_dict(first.get("args"), files[0][0])
+    a = args_dict(first.get("args"), files[0][0])
     check_model_type(_stage_model(first, files[0][0]), a, files[0][0])
     from .rugpts import side_facts
     vocab = hints.get("vocab_size") or side_facts(directory, it_dir).get("vocab_size")
@@ -245,13 +245,13 @@ def write_torch(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torc
     """DST/latest_checkpointed_iteration.txt = release, DST/release/mp_rank_XX/model_optim_rng.pt
     (Megatron-Core GPTModel names, checkpoint_version 3.0, args for --use-checkpoint-args)."""
     from ..parallel.sharding import shard
-    from .model_io import VOCAB_PARAMS, _shard_specs, atomic_torch_save
+    from .model_io import VOCAB_PARAMS, atomic_torch_save, shard_specs
     if spec not in ("local", "te"):
         raise CheckpointError(f"--megatron-spec {spec!r} is unknown; expected local or te")
     if any(config.sparse_layers()):
         raise CheckpointError("Megatron-Core has no block-sparse attention: this model's sparse "
                               "layers cannot be exported (convert a --sparse-mode dense copy)")
-    specs, padded = _shard_specs(config, tp), config.padded_vocab_size(tp)
+    specs, padded = shard_specs(config, tp), config.padded_vocab_size(tp)
     args = core_args(config, tp)
     args.transformer_impl = "transformer_engine" if spec == "te" else "local"
     for r in range(tp):

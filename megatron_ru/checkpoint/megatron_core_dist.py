@@ -20,19 +20,19 @@ from typing import Optional
 
 import torch
 
-from .megatron_core import LAYER, SKIP, _args_dict, check_model_type, make_config, rename
-from .megatron_legacy import PICKLE, _Stub, fix_qkv, iteration_dir, load_blob
+from .megatron_core import LAYER, SKIP, args_dict, check_model_type, make_config, rename
+from .megatron_legacy import PICKLE, PickleStub, fix_qkv, iteration_dir, load_blob
 from .model_io import CheckpointError, merge_shards
 
 
-class _MetadataStub(_Stub):
+class _MetadataStub(PickleStub):
     """Stands in for Megatron's subclasses of torch's DCP Metadata."""
 
 
 class _DCPUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "nvidia_resiliency_ext"):
-            return _MetadataStub if name.endswith("Metadata") else _Stub
+            return _MetadataStub if name.endswith("Metadata") else PickleStub
         return super().find_class(module, name)
 
 
@@ -127,7 +127,7 @@ def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, 
     it_dir = dist_dir(directory, tag)
     metadata = _metadata(it_dir)
     common = _common_state(it_dir, metadata)
-    a = _args_dict(common.get("args"), it_dir / "common.pt")
+    a = args_dict(common.get("args"), it_dir / "common.pt")
     tensors = {k: v for k, v in metadata.state_dict_metadata.items()
                if isinstance(v, TensorStorageMetadata) and not SKIP.search(k)
                and not k.startswith(("optimizer", "rng_state", "common_state"))}

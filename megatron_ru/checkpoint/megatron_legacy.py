@@ -35,7 +35,7 @@ RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position
            (r"^(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"blocks.\1.mlp.down.")]
 
 
-class _Stub:
+class PickleStub:
     """Stands in for any Megatron class found in the pickle (enums, dataclasses)."""
 
     def __init__(self, *args, **kwargs):
@@ -48,7 +48,7 @@ class _Stub:
 class _Unpickler(pickle.Unpickler):
     def find_class(self, module, name):
         if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "fp16"):
-            return _Stub
+            return PickleStub
         return super().find_class(module, name)
 
 

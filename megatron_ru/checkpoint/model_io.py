@@ -1,4 +1,4 @@
-"""Model weights on disk: self-describing checkpoint directories, loadable at any TP size.
+"""Our checkpoint format (megatron_ru): read and write self-describing directories at any TP size.
 
 Layout (the one DeepSpeed's `save_checkpoint` writes, plus our config.json):
 
@@ -6,9 +6,11 @@ Layout (the one DeepSpeed's `save_checkpoint` writes, plus our config.json):
     DIR/latest                               name of the newest tag (written last)
     DIR/<tag>/mp_rank_XX_model_states.pt     {"module": this TP rank's state_dict, ...}
 
-`load_model` merges the TP shards of the source into full tensors (by each parameter's
-ShardSpec), drops vocabulary padding, and re-shards for the target TP size, so a checkpoint
-written at TP=4 samples at TP=1 or TP=2 without a conversion step.
+`load_own_state_dict` merges the TP shards into full tensors (by each parameter's ShardSpec) and
+drops vocabulary padding; `shard_state_dict` re-shards them for the target TP size, so a
+checkpoint written at TP=4 samples at TP=1 or TP=2 without a conversion step. This is the base
+of checkpoint/: the readers of foreign formats import it, never the reverse; opening a directory
+in any format is checkpoint/load.py's.
 """
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import functools
 import json
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,7 @@ from ..model.gpt import GPTModel
 from ..parallel.sharding import shard, unshard
 from ..parallel.state import ParallelState
 from ..errors import UsageError
+from ..files import atomic_path, atomic_write_text
 
 FORMAT = "megatron_ru"
 VOCAB_PARAMS = ("embed.weight", "lm_head.weight")
@@ -37,39 +41,10 @@ class CheckpointError(UsageError):
     """A checkpoint directory is missing, incomplete or inconsistent; the message names the file."""
 
 
-def ordinary_mode() -> int:
-    """0666 minus the umask: what open() would give (mkstemp's files are 0600)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, ordinary_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def atomic_torch_save(obj, path: Path) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
+    """torch.save to `path` through a temporary sibling (megatron_ru/files.py)."""
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.chmod(tmp, ordinary_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def config_dict(config: ModelConfig, tp_size: int, **extra) -> dict:
@@ -93,18 +68,8 @@ def is_own_checkpoint(directory: Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, dict]:
-    """The model config and metadata of a checkpoint directory in any supported format: ours,
-    Hugging Face, ru-gpts or Megatron-LM (the latter three via checkpoint/convert.py)."""
-    if not Path(directory).is_dir():
-        raise CheckpointError(f"checkpoint directory {directory} does not exist")
-    if not is_own_checkpoint(directory):
-        from .convert import read_any_config  # foreign formats; imported late (it imports us)
-        return read_any_config(Path(directory))
-    return read_own_config(directory)
-
-
 def read_own_config(directory: Path) -> tuple[ModelConfig, dict]:
+    """The model config and metadata of one of our checkpoint directories."""
     path = Path(directory) / "config.json"
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -178,7 +143,7 @@ def _meta_model(config: ModelConfig, tp_size: int) -> GPTModel:
         return GPTModel(config, ps)
 
 
-def _shard_specs(config: ModelConfig, tp_size: int) -> dict:
+def shard_specs(config: ModelConfig, tp_size: int) -> dict:
     """Parameter name → ShardSpec at `tp_size` (from a model built on the meta device)."""
     return {n: getattr(p, "shard_spec", None) for n, p in _meta_model(config, tp_size).named_parameters()}
 
@@ -188,19 +153,23 @@ def _describe(config: ModelConfig) -> str:
             f"vocab_size={config.vocab_size}")
 
 
-def check_weights_match_config(config: ModelConfig, shapes: list, source) -> None:
+def check_weights_match_config(config: ModelConfig, shapes: list, source, *,
+                               vocab_rows: Optional[int] = None) -> None:
     """Per-TP-rank {name: shape} of a checkpoint against the model its config describes: every
-    tensor present with the shape the config implies (vocabulary rows: at least the vocabulary),
-    and no weight the config has no place for (a truncated model would load silently)."""
+    tensor present with the shape the config implies, and no weight the config has no place for
+    (a truncated model would load silently). Vocabulary rows: any count for padded shards (the
+    merge checks them), exactly `vocab_rows` when given (full tensors with the real vocabulary)."""
     model = _meta_model(config, len(shapes))
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    if vocab_rows is not None:
+        params.update({n: (vocab_rows, *params[n][1:]) for n in VOCAB_PARAMS if n in params})
     buffers = {n for n, _ in model.named_buffers()}
     for rank, rank_shapes in enumerate(shapes):
         for name, expected in params.items():
             got = rank_shapes.get(name)
             if got is None:
                 raise CheckpointError(f"parameter {name} is missing from {source}")
-            same = got[1:] == expected[1:] if name in VOCAB_PARAMS else got == expected
+            same = got[1:] == expected[1:] if name in VOCAB_PARAMS and vocab_rows is None else got == expected
             if not same:
                 where = f" (TP rank {rank} of {len(shapes)})" if len(shapes) > 1 else ""
                 raise CheckpointError(f"tensor {name}{where} in {source} has shape {tuple(got)}, its config "
@@ -212,21 +181,47 @@ def check_weights_match_config(config: ModelConfig, shapes: list, source) -> Non
                                   f"{len(extra)} such tensor(s): config.json and the weights disagree")
 
 
-def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
-    """Full (unsharded) tensors with real vocabulary rows only, and the model config; any
-    supported format (HF, ru-gpts and Megatron-LM directories go through checkpoint/convert.py)."""
-    if not is_own_checkpoint(directory):
-        from .convert import load_any
-        config, full, _ = load_any(Path(directory), tag)
-        return config, full
+def load_own_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
+    """Full (unsharded) tensors with real vocabulary rows only, and the model config, of one of
+    our checkpoints (ZeRO-3 ones included)."""
     config, meta = read_own_config(directory)
     tag = tag or latest_tag(directory)
     tp = int(meta.get("tensor_model_parallel_size", 1))
     if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
-        from .convert import load_zero3  # ZeRO-3: the weights live in the optimizer partitions
-        return config, load_zero3(Path(directory), tag, config, tp)
+        return config, load_zero3(Path(directory), tag, config, tp)  # weights in the optimizer partitions
     loaders = [functools.partial(load_module, f) for f in rank_files(directory, tag, tp)]
     return config, LazyFullState(config, loaders, Path(directory) / tag)
+
+
+def load_zero3(directory: Path, tag: str, config: ModelConfig, tp: int) -> dict:
+    """Full weights of our ZeRO-3 checkpoint, from DeepSpeed's fp32 partitions, one TP rank at
+    a time (DeepSpeed's zero_to_fp32 handles one model-parallel rank per directory)."""
+    from deepspeed.utils import zero_to_fp32
+
+    tag_dir = directory / tag
+    states = []
+    for r in range(tp):
+        files = sorted(tag_dir.glob(f"*zero_pp_rank_*_mp_rank_{r:02d}_*states.pt"))
+        if not any(f.name.endswith("_optim_states.pt") for f in files):
+            raise CheckpointError(f"{tag_dir}: ZeRO-3 checkpoint without the optimizer partitions "
+                                  f"of TP rank {r} (*_mp_rank_{r:02d}_optim_states.pt): the weights "
+                                  "cannot be rebuilt")
+        with tempfile.TemporaryDirectory() as tmp:
+            for f in files:
+                os.symlink(f.resolve(), Path(tmp) / f.name)
+            try:
+                with open(os.devnull, "w") as quiet:
+                    stdout, sys.stdout = sys.stdout, quiet
+                    try:
+                        state = zero_to_fp32._get_fp32_state_dict_from_zero_checkpoint(tmp, False)
+                    finally:
+                        sys.stdout = stdout
+            except Exception as exc:
+                raise CheckpointError(f"{tag_dir}: cannot rebuild the ZeRO-3 weights of TP rank "
+                                      f"{r}: {exc}") from None
+        # zero_to_fp32 returns lazy 'GatheredTensor's; .contiguous() materialises each
+        states.append({k: (v if torch.is_tensor(v) else v.contiguous()).detach() for k, v in state.items()})
+    return merge_shards(config, states, tag_dir)
 
 
 def merge_shards(config: ModelConfig, states: list, source) -> dict:
@@ -265,7 +260,7 @@ class LazyFullState(Mapping):
     def __init__(self, config: ModelConfig, loaders: list, source, own_memory: bool = True) -> None:
         self.config, self.loaders, self.source = config, list(loaders), source
         self.own_memory = own_memory
-        self.specs = _shard_specs(config, len(self.loaders))
+        self.specs = shard_specs(config, len(self.loaders))
         shapes = [{k: tuple(v.shape) for k, v in load().items()} for load in self.loaders]
         check_weights_match_config(config, shapes, source)
         self.shapes = {}
@@ -322,10 +317,9 @@ def shard_state_dict(full: dict, model: GPTModel) -> dict:
     return out
 
 
-def load_model(directory, parallel_state: Optional[ParallelState] = None, *, tag: Optional[str] = None,
-               dtype=None, device=None, **config_overrides) -> GPTModel:
-    """A GPTModel for `parallel_state` (any TP size) from a checkpoint directory."""
-    config, full = load_full_state_dict(Path(directory), tag)
+def model_from_state(config: ModelConfig, full: dict, parallel_state: Optional[ParallelState] = None, *,
+                     dtype=None, device=None, **config_overrides) -> GPTModel:
+    """A GPTModel for `parallel_state` (any TP size) holding the full tensors `full`."""
     if config_overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **config_overrides})
     ps = parallel_state or ParallelState.single()
@@ -343,13 +337,51 @@ def save_model(directory, model: GPTModel, *, tag: str = "release", **extra) -> 
         tag_dir.mkdir(parents=True, exist_ok=True)
     ps.barrier()
     if ps.dp_rank == 0:
-        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        atomic_torch_save({"module": state, "mp_world_size": ps.tp_size},
-                          tag_dir / f"mp_rank_{ps.tp_rank:02d}_model_states.pt")
+        _write_rank(tag_dir, ps.tp_rank, ps.tp_size, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     ps.barrier()
     if ps.rank == 0:
-        write_config(directory, model.config, ps.tp_size, **extra)
-        atomic_write_text(directory / "latest", tag + "\n")
+        _write_meta(directory, model.config, ps.tp_size, tag, **extra)
     ps.barrier()
     return tag_dir
 
+
+def save_state_dict(directory, config: ModelConfig, full: dict, tp_size: int, dtype: torch.dtype, *,
+                    tag: str = "release", on_tensor=None, **extra) -> Path:
+    """Write full tensors (real vocabulary rows, our names) as a checkpoint at `tp_size`, one TP
+    rank in memory at a time; `on_tensor()` is called after each tensor (progress). One process."""
+    directory = Path(directory)
+    specs, padded = shard_specs(config, tp_size), config.padded_vocab_size(tp_size)
+    tag_dir = directory / tag
+    tag_dir.mkdir(parents=True, exist_ok=True)
+    for r in range(tp_size):
+        state = {}
+        for name, spec in specs.items():
+            t = full[name]
+            if name in VOCAB_PARAMS:
+                t = torch.cat([t.to(dtype), t.new_zeros(padded - t.shape[0], *t.shape[1:], dtype=dtype)])
+            state[name] = _owned(shard(t, spec, r, tp_size), dtype)
+            if on_tensor is not None:
+                on_tensor()
+        _write_rank(tag_dir, r, tp_size, state)
+        del state
+    _write_meta(directory, config, tp_size, tag, **extra)
+    return tag_dir
+
+
+def _write_rank(tag_dir: Path, tp_rank: int, tp_size: int, state: dict) -> None:
+    atomic_torch_save({"module": state, "mp_world_size": tp_size}, tag_dir / f"mp_rank_{tp_rank:02d}_model_states.pt")
+
+
+def _write_meta(directory: Path, config: ModelConfig, tp_size: int, tag: str, **extra) -> None:
+    """config.json, then `latest` (last: it marks the checkpoint complete)."""
+    write_config(directory, config, tp_size, **extra)
+    atomic_write_text(directory / "latest", tag + "\n")
+
+
+def _owned(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t` as `dtype` in a storage of its own: torch.save writes whole storages, so a view into a
+    memory-mapped file or a fused tensor must be copied; a tensor that owns its storage is not."""
+    if t.dtype == dtype and t.is_contiguous() and t.storage_offset() == 0 and \
+            t.untyped_storage().nbytes() == t.numel() * t.element_size():
+        return t
+    return torch.empty(t.shape, dtype=dtype).copy_(t)

@@ -11,16 +11,15 @@ the base weight). GPT-2's Conv1D stores weights transposed, which PEFT handles i
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config import ModelConfig
-from ..model.lora import LoRAError, read_adapters
+from ..files import atomic_directory
+from ..model.lora import LoRAError
+from .lora_files import read_adapters
 from . import hf
 from .model_io import CheckpointError
 
@@ -69,15 +68,8 @@ def export_peft(adapter_dir, dst, *, base_name: Optional[str] = None, dtype=torc
         "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
     }
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp."))
-    try:
+    with atomic_directory(dst) as tmp:
         hf.write_safetensors(tmp / "adapter_model.safetensors",
                              [(k, tuple(t.shape), lambda t=t: t) for k, t in weights.items()], dtype)
         (tmp / "adapter_config.json").write_text(json.dumps(peft_config, indent=2) + "\n")
-        if dst.exists():
-            shutil.rmtree(dst)
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return dst

@@ -23,9 +23,10 @@ import torch
 from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
-from .model_io import (CheckpointError, atomic_write_text, check_weights_match_config, latest_tag,
-                       load_module, model_files, read_config, write_config, zero3_files,
-                       zero3_shapes)
+from ..files import atomic_path, atomic_write_text
+from .load import read_config
+from .model_io import (CheckpointError, check_weights_match_config, latest_tag, load_module, model_files,
+                       write_config, zero3_files, zero3_shapes)
 
 # Tokenizer files as stored in a checkpoint's tokenizer/ directory (the names HF and
 # generate.py's --tokenizer-path look for).
@@ -115,9 +116,8 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
     for src, dst in copies:
         if dst.exists() and os.path.samefile(src, dst):  # --vocab-file DIR/tokenizer/vocab.json
             continue
-        tmp = dst.with_name(f".{dst.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dst)
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
 
 
 def save_training_checkpoint(engine, directory: str, iteration: int, client_state: dict,

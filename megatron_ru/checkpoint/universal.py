@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
+from ..files import atomic_directory, atomic_write_text
 from .model_io import CheckpointError
 
 SUFFIX = "_universal"
@@ -99,7 +100,7 @@ def plan_resume(load_dir: str, tag: str, dp_size: int) -> tuple[str, bool]:
 def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False) -> Path:
     """`convert_checkpoint.py --to universal`: DST = SRC's config.json + tokenizer + the universal
     form of SRC/<tag> (default: latest) under the same tag, and a `latest` naming it."""
-    from .model_io import atomic_write_text, is_own_checkpoint, latest_tag
+    from .model_io import is_own_checkpoint, latest_tag
 
     source, target = Path(src), Path(dst)
     if not is_own_checkpoint(source):
@@ -108,18 +109,11 @@ def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrit
     tag = tag or latest_tag(source)
     if target.exists() and not overwrite:
         raise CheckpointError(f"--save {target} exists (add --overwrite to replace it)")
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(target) as tmp:
         shutil.copy2(source / "config.json", tmp / "config.json")
         if (source / "tokenizer").is_dir():
             shutil.copytree(source / "tokenizer", tmp / "tokenizer")
         convert(source / tag, tmp / tag)
         atomic_write_text(tmp / "latest", tag + "\n")
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

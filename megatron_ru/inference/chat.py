@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..checkpoint.model_io import atomic_write_text
+from ..files import atomic_write_text
 from ..data.chat import ChatError, check_messages
 from ..errors import UsageError
 from .cli import InputError

@@ -1,4 +1,4 @@
-"""LoRA adapters on the tensor-parallel layers, split like the layer they wrap; adapter files.
+"""LoRA adapters on the tensor-parallel layers, split like the layer they wrap (files: checkpoint/lora_files.py).
 
 y = W x + (alpha / r) · B A dropout(x), A (r, in) drawn like PEFT's (Kaiming-uniform), B (out, r)
 zero. Tensor parallelism (so TP=2 equals TP=1):
@@ -13,30 +13,22 @@ weights keep their names (checkpoint code is unchanged) and are frozen (requires
 so they never enter optimizer state). Full (unsharded) adapter tensors are initialised from a
 generator seeded by (seed, name) and sliced, so initial adapters do not depend on TP size.
 
-Adapter directory: adapter_config.json {"format": "megatron_ru_lora", "base", "rank", "alpha",
-"dropout", "targets", "model"} + adapter_model.safetensors (full tensors, our names
-`<layer>.lora.A` / `.lora.B`); TP-independent, written atomically (config last).
+Adapter directories (adapter_config.json + adapter_model.safetensors) are checkpoint/lora_files.py's.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
-import tempfile
-from pathlib import Path
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, _param_seed, tag
+from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, param_seed, tag
 from ..parallel.mappings import copy_to_region, reduce_from_region
 from ..parallel.sharding import ShardSpec, shard, unshard
 from ..errors import UsageError
 
-FORMAT = "megatron_ru_lora"
 TARGETS = ("qkv", "proj", "fc1", "fc2", "lm_head")
 ALIASES = {  # Hugging Face module names of both families → ours
     "c_attn": "qkv", "attn.c_proj": "proj", "c_fc": "fc1", "mlp.c_proj": "fc2",
@@ -44,7 +36,6 @@ ALIASES = {  # Hugging Face module names of both families → ours
     "q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
 }
 LAYER_OF = {"qkv": "attn.qkv", "proj": "attn.dense", "fc1": "mlp.up", "fc2": "mlp.down"}
-CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 
 
 class LoRAError(UsageError):
@@ -177,12 +168,12 @@ def init_adapters(model, seed: int) -> None:
         if spec is not None:
             shape[spec.dim] *= tp
         bound = 1.0 / math.sqrt(shape[1])  # kaiming_uniform with a=sqrt(5): 1/sqrt(fan_in)
-        gen = torch.Generator().manual_seed(_param_seed(seed, name))
+        gen = torch.Generator().manual_seed(param_seed(seed, name))
         full = torch.empty(shape).uniform_(-bound, bound, generator=gen)
         p.copy_(shard(full, spec, tp_rank, tp))
 
 
-# ---- adapter files -----------------------------------------------------------------------------
+# ---- full adapter tensors -----------------------------------------------------------------------------
 def _gathered(model, name: str, p: torch.Tensor) -> torch.Tensor:
     """The full tensor of one adapter parameter (all-gathered over TP; ZeRO-3 partitions gathered)."""
     import torch.distributed as dist
@@ -210,102 +201,22 @@ def adapter_state(model) -> dict:
     return state
 
 
-def save_adapters(model, directory, *, base: Optional[str], write: bool = True, **extra) -> Optional[Path]:
-    """Writes the adapter directory (TP rank 0 of DP rank 0 writes; all ranks must call)."""
-    from ..checkpoint.hf import write_safetensors
-    from ..checkpoint.model_io import atomic_write_text, ordinary_mode
-    state = adapter_state(model)
-    if not write:
-        return None
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{WEIGHTS_FILE}.")
-    os.close(fd)
-    try:
-        write_safetensors(Path(tmp), [(n, tuple(t.shape), lambda t=t: t) for n, t in state.items()],
-                          torch.float32)
-        os.chmod(tmp, ordinary_mode())  # mkstemp's 0600 → what open() gives
-        os.replace(tmp, directory / WEIGHTS_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    meta = {"format": FORMAT, "version": 1, "base": os.path.abspath(base) if base else None,
-            **model.lora_settings, "model": model.config.to_dict(), **extra}
-    atomic_write_text(directory / CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
-def is_adapter_dir(directory) -> bool:
-    return (Path(directory) / CONFIG_FILE).is_file() and _read_meta(Path(directory)).get("format") == FORMAT
-
-
-def _read_meta(directory: Path) -> dict:
-    try:
-        meta = json.loads((directory / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return {}
-    return meta if isinstance(meta, dict) else {}
-
-
-def read_adapters(directory) -> tuple[dict, dict]:
-    """(adapter_config.json dict, name → full tensor); LoRAError naming the file when broken."""
-    from ..checkpoint.hf import read_safetensors
-    directory = Path(directory)
-    if not directory.is_dir():
-        raise LoRAError(f"adapter directory {directory} does not exist")
-    meta = _read_meta(directory)
-    if meta.get("format") != FORMAT:
-        raise LoRAError(f"{directory / CONFIG_FILE} is missing or not a megatron_ru LoRA adapter config")
-    if not (directory / WEIGHTS_FILE).is_file():
-        raise LoRAError(f"{directory} has no {WEIGHTS_FILE}")
-    try:
-        tensors = read_safetensors(directory / WEIGHTS_FILE)
-    except UsageError as exc:
-        raise LoRAError(str(exc)) from None
-    return meta, tensors
-
-
-def base_of(meta: dict, directory, override: Optional[str] = None) -> str:
-    """The base checkpoint an adapter directory points at (or `override`); LoRAError if gone."""
-    base = override or meta.get("base")
-    if not base or not Path(base).is_dir():
-        raise LoRAError(f"the adapters in {directory} need their base model: {base or '(none recorded)'} "
-                        "does not exist; pass the base checkpoint explicitly")
-    return base
-
-
-def check_base_shape(meta: dict, config: ModelConfig, directory) -> None:
-    """The base must have the shapes the adapters were trained on."""
-    want = meta.get("model", {})
-    for key in ("family", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
-                "ffn_hidden_size", "vocab_size"):
-        have = getattr(config, key, None)
-        if key in want and want[key] != have:
-            raise LoRAError(f"the adapters in {directory} were trained on a base with {key}={want[key]}, "
-                            f"this base has {key}={have}")
-
-
-def attach_adapters(model, directory) -> dict:
-    """Adds the adapters of `directory` to `model` (any TP size) for inference; returns the meta."""
-    directory = Path(directory)
-    meta, tensors = read_adapters(directory)
-    check_base_shape(meta, model.config, directory)
-    apply_lora(model, rank=int(meta["rank"]), alpha=float(meta["alpha"]), dropout=0.0,
-               targets=meta["targets"])
+@torch.no_grad()
+def set_adapter_state(model, tensors: dict, source) -> None:
+    """Copies full adapter tensors (as `adapter_state` gives them) into this rank's adapters of
+    `model` (any TP size); LoRAError naming `source` when a tensor is missing or misshapen."""
     ps = model.ps
-    with torch.no_grad():
-        for name, p in adapter_parameters(model):
-            if name not in tensors:
-                raise LoRAError(f"{directory / WEIGHTS_FILE} lacks tensor {name}")
-            full = tensors[name]
-            if name == "lora_head.B":  # real vocabulary rows on disk: pad to this TP's size
-                full = torch.cat([full, full.new_zeros(model.padded_vocab_size - full.shape[0], full.shape[1])])
-            local = shard(full, p.shard_spec, ps.tp_rank, ps.tp_size)
-            if local.shape != p.shape:
-                raise LoRAError(f"{directory / WEIGHTS_FILE}: {name} has shape {tuple(tensors[name].shape)}, "
-                                f"the model needs {tuple(p.shape)} per rank")
-            p.copy_(local)
-    return meta
+    for name, p in adapter_parameters(model):
+        if name not in tensors:
+            raise LoRAError(f"{source} lacks tensor {name}")
+        full = tensors[name]
+        if name == "lora_head.B":  # real vocabulary rows on disk: pad to this TP's size
+            full = torch.cat([full, full.new_zeros(model.padded_vocab_size - full.shape[0], full.shape[1])])
+        local = shard(full, p.shard_spec, ps.tp_rank, ps.tp_size)
+        if local.shape != p.shape:
+            raise LoRAError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
+                            f"the model needs {tuple(p.shape)} per rank")
+        p.copy_(local)
 
 
 def merge_into(full: dict, meta: dict, tensors: dict, config: ModelConfig) -> dict:

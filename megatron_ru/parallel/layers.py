@@ -37,7 +37,8 @@ def _new_param(shape, device, dtype) -> nn.Parameter:
     return nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
 
 
-def _param_seed(seed: int, name: str) -> int:
+def param_seed(seed: int, name: str) -> int:
+    """The generator seed of parameter `name` under run seed `seed` (the same at every TP size)."""
     return (seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63 - 1)
 
 
@@ -49,7 +50,7 @@ def full_init_tensor(init_spec: tuple, full_shape, seed: int, name: str) -> torc
         return torch.zeros(full_shape)
     if kind == "ones":
         return torch.ones(full_shape)
-    gen = torch.Generator().manual_seed(_param_seed(seed, name))
+    gen = torch.Generator().manual_seed(param_seed(seed, name))
     if kind == "normal":
         return torch.empty(full_shape).normal_(0.0, init_spec[1], generator=gen)
     if kind == "normal_rows":  # vocabulary: real rows random, padding rows zero

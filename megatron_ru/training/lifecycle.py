@@ -24,7 +24,8 @@ from .. import runtime
 from ..arguments import TrainArgs
 from ..checkpoint import save_dir
 from ..checkpoint.training import RUNTIME_FIELDS
-from ..checkpoint.model_io import CheckpointError, is_own_checkpoint, read_config
+from ..checkpoint.load import read_config
+from ..checkpoint.model_io import CheckpointError, is_own_checkpoint
 from ..config import ConfigError, ModelConfig
 
 
@@ -94,7 +95,7 @@ def check_save_holds_this_run(args: TrainArgs, config: ModelConfig, resuming: Op
     tag = save_dir.latest_or_newest(args.save)
     if tag is None or (_same_dir(args.load, args.save) and resuming is not None):
         return
-    from ..model.lora import is_adapter_dir
+    from ..checkpoint.lora_files import is_adapter_dir
     if is_adapter_dir(root):
         raise CheckpointError(
             f"--save {root} already holds a LoRA run (latest {tag}); resume it with --lora-rank R "
@@ -135,10 +136,10 @@ def apply_checkpoint_args(args: TrainArgs, log: Callable) -> None:
 def _settings_source(args: TrainArgs) -> Optional[Path]:
     """Whose config.json holds the model settings: --load's; for a LoRA run in --load, its base;
     when --load holds nothing yet, --pretrained-checkpoint."""
-    from ..model.lora import _read_meta
+    from ..checkpoint.lora_files import read_meta
     if args.load and (Path(args.load) / "config.json").is_file():
         return Path(args.load)
-    base = _read_meta(Path(args.load)).get("base") if args.load else None
+    base = read_meta(Path(args.load)).get("base") if args.load else None
     for candidate in (base, args.pretrained_checkpoint):
         if candidate and (Path(candidate) / "config.json").is_file():
             return Path(candidate)

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from ..checkpoint.model_io import atomic_write_text
+from ..files import atomic_write_text
 from ..config import ModelConfig
 from ..model.sparsity import causal_density, make_layout
 

@@ -104,13 +104,14 @@ def lora_resume_base(args, tag: str, tp_size: int) -> str:
     the saved run's."""
     import os
 
-    from ..model.lora import CONFIG_FILE, _read_meta, parse_targets
+    from ..checkpoint.lora_files import CONFIG_FILE, read_meta
+    from ..model.lora import parse_targets
     load = Path(args.load)
     if (load / "config.json").is_file():
         raise ConfigError(f"--lora-rank with --load {load}: it holds a whole model's training "
                           "checkpoint, not a LoRA run; start LoRA from it with --finetune --load "
                           f"{load}, or --pretrained-checkpoint {load} --load RUN --save RUN")
-    meta = _read_meta(load)
+    meta = read_meta(load)
     if not meta:
         raise ConfigError(f"{load}/{tag} has no {CONFIG_FILE} beside it (it names the LoRA run's base "
                           "and settings): not a LoRA run this toolkit can resume")
@@ -155,7 +156,7 @@ def lora_checkpoint_bytes(config, args) -> int:
 
 def save_lora(trainer) -> str:
     """Adapters only (full tensors, any TP) + a pointer to the base, into --save."""
-    from ..model.lora import save_adapters
+    from ..checkpoint.lora_files import save_adapters
     ps = trainer.ps
     path = save_adapters(trainer.model, trainer.args.save, base=trainer.base,
                          write=ps.rank == 0, iteration=trainer.iteration,

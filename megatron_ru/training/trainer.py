@@ -16,7 +16,8 @@ from ..arguments import TrainArgs, model_config
 from ..config import ConfigError
 from ..checkpoint import save_dir, universal
 from ..checkpoint import training as ckpt
-from ..checkpoint.model_io import load_full_state_dict, shard_state_dict
+from ..checkpoint.load import load_full_state_dict
+from ..checkpoint.model_io import shard_state_dict
 from ..data import build_train_valid_test_datasets
 from ..data.batch import build_data_loader, get_batch
 from ..data.tokenizers import build_tokenizer

@@ -4,7 +4,7 @@ checkpoint loads at TP=2, and greedy speculative decoding at TP=2 equals plain g
 import torch
 
 from megatron_ru import GPTModel, ParallelState
-from megatron_ru.checkpoint.model_io import load_model
+from megatron_ru.checkpoint.load import load_model
 from megatron_ru.inference import Generator
 from megatron_ru.inference.quantize import QuantLinear, QuantSpec, quantize
 from megatron_ru.inference.quantize_io import load_for_inference

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.model_io import CheckpointError, load_model, save_model
+from megatron_ru.checkpoint.load import load_model
+from megatron_ru.checkpoint.model_io import CheckpointError, save_model
 from tests.distributed import workers
 from tests.helpers import run_ranks
 

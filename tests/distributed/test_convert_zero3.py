@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from megatron_ru import ModelConfig
-from megatron_ru.checkpoint.convert import convert, load_any
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import load_any
 from megatron_ru.checkpoint.training import check_compatible
 from megatron_ru.config import ConfigError
 from tests.e2e.test_pretrain import pretrain

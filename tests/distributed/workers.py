@@ -155,7 +155,7 @@ def save_sharded(rank, world, directory):
 
 def load_resharded(rank, world, directory):
     """Load a checkpoint written at another TP size; logits must equal the original model's."""
-    from megatron_ru.checkpoint.model_io import load_model
+    from megatron_ru.checkpoint.load import load_model
     ps = ParallelState.from_environment(tensor_model_parallel_size=world)
     model = load_model(directory, ps)
     ref = GPTModel(ModelConfig(**MODEL_CONFIGS["llama"]), None, seed=9)

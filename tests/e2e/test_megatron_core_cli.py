@@ -10,7 +10,7 @@ import sys
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import load_any
+from megatron_ru.checkpoint.load import load_any
 from megatron_ru.checkpoint.model_io import save_model
 from tests.e2e.test_convert_cli import TOKENIZER, VOCAB, generate_main, tool
 from tests.e2e.test_mpirun import clean_env

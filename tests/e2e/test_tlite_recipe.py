@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_ru.checkpoint.model_io import read_config
+from megatron_ru.checkpoint.load import read_config
 from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer
 from tests.e2e.test_mpirun import clean_env, mpirun
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert, detect_format, load_any, read_any_config
-from megatron_ru.checkpoint.model_io import CheckpointError, load_model, read_config
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import detect_format, load_any, load_model, read_any_config, read_config
+from megatron_ru.checkpoint.model_io import CheckpointError
 from megatron_ru.model.sparsity import make_layout
 
 MP = 2

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert, detect_format, load_any
-from megatron_ru.checkpoint.model_io import load_model, read_config, save_model, write_config
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import detect_format, load_any, load_model, read_config
+from megatron_ru.checkpoint.model_io import save_model, write_config
 from megatron_ru.data.tokenizers import build_tokenizer
 
 transformers = pytest.importorskip("transformers")

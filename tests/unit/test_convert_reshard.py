@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert, detect_format, load_any
-from megatron_ru.checkpoint.model_io import CheckpointError, load_model, save_model
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import detect_format, load_any, load_model
+from megatron_ru.checkpoint.model_io import CheckpointError, save_model
 
 
 @pytest.mark.parametrize("family", ["gpt3", "llama"])

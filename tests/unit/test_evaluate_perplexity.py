@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_ru import runtime
-from megatron_ru.checkpoint.model_io import load_model
+from megatron_ru.checkpoint.load import load_model
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_ru.evaluation import cli
 from megatron_ru.evaluation.perplexity import build_stream, sliding_windows
@@ -155,7 +155,8 @@ def test_bad_input_one_line_exit_2(ckpt, text_file, tmp_path, capsys, extra, mes
 def test_untrained_baseline_is_the_seeded_initialisation(ckpt, text_file, tmp_path):
     """--untrained scores the checkpoint's model as pretrain_gpt.py initialises it (seed)."""
     from megatron_ru import GPTModel
-    from megatron_ru.checkpoint.model_io import read_config, save_model
+    from megatron_ru.checkpoint.load import read_config
+    from megatron_ru.checkpoint.model_io import save_model
     ours, _ = ckpt
     cfg, _ = read_config(ours)
     save_model(tmp_path / "init", GPTModel(cfg, seed=77))

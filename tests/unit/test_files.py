@@ -58,6 +58,10 @@ def test_atomic_directory(tmp_path):
             (tmp / "a").write_text("2")
             raise RuntimeError("conversion failed")
     assert (dst / "a").read_text() == "1" and os.listdir(tmp_path) == ["out"]
-    with atomic_directory(dst) as tmp:  # an existing directory is replaced whole
-        (tmp / "b").write_text("3")
-    assert os.listdir(dst) == ["b"]
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(dst) as tmp:  # an existing directory is replaced whole
+            (tmp / "b").write_text("3")
+    finally:
+        os.umask(old)
+    assert os.listdir(dst) == ["b"] and stat.S_IMODE(os.stat(dst).st_mode) == 0o755  # as mkdir gives

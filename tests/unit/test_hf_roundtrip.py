@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert, load_any
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import load_any
 from megatron_ru.checkpoint.model_io import CheckpointError, save_model, write_config
 from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer
 

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from megatron_ru.checkpoint.convert import convert
-from megatron_ru.checkpoint.model_io import CheckpointError, load_model, save_model
+from megatron_ru.checkpoint.load import load_model
+from megatron_ru.checkpoint.model_io import CheckpointError, save_model
 from megatron_ru.checkpoint.peft import export_peft
 from megatron_ru.config import ModelConfig
 from megatron_ru.model.gpt import GPTModel
-from megatron_ru.model.lora import (LoRAError, adapter_parameters, apply_lora, attach_adapters,
-                                    parse_targets, save_adapters)
+from megatron_ru.checkpoint.lora_files import attach_adapters, save_adapters
+from megatron_ru.model.lora import LoRAError, adapter_parameters, apply_lora, parse_targets
 from megatron_ru.training.optim import param_groups
 from tests.helpers import assert_rel_close
 

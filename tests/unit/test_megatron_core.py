@@ -13,8 +13,9 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert, detect_format, load_any
-from megatron_ru.checkpoint.model_io import CheckpointError, load_model, read_config
+from megatron_ru.checkpoint.convert import convert
+from megatron_ru.checkpoint.load import detect_format, load_any, load_model, read_config
+from megatron_ru.checkpoint.model_io import CheckpointError
 
 V, PAD_TO = 1000, 128
 

@@ -12,7 +12,7 @@ import pytest
 
 from megatron_ru import runtime
 from megatron_ru.checkpoint import save_dir
-from megatron_ru.checkpoint.model_io import atomic_write_text
+from megatron_ru.files import atomic_write_text
 from megatron_ru.config import ConfigError
 from megatron_ru.training.metrics import truncate_after
 
