@@ -7,6 +7,7 @@ back as events on this event loop and are sent whole or as server-sent events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
 import secrets
@@ -24,7 +25,7 @@ from .chat import ChatFormat
 from .metrics import Metrics
 from .protocol import (ApiError, ChatBody, CompletionBody, Limits, check_common,
                        check_range, message_dicts, parse_body, stop_strings)
-from .responses import Choice, Handle, chat_logprobs, legacy_logprobs, new_id, sse
+from .responses import Choice, Handle, chat_logprobs, event_stream, legacy_logprobs, new_id
 from .scheduler import QueueFull, Scheduler, Seq, SeqOptions
 
 
@@ -233,6 +234,25 @@ class Routes:
                    f"ttft_ms={'-' if ttft is None else f'{ttft:.1f}'} "
                    f"total_ms={1000 * elapsed:.1f} finish={reasons}")
 
+    def stream(self, request: Request, body, rid: str, handle: Handle, prompt_tokens: int,
+               head: Callable[[list], dict], entry: Callable, opening: list[dict]) -> StreamingResponse:
+        """A streamed answer (responses.event_stream); when it ends or the client goes away,
+        the request's sequences are cancelled and the request is logged."""
+        include_usage = bool((body.stream_options or {}).get("include_usage"))
+
+        async def chunks():
+            try:
+                async with contextlib.aclosing(event_stream(
+                        handle, head, entry, opening=opening, prompt_tokens=prompt_tokens,
+                        include_usage=include_usage)) as events:
+                    async for line in events:
+                        yield line
+            finally:
+                self.s.scheduler.cancel(handle.seqs)
+                self.finished(request.url.path, rid, handle, prompt_tokens)
+
+        return StreamingResponse(chunks(), media_type="text/event-stream")
+
     # ---- /v1/completions ------------------------------------------------------------------
     async def completions(self, request: Request):
         self.authorize(request)
@@ -271,37 +291,19 @@ class Routes:
                     "model": self.s.model_name, "choices": choices}
 
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            def entry(u):
+                c, lp = u.choice, None
+                if body.logprobs is not None and (u.tokens or u.prompt_scores):
+                    toks, ents = u.tokens, u.entries
+                    if u.prompt_scores is not None:
+                        toks, ents = c.seq.prompt + toks, u.prompt_scores + ents
+                    lp = legacy_logprobs(toks, ents, detok)
+                return {"index": c.index, "text": u.text, "logprobs": lp,
+                        "finish_reason": c.finish_reason if u.done else None}
 
-            async def chunks():
-                try:
-                    if echo:
-                        for c in handle.choices:
-                            yield sse(head([{"index": c.index, "text": prompt_texts[c.index],
-                                             "logprobs": None, "finish_reason": None}]))
-                    async for updates in handle.updates():
-                        for i, u in enumerate(updates):
-                            c, lp = u.choice, None
-                            if body.logprobs is not None and (u.tokens or u.prompt_scores):
-                                toks, ents = u.tokens, u.entries
-                                if u.prompt_scores is not None:
-                                    toks, ents = c.seq.prompt + toks, u.prompt_scores + ents
-                                lp = legacy_logprobs(toks, ents, detok)
-                            if not u.text and lp is None and not u.done:
-                                continue
-                            chunk = head([{"index": c.index, "text": u.text, "logprobs": lp,
-                                           "finish_reason": c.finish_reason if u.done else None}])
-                            if i == len(updates) - 1 and handle.all_done and not include_usage:
-                                chunk["usage"] = handle.usage(prompt_tokens)
-                            yield sse(chunk)
-                    if include_usage:
-                        yield sse({**head([]), "usage": handle.usage(prompt_tokens)})
-                    yield sse("[DONE]")
-                finally:
-                    self.s.scheduler.cancel(handle.seqs)
-                    self.finished(request.url.path, rid, handle, prompt_tokens)
-
-            return StreamingResponse(chunks(), media_type="text/event-stream")
+            opening = [{"index": c.index, "text": prompt_texts[c.index], "logprobs": None,
+                        "finish_reason": None} for c in handle.choices] if echo else []
+            return self.stream(request, body, rid, handle, prompt_tokens, head, entry, opening)
 
         await self.collect(request, handle)
         choices = []
@@ -347,36 +349,16 @@ class Routes:
                     "choices": choices}
 
         if body.stream:
-            include_usage = bool((body.stream_options or {}).get("include_usage"))
+            def entry(u):
+                lp = chat_logprobs(u.tokens, u.entries, detok) \
+                    if logprobs is not None and u.tokens else None
+                return {"index": u.choice.index, "delta": {"content": u.text} if u.text else {},
+                        "logprobs": lp, "finish_reason": u.choice.finish_reason if u.done else None}
 
-            async def chunks():
-                try:
-                    for c in handle.choices:
-                        yield sse(head("chat.completion.chunk", [{
-                            "index": c.index, "delta": {"role": "assistant", "content": ""},
-                            "logprobs": None, "finish_reason": None}]))
-                    async for updates in handle.updates():
-                        for i, u in enumerate(updates):
-                            c = u.choice
-                            lp = chat_logprobs(u.tokens, u.entries, detok) \
-                                if logprobs is not None and u.tokens else None
-                            if not u.text and lp is None and not u.done:
-                                continue
-                            chunk = head("chat.completion.chunk", [{
-                                "index": c.index, "delta": {"content": u.text} if u.text else {},
-                                "logprobs": lp, "finish_reason": c.finish_reason if u.done else None}])
-                            if i == len(updates) - 1 and handle.all_done and not include_usage:
-                                chunk["usage"] = handle.usage(len(ids))
-                            yield sse(chunk)
-                    if include_usage:
-                        yield sse({**head("chat.completion.chunk", []),
-                                   "usage": handle.usage(len(ids))})
-                    yield sse("[DONE]")
-                finally:
-                    self.s.scheduler.cancel(handle.seqs)
-                    self.finished(request.url.path, rid, handle, len(ids))
-
-            return StreamingResponse(chunks(), media_type="text/event-stream")
+            opening = [{"index": c.index, "delta": {"role": "assistant", "content": ""},
+                        "logprobs": None, "finish_reason": None} for c in handle.choices]
+            return self.stream(request, body, rid, handle, len(ids),
+                               lambda choices: head("chat.completion.chunk", choices), entry, opening)
 
         await self.collect(request, handle)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text()},

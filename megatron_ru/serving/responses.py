@@ -142,6 +142,29 @@ def sse(data) -> str:
     return "data: " + (data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)) + "\n\n"
 
 
+async def event_stream(handle: Handle, head: Callable[[list], dict], entry: Callable[[Update], dict],
+                       *, opening: list[dict], prompt_tokens: int,
+                       include_usage: bool) -> AsyncIterator[str]:
+    """A streamed request's server-sent events (completions and chat alike): a chunk per choice
+    of `opening`, then a chunk per update with `entry(update)` as its one choice (skipped when it
+    has no text, no logprobs and is not the end), then "[DONE]". The usage rides on the chunk that
+    ends the last choice, or with include_usage in a chunk of its own with no choices."""
+    for choice in opening:
+        yield sse(head([choice]))
+    async for updates in handle.updates():
+        for i, u in enumerate(updates):
+            choice = entry(u)
+            if not u.text and choice["logprobs"] is None and not u.done:
+                continue
+            chunk = head([choice])
+            if i == len(updates) - 1 and handle.all_done and not include_usage:
+                chunk["usage"] = handle.usage(prompt_tokens)
+            yield sse(chunk)
+    if include_usage:
+        yield sse({**head([]), "usage": handle.usage(prompt_tokens)})
+    yield sse("[DONE]")
+
+
 # ---- log-probabilities -----------------------------------------------------------------------
 def legacy_logprobs(tokens: list[int], entries: list, detokenize: Callable, offset: int = 0) -> dict:
     """The completions API's {tokens, token_logprobs, top_logprobs, text_offset}."""
