@@ -1,4 +1,4 @@
-"""Shared fixtures of the evaluation tests: a tiny checkpoint with the demo tokenizer and its HF export."""
+"""Shared fixtures of the evaluation tests: a tiny checkpoint with the demo tokenizer and its HF export, lm-eval runs, inputs."""
 from __future__ import annotations
 
 import shutil
@@ -13,6 +13,7 @@ from megatron_ru.data.tokenizers import build_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
 TASKS = ROOT / "megatron_ru" / "evaluation" / "tasks"
+TASK_NAMES = ["ru_choice", "ru_yesno", "ru_answer"]  # the bundled tasks the harness tests run
 TEXT = ("Москва — столица России. Река течёт к морю, и лодки плывут по ней медленно.\n\n"
         "Пчёлы собирают мёд с цветов. Летом в саду пахнет яблоками, а вечером поют птицы.\n\n"
         "Поезд пришёл на станцию ровно в полдень; пассажиры вышли на платформу.\n")
@@ -45,3 +46,34 @@ def make_checkpoint(directory: Path, *, family: str = "gpt3", max_positions: int
 def export_hf(src: Path, dst: Path) -> Path:
     from megatron_ru.checkpoint.convert import convert
     return convert(src, dst, "hf", quiet=True)
+
+
+def lm_eval_run(model: str, model_args: str):
+    """lm_eval.simple_evaluate of TASK_NAMES (bundled tasks only, samples logged, no bootstrap)."""
+    import lm_eval
+    import megatron_ru.evaluation.harness  # noqa: F401 - registers `megatron_ru`
+    from lm_eval.tasks import TaskManager
+    tm = TaskManager(include_path=str(TASKS), include_defaults=False)
+    return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASK_NAMES, task_manager=tm,
+                                   batch_size=4, log_samples=True, bootstrap_iters=0)
+
+
+def per_item(result, task):
+    """An lm-eval result's logged samples of `task`, by document id."""
+    return sorted(result["samples"][task], key=lambda s: s["doc_id"])
+
+
+def write_inputs(directory: Path, text_file: Path) -> list:
+    """TEXT in two more spellings next to `text_file`: a .bin/.idx prefix and a JSON-lines file."""
+    import json
+    from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
+    from megatron_ru.evaluation import cli
+    docs = cli.read_text_documents(text_file, "text")
+    tok, prefix = tokenizer(), str(Path(directory) / "held_text_document")
+    with IndexedDatasetBuilder(prefix, dtype="uint16") as b:
+        for d in docs:
+            b.add_document(tok.tokenize(d) + [tok.eod])
+    jsonl = Path(directory) / "held.jsonl"
+    jsonl.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs), encoding="utf-8")
+    return [str(text_file), prefix, str(jsonl)]
+

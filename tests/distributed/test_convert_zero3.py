@@ -8,7 +8,7 @@ from megatron_ru.checkpoint.convert import convert
 from megatron_ru.checkpoint.load import load_any
 from megatron_ru.checkpoint.training import check_compatible
 from megatron_ru.config import ConfigError
-from tests.e2e.test_pretrain import pretrain
+from tests.helpers import pretrain
 
 transformers = pytest.importorskip("transformers")
 VOCAB = 1815  # examples/data/tokenizer

@@ -1,36 +1,23 @@
 """tools/convert_checkpoint.py end to end: reshard and export to HF with a progress bar, generate.py
 --load on the HF dir (its own tokenizer, no conversion back), and bad input (exit status 2, one
 message, nothing at DST). pretrain_gpt.py --finetune from HF: tests/distributed/test_convert_zero3.py."""
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_ru import GPTModel, ModelConfig
 from megatron_ru.checkpoint.model_io import save_model, write_config
 from megatron_ru import runtime
-from megatron_ru.inference import runner
-from tests.e2e.test_mpirun import clean_env
+from tests.helpers import ROOT, TOKENIZER, VOCAB, clean_env, generate_main, load_tool
 
 transformers = pytest.importorskip("transformers")
-ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
-VOCAB = 1815
-
-
-def generate_main(argv):
-    return runtime.run(runner.main, "generate.py", argv)
 
 
 def tool():
-    spec = importlib.util.spec_from_file_location("convert_checkpoint", ROOT / "tools" / "convert_checkpoint.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("convert_checkpoint")
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from megatron_ru.data.tokenizers import build_tokenizer
 from megatron_ru.inference.runner import main as generate_main
 from megatron_ru.model.gpt import GPTModel
 from megatron_ru.checkpoint.lora_files import read_adapters
-from tests.e2e.test_mpirun import ROOT, clean_env, run
+from tests.helpers import ROOT, clean_env, run_mpirun as run
 from tools import preprocess_data
 
 TOK = ROOT / "examples" / "data" / "tokenizer"

@@ -14,8 +14,7 @@ from megatron_ru.inference.cli import build_parser
 from megatron_ru import runtime
 from megatron_ru.inference import runner
 from tests.distributed import gen_workers
-from tests.e2e.test_mpirun import clean_env, mpirun
-from tests.helpers import run_ranks
+from tests.helpers import clean_env, mpirun, run_ranks
 
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"

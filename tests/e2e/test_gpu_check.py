@@ -4,7 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.e2e.test_mpirun import clean_env
+from tests.helpers import clean_env
 
 ROOT = Path(__file__).resolve().parents[2]
 

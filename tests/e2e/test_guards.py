@@ -17,7 +17,7 @@ from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuild
 from megatron_ru.data.validate import DataValidationError
 from megatron_ru.training.guards import DataArgsMismatch, TrainingDiverged
 
-from tests.e2e.test_mpirun import clean_env, mpirun
+from tests.helpers import clean_env, mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "examples/data/ru_demo_text_document")

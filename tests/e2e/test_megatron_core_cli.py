@@ -1,20 +1,21 @@
 """Megatron-Core directories through the entry points: generate.py --load on a torch_dist directory
 samples what our own copy of the model samples; convert_checkpoint.py torch_dist -> --to
-megatron_core (TP 2) -> back is bit-identical; bad input exits 2 with nothing at --save.
+megatron_core (TP 2) -> back is bit-identical; bad input exits 2 with nothing at --save; a checkpoint
+written by Megatron-Core's own dist_checkpointing.save (tests/e2e/mcore_dist_writer.py) imports.
 (pretrain_gpt.py --load --finetune reads foreign directories through the same load_full_state_dict
 as generate.py; a subprocess run of it costs ~2 minutes on CI's 2 cores, so it is not repeated here.)"""
 import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.load import load_any
+from megatron_ru.checkpoint.load import detect_format, load_any, load_model
 from megatron_ru.checkpoint.model_io import save_model
-from tests.e2e.test_convert_cli import TOKENIZER, VOCAB, generate_main, tool
-from tests.e2e.test_mpirun import clean_env
-from tests.unit import test_megatron_core as fx
+from tests import mcore_fixtures as fx
+from tests.helpers import ROOT, TOKENIZER, VOCAB, clean_env, generate_main, load_tool
 
 TOK = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
 
@@ -34,7 +35,7 @@ def test_generate_and_export_from_megatron_core(tmp_path, capsys, monkeypatch):
     assert outs[0] == outs[1] and outs[0]
 
     ref = {k: v[:VOCAB] if k == "embed.weight" else v for k, v in model.state_dict().items()}
-    convert = tool()
+    convert = load_tool("convert_checkpoint")
     assert convert.main(["--load", str(tmp_path / "dist"), "--save", str(tmp_path / "back"),
                          "--to", "megatron_core", "--target-tensor-parallel-size", "2", "--quiet"]) == 0
     _, back, meta = load_any(tmp_path / "back")
@@ -47,6 +48,18 @@ def test_bad_megatron_input_exits_2(tmp_path):
     (tmp_path / "dist" / "iter_0000020" / ".metadata").unlink()
     proc = subprocess.run([sys.executable, "tools/convert_checkpoint.py", "--load", str(tmp_path / "dist"),
                            "--save", str(tmp_path / "out"), "--to", "megatron_ru"],
-                          cwd=fx.__file__.rsplit("/tests/", 1)[0], env=clean_env(), capture_output=True, text=True)
+                          cwd=ROOT, env=clean_env(), capture_output=True, text=True)
     assert proc.returncode == 2 and ".metadata is missing" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_checkpoint_saved_by_megatron_core_itself(tmp_path):
+    """The writer is megatron.core.dist_checkpointing.save (the installed megatron-core), run as a script."""
+    pytest.importorskip("megatron.core.dist_checkpointing")
+    from tests.e2e import mcore_dist_writer
+    proc = subprocess.run([sys.executable, mcore_dist_writer.__file__, str(tmp_path / "mc"), "llama", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert detect_format(tmp_path / "mc") == "megatron_core_dist"
+    model = mcore_dist_writer.model_for("llama")
+    assert (fx.logits(load_model(tmp_path / "mc")) - fx.logits(model)).abs().max().item() <= 1e-5

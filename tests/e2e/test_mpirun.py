@@ -1,36 +1,9 @@
 """Real `mpirun` launches: rank discovery without MASTER_ADDR/PORT, all-reduce, the TP demo, errors."""
 import json
-import os
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
-import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def mpirun() -> str:
-    local = Path(sys.executable).parent / "mpirun"
-    found = str(local) if local.exists() else shutil.which("mpirun")
-    if not found:
-        pytest.fail("mpirun not found: install the `mpich` wheel (pip install mpich) into this venv")
-    return found
-
-
-def clean_env() -> dict:
-    drop = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith(("PMI_", "OMPI_", "SLURM_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
-
-
-def run(np_: int, *args, timeout=240):
-    cmd = [mpirun(), "--np", str(np_), sys.executable, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=timeout)
-
+from tests.helpers import ROOT, clean_env, run_mpirun as run
 
 def test_two_ranks_found_and_all_reduce_without_master_env(tmp_path):
     proc = run(2, "tests/e2e/mpi_probe.py", "2", str(tmp_path))

@@ -3,51 +3,14 @@
 Parity runs use fp32 with dropout off and compare the per-iteration losses of the metrics file.
 """
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from megatron_ru.training.optim import LRSchedule
 
-from tests.e2e.test_mpirun import clean_env, mpirun
-
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ["--data-path", "examples/data/ru_demo_text_document",
-        "--vocab-file", "examples/data/tokenizer/vocab.json",
-        "--merge-file", "examples/data/tokenizer/merges.txt"]
-BASE = ["--preset", "tiny-gpt3", "--seq-length", "64", "--lr", "3e-3", "--lr-warmup-iters", "2",
-        "--lr-decay-iters", "6", "--log-interval", "1", "--eval-interval", "1000",
-        "--eval-iters", "0", "--seed", "7"]
-
-
-def pretrain(tmp: Path, name: str, *extra, np_=1, check=True, timeout=300):
-    """Run pretrain_gpt.py (under mpirun when np_ > 1); returns (proc, metric records)."""
-    out = tmp / name
-    out.mkdir(parents=True, exist_ok=True)
-    metrics = out / "metrics.jsonl"
-    args = ["pretrain_gpt.py", *BASE, *DATA, "--data-cache-path", str(tmp / "cache"),
-            "--metrics-file", str(metrics), *extra]
-    cmd = [mpirun(), "--np", str(np_), sys.executable, *args] if np_ > 1 else [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True,
-                          timeout=timeout)
-    if check:
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    records = [json.loads(l) for l in metrics.read_text().splitlines()] if metrics.exists() else []
-    return proc, records
-
-
-def losses(records):
-    return [r["loss"] for r in records if "loss" in r]
-
-
-def assert_losses_close(a, b, tol=1e-5):
-    assert len(a) == len(b) and a, (a, b)
-    for i, (x, y) in enumerate(zip(a, b)):
-        assert abs(x - y) <= tol * abs(y), f"iteration {i + 1}: {x} vs {y}"
-
+from tests.helpers import ROOT, assert_losses_close, clean_env, losses, mpirun, pretrain
 
 def test_tp2_equals_tp1(tmp_path):
     _, one = pretrain(tmp_path, "tp1", "--train-iters", "5", "--micro-batch-size", "4")

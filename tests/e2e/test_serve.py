@@ -16,7 +16,7 @@ from megatron_ru import GPTModel, ModelConfig, runtime  # noqa: E402
 from megatron_ru.checkpoint.model_io import save_model  # noqa: E402
 from megatron_ru.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_ru.inference import runner  # noqa: E402
-from tests.e2e.test_mpirun import mpirun  # noqa: E402
+from tests.helpers import mpirun  # noqa: E402
 from tests.serve_helpers import ServerProcess, metric, wait_until  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

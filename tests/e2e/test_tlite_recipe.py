@@ -9,7 +9,7 @@ from pathlib import Path
 
 from megatron_ru.checkpoint.load import read_config
 from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer
-from tests.e2e.test_mpirun import clean_env, mpirun
+from tests.helpers import clean_env, mpirun
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ROOT / "examples" / "data" / "tokenizer"

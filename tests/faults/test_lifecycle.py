@@ -23,8 +23,7 @@ from megatron_ru.checkpoint.training import check_compatible
 from megatron_ru.checkpoint.load import read_config
 from megatron_ru.checkpoint.model_io import CheckpointError
 
-from tests.e2e.test_mpirun import clean_env, mpirun
-from tests.e2e.test_pretrain import BASE, DATA, ROOT, assert_losses_close, losses
+from tests.helpers import BASE, DATA, ROOT, assert_losses_close, clean_env, losses, mpirun
 
 BOUND_S = 60
 

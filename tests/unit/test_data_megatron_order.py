@@ -99,12 +99,12 @@ def test_preprocess_keeps_empty_documents_as_megatron_does(tmp_path):
     its preprocess_data.py emits (an empty document: add_document([], []), no EOD)."""
     import json
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder as MegatronBuilder
-    from tests.e2e.test_preprocess import TOKENIZER_FLAGS, TOOL
+    from tests.helpers import TOKENIZER_FLAGS, load_tool
     from megatron_ru.data.tokenizers import GPT2BPETokenizer
     docs = ["Привет, мир!", "", "hello world", "   ", "Ещё один документ.", ""]
     with open(tmp_path / "in.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps({"text": d}, ensure_ascii=False) + "\n" for d in docs)
-    assert TOOL.main(["--input", str(tmp_path / "in.jsonl"), *TOKENIZER_FLAGS, "--append-eod",
+    assert load_tool("preprocess_data").main(["--input", str(tmp_path / "in.jsonl"), *TOKENIZER_FLAGS, "--append-eod",
                       "--output-prefix", str(tmp_path / "ours")]) == 0
     tok = GPT2BPETokenizer(TOKENIZER_FLAGS[3], TOKENIZER_FLAGS[5])
     builder = MegatronBuilder(str(tmp_path / "theirs.bin"), dtype=np.uint16)

@@ -1,10 +1,8 @@
 """The lm-eval backend through the real `lm_eval.simple_evaluate` on the bundled tasks: per-item
 log-likelihoods equal lm-eval's own `hf` backend on the exported model (1e-4) with identical
-accuracies; generate_until equals generate.py greedy; loglikelihood_rolling equals `hf`; TP=2
-under real mpirun equals TP=1; an unknown task is one line, exit 2."""
+accuracies; generate_until equals generate.py greedy; loglikelihood_rolling equals `hf`; an unknown
+task is one line, exit 2. TP=2 under real mpirun: tests/e2e/test_evaluate_mpirun.py."""
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,11 +11,9 @@ from megatron_ru import runtime
 from megatron_ru.evaluation.scoring import score_continuations
 from megatron_ru import GPTModel, ModelConfig
 from tests import evalkit
-from tests.e2e.test_mpirun import clean_env, mpirun
 
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
-TASKS = ["ru_choice", "ru_yesno", "ru_answer"]
 
 
 @pytest.fixture(scope="module")
@@ -27,27 +23,16 @@ def setup(tmp_path_factory):
     base = tmp_path_factory.mktemp("harness")
     ours = evalkit.make_checkpoint(base / "ours", max_positions=128)
     hf = evalkit.export_hf(ours, base / "hf")
-    import megatron_ru.evaluation.harness  # noqa: F401 - registers `megatron_ru`
-    from lm_eval.tasks import TaskManager
-    tm = TaskManager(include_path=str(evalkit.TASKS), include_defaults=False)
-    runs = {}
-    for name, args in (("ours", f"load={ours},batch_size=4"),
-                       ("hf", f"pretrained={hf},dtype=float32,device=cpu")):
-        runs[name] = lm_eval.simple_evaluate(model="megatron_ru" if name == "ours" else "hf",
-                                             model_args=args, tasks=TASKS, task_manager=tm,
-                                             batch_size=4, log_samples=True, bootstrap_iters=0)
+    runs = {"ours": evalkit.lm_eval_run("megatron_ru", f"load={ours},batch_size=4"),
+            "hf": evalkit.lm_eval_run("hf", f"pretrained={hf},dtype=float32,device=cpu")}
     yield {"ours": ours, "hf": hf, "runs": runs, "base": base}
     torch.set_num_threads(threads)
-
-
-def per_item(result, task):
-    return sorted(result["samples"][task], key=lambda s: s["doc_id"])
 
 
 def test_loglikelihoods_and_accuracies_equal_hf_backend(setup):
     ours, hf = setup["runs"]["ours"], setup["runs"]["hf"]
     for task in ("ru_choice", "ru_yesno"):
-        a, b = per_item(ours, task), per_item(hf, task)
+        a, b = evalkit.per_item(ours, task), evalkit.per_item(hf, task)
         assert len(a) == len(b) >= 30
         for x, y in zip(a, b):
             assert x["arguments"] == y["arguments"]
@@ -61,7 +46,7 @@ def test_loglikelihoods_and_accuracies_equal_hf_backend(setup):
 
 def test_generate_until_equals_generate_py_greedy(setup, tmp_path):
     from megatron_ru.inference import runner
-    samples = per_item(setup["runs"]["ours"], "ru_answer")
+    samples = evalkit.per_item(setup["runs"]["ours"], "ru_answer")
     prompts = [s["arguments"][0][0] for s in samples]
     sep = "\n@@@\n"
     (tmp_path / "prompts.txt").write_text(sep.join(prompts), encoding="utf-8")
@@ -76,7 +61,7 @@ def test_generate_until_equals_generate_py_greedy(setup, tmp_path):
     assert ours == texts
     assert sum(len(t) for t in texts) > 0  # the model does write something
     # and lm-eval's hf backend generates the same text on the exported weights
-    assert ours == [s["resps"][0][0] for s in per_item(setup["runs"]["hf"], "ru_answer")]
+    assert ours == [s["resps"][0][0] for s in evalkit.per_item(setup["runs"]["hf"], "ru_answer")]
 
 
 def test_loglikelihood_rolling_equals_hf_backend(setup):
@@ -110,30 +95,6 @@ def test_shared_context_scoring_equals_full_forwards_at_the_position_limit():
             t = torch.tensor(cont)
             assert abs(logp.gather(-1, t[:, None]).sum().item() - lp) < 1e-5 * abs(lp)
             assert greedy == bool((logp.argmax(-1) == t).all())
-
-
-def test_mpirun_tp2_equals_tp1(setup, tmp_path):
-    out = tmp_path / "tp2"
-    proc = subprocess.run(
-        [mpirun(), "--np", "2", sys.executable, "tools/run_lm_eval.py", "--model", "megatron_ru",
-         "--model_args", f"load={setup['ours']},batch_size=4", "--tasks", ",".join(TASKS),
-         "--output_path", str(out), "--log_samples"],
-        cwd=evalkit.ROOT, env=clean_env(), capture_output=True, text=True, timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    ours = setup["runs"]["ours"]
-    for task in TASKS:
-        files = list(out.rglob(f"samples_{task}_*.jsonl"))
-        assert len(files) == 1, files
-        rows = sorted((json.loads(line) for line in files[0].read_text().splitlines()),
-                      key=lambda s: s["doc_id"])
-        ref = per_item(ours, task)
-        assert len(rows) == len(ref)
-        for x, y in zip(rows, ref):
-            if task == "ru_answer":
-                assert x["resps"] == y["resps"]
-            else:
-                for rx, ry in zip(x["resps"], y["resps"]):
-                    assert abs(float(rx[0][0]) - float(ry[0][0])) <= 1e-5 * max(1, abs(float(ry[0][0])))
 
 
 def test_unknown_task_is_one_line_exit_2(setup, capsys):

@@ -1,21 +1,17 @@
 """tools/evaluate.py: sliding-window perplexity = a hand loop = Hugging Face on the exported model,
-bits per byte on a text of known size, .bin/.idx inputs, TP=2 under real mpirun = TP=1, bad input."""
+bits per byte on a text of known size, .bin/.idx inputs, bad input. TP=2 under real mpirun:
+tests/e2e/test_evaluate_mpirun.py."""
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from megatron_ru import runtime
 from megatron_ru.checkpoint.load import load_model
-from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
 from megatron_ru.evaluation import cli
 from megatron_ru.evaluation.perplexity import build_stream, sliding_windows
 from tests import evalkit
-from tests.e2e.test_mpirun import clean_env, mpirun
 
 transformers = pytest.importorskip("transformers")
 
@@ -93,40 +89,16 @@ def test_perplexity_equals_hand_loop_and_hf(ckpt, text_file, tmp_path):
     assert math.isclose(got["bits_per_byte"], hand / math.log(2) / nbytes, rel_tol=1e-5)
 
 
-def write_bin(prefix, tok):
-    docs = cli.read_text_documents(Path(prefix + ".src"), "text")
-    with IndexedDatasetBuilder(prefix, dtype="uint16") as b:
-        for d in docs:
-            b.add_document(tok.tokenize(d) + [tok.eod])
-
-
-def test_bin_idx_equals_text_and_tp2_mpirun_equals_tp1(ckpt, text_file, tmp_path, capsys):
+def test_bin_idx_and_jsonl_equal_text(ckpt, text_file, tmp_path, capsys):
     ours, _ = ckpt
-    tok = evalkit.tokenizer()
-    prefix = str(tmp_path / "held_text_document")
-    (tmp_path / "held_text_document.src").write_text(evalkit.TEXT, encoding="utf-8")
-    write_bin(prefix, tok)
-    jsonl = tmp_path / "held.jsonl"
-    jsonl.write_text("".join(json.dumps({"text": d}, ensure_ascii=False) + "\n"
-                             for d in cli.read_text_documents(text_file, "text")), encoding="utf-8")
-    common = ["--load", str(ours), "--input", str(text_file), prefix, str(jsonl),
-              "--seq-length", "24", "--stride", "8", "--batch-size", "4"]
+    inputs = evalkit.write_inputs(tmp_path, text_file)
+    common = ["--load", str(ours), "--input", *inputs, "--seq-length", "24", "--stride", "8", "--batch-size", "4"]
     assert evaluate(common + ["--output", str(tmp_path / "tp1.json")]) == 0
     table = capsys.readouterr().out
     assert "overall" in table and "bits/byte" in table
     one = json.loads((tmp_path / "tp1.json").read_text())
-    a, b, c = (one["inputs"][k] for k in (str(text_file), prefix, str(jsonl)))
+    a, b, c = (one["inputs"][k] for k in inputs)
     assert a == b == c  # three spellings of one corpus
-    proc = subprocess.run([mpirun(), "--np", "2", sys.executable, "tools/evaluate.py", *common,
-                           "--output", str(tmp_path / "tp2.json")], cwd=evalkit.ROOT,
-                          env=clean_env(), capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stderr
-    two = json.loads((tmp_path / "tp2.json").read_text())
-    assert two["tensor_model_parallel_size"] == 2
-    for key in ("tokens", "bytes", "windows"):
-        assert two["overall"][key] == one["overall"][key]
-    for key in ("loss", "bits_per_byte"):
-        assert math.isclose(two["overall"][key], one["overall"][key], rel_tol=1e-5)
 
 
 @pytest.mark.parametrize("extra,message", [

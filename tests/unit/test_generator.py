@@ -6,31 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ru import GPTModel, ModelConfig
 from megatron_ru.data.tokenizers import build_tokenizer
 from megatron_ru.inference import Generator, PromptError, SamplingParams
 from megatron_ru.inference.text import StopStrings, TextStream
-from tests.helpers import assert_rel_close
+from tests.helpers import SMALL_MODELS, assert_rel_close, make_model
 
 ROOT = Path(__file__).resolve().parents[2]
-SPARSE = dict(mode="fixed", block=4, num_local_blocks=2, num_global_blocks=1,
-              attention="unidirectional", different_layout_per_head=True,
-              num_different_global_patterns=2)
-CONFIGS = {
-    "gpt3": dict(preset="tiny-gpt3"),
-    "llama": dict(preset="tiny-llama"),
-    "gpt3_sparse": dict(preset="tiny-gpt3", sparse_attention=SPARSE, sparse_mode="alternating"),
-    "llama_sparse": dict(preset="tiny-llama", sparse_attention=SPARSE, sparse_mode="all"),
-}
 # Different lengths: padding, per-row positions; long enough to cross several sparse blocks.
 PROMPTS = [list(range(100, 119)), [5, 6, 7], list(range(300, 310))]
-
-
-def make_model(name, **extra):
-    kwargs = dict(CONFIGS[name])
-    cfg = ModelConfig.from_preset(kwargs.pop("preset"), init_method_std=0.1,
-                                  max_position_embeddings=64, **kwargs, **extra)
-    return GPTModel(cfg, seed=11).eval()
 
 
 def recompute_logits(model, prompt, tokens):
@@ -40,7 +23,7 @@ def recompute_logits(model, prompt, tokens):
         return model(seq)[0, len(prompt) - 1: len(prompt) - 1 + len(tokens)]
 
 
-@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("name", list(SMALL_MODELS))
 def test_cached_steps_equal_full_recompute(name):
     model = make_model(name)
     if "sparse" in name:

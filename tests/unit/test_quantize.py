@@ -24,11 +24,9 @@ from megatron_ru.inference import quantize
 from megatron_ru.inference.quantize import (QuantLinear, QuantSpec, QuantizeError, pack_nibbles,
                                             quantize_int4, unpack_nibbles)
 from megatron_ru.inference.quantize_io import load_for_inference
-from tests.fast_decoding import ROOT, VOCAB, config, perplexity, trained_model, windows
+from tests.fast_decoding import LOGIT_TOL, ROOT, VOCAB, config, perplexity, trained_model, windows
 from tests.helpers import rel_err
 
-LOGIT_TOL = {("int8", "fbgemm"): 0.12, ("int8", "dequant"): 0.02,
-             ("int4", "fbgemm"): 0.25, ("int4", "dequant"): 0.25}
 PPL_TOL = {"int8": 0.01, "int4": 0.05}
 
 

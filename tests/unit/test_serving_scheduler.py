@@ -13,8 +13,7 @@ from megatron_ru.inference import Generator, SamplingParams
 from megatron_ru.inference.sampling import GREEDY, draw, exponentials, race_key
 from megatron_ru.serving.engine import BatchEngine
 from megatron_ru.serving.scheduler import QueueFull, Scheduler, Seq, SeqOptions
-from tests.helpers import assert_rel_close
-from tests.unit.test_generator import make_model
+from tests.helpers import assert_rel_close, make_model
 
 EOD = 7
 PROMPTS = [list(range(100, 119)), [5, 6, 7, 8], list(range(300, 310)), [42], list(range(50, 75)),

@@ -11,11 +11,9 @@ from megatron_ru.data.sft import SFTDataset, mask_prefix, record_to_example, sft
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_ru.data.order import DatasetConfigError
 from megatron_ru.data.tokenizers import build_tokenizer
+from tests.helpers import TOKENIZER, demo_bpe, llama_tokenizer_dir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TOK_DIR = os.path.join(ROOT, "examples", "data", "tokenizer")
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>"]
+TOK_DIR = str(TOKENIZER)
 CONVERSATION = [{"role": "system", "content": "Ты помощник."},
                 {"role": "user", "content": "Сколько будет 2+2?"},
                 {"role": "assistant", "content": "Четыре."},
@@ -25,24 +23,12 @@ CONVERSATION = [{"role": "system", "content": "Ты помощник."},
 
 @pytest.fixture(scope="module")
 def bpe():
-    return build_tokenizer("GPT2BPETokenizer", vocab_file=f"{TOK_DIR}/vocab.json",
-                           merge_file=f"{TOK_DIR}/merges.txt")
+    return demo_bpe()
 
 
 @pytest.fixture(scope="module")
 def llama_tok_dir(tmp_path_factory):
-    """A tiny byte-level BPE tokenizer.json with the Llama-3 chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    d = tmp_path_factory.mktemp("llama_tok")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=LLAMA_SPECIALS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    with open(os.path.join(ROOT, "examples", "data", "ru_demo.txt"), encoding="utf-8") as f:
-        tok.train_from_iterator(f.read().split("\n"), trainer)
-    tok.save(str(d / "tokenizer.json"))
-    return d
+    return llama_tokenizer_dir(tmp_path_factory.mktemp("llama_tok"))
 
 
 def pieces_mask(tok, pieces):

@@ -1,20 +1,15 @@
 """Speculative decoding: greedy output equals plain greedy token for token (both families,
 dense and sparse layers, batch 1 and 4, rows accepting different counts, EOD and stop rules,
-several K), sampled output follows the target's distribution (chi-square), generate.py flags,
-and the TP=2 checks (one run_ranks launch: quantized TP=2 == TP=1, speculative TP=2 == plain)."""
+several K), sampled output follows the target's distribution (chi-square), generate.py flags.
+The TP=2 checks (quantized and speculative): tests/distributed/test_fast_decoding_tp.py."""
 import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig, runtime
 from megatron_ru.checkpoint.model_io import save_model
 from megatron_ru.inference import Generator, SamplingParams, quantize
-from megatron_ru.inference.quantize_io import convert_quantized
-from megatron_ru.inference.quantize import QuantSpec
 from megatron_ru.inference.speculative import SpeculativeGenerator
-from tests.distributed import fast_workers
-from tests.fast_decoding import config, trained_model
-from tests.helpers import run_ranks
-from tests.unit.test_quantize import LOGIT_TOL
+from tests.fast_decoding import config
 
 PROMPTS = [list(range(100, 119)), [5, 6, 7], list(range(300, 310)), [42]]
 
@@ -104,13 +99,6 @@ def test_sampled_tokens_follow_the_target_distribution(params):
     wrong = torch.bincount(torch.tensor([c.tokens[1] * vocab + c.tokens[2] for c in plain_draft]),
                            minlength=vocab * vocab).double()
     assert chi2_pvalue(wrong, exact.double()) < 1e-6
-
-
-def test_tp2_quantized_and_speculative(tmp_path):
-    save_model(tmp_path / "fp", trained_model("gpt3"))
-    convert_quantized(tmp_path / "fp", tmp_path / "q4", QuantSpec("int4", head=True), quiet=True)
-    tol = {m: LOGIT_TOL[m, "fbgemm"] for m in ("int8", "int4")}
-    run_ranks(fast_workers.fast_decoding_tp, 2, str(tmp_path / "fp"), str(tmp_path / "q4"), tol)
 
 
 def test_generate_cli_speculative_and_quantized(tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Writes a torch_dist checkpoint with Megatron-Core's own dist_checkpointing.save (a peer, not our
 code): hand-built ShardedTensors (layer axis prepended, TP shards as separate chunks, a TE
-_extra_state ShardedObject), args in the common state. Run as a script: DIR FAMILY TP."""
+_extra_state ShardedObject), args in the common state. A script (not a test), run by
+tests/e2e/test_megatron_core_cli.py: python mcore_dist_writer.py DIR FAMILY TP."""
 import os
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ def main(out, family, tp):
     import torch.distributed as dist
     from megatron.core.dist_checkpointing import ShardedTensor, save
     from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from tests.unit import test_megatron_core as fx
+    from tests import mcore_fixtures as fx
     torch.cuda.synchronize = lambda *a, **k: None  # Megatron's writer assumes CUDA; CPU-only here
     torch.cuda.current_device = lambda: "cpu"
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29500 + os.getpid() % 1000))
