@@ -8,7 +8,8 @@ import torch
 
 from megatron_ru import ConfigError, GPTModel, ModelConfig
 from megatron_ru.model.sparse_attention import BlockSparseAttention, expand_layout
-from megatron_ru.model.sparsity import causal_block_count, make_layout
+from megatron_ru.model.sparsity import causal_block_count, causal_density, make_layout
+from megatron_ru.training.metrics import attention_fraction
 from tests.helpers import assert_rel_close
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,4 +158,7 @@ def test_13b_config_layers_and_blocks():
     assert sparse == cfg.sparse_layers()
     layout = make_layout(ds["sparse_attention"], num_heads=40, seq_length=2048)
     assert causal_block_count(layout).tolist() == [1536] * 40
-    assert 128 * 129 // 2 == 8256
+    # 2048 / 16 = 128 block rows: dense causal attention computes 128 * 129 / 2 = 8256 blocks
+    assert causal_density(layout) == pytest.approx(1536 / 8256)
+    # the FLOP count's attention factor (training/metrics.py): 20 sparse layers at that density, 20 dense
+    assert attention_fraction(cfg, 2048) == pytest.approx((20 * 1536 / 8256 + 20) / 40)
