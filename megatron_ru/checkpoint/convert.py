@@ -114,7 +114,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
             quiet: bool = False, megatron_spec: str = "local", adapters: Optional[str] = None,
             **hints) -> Path:
     """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst.
-    `adapters`: a LoRA adapter directory merged into the weights on the way (model/lora.py)."""
+    `adapters`: a LoRA adapter directory merged into the weights on the way (checkpoint/lora_files.py)."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")

@@ -127,7 +127,7 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
     """Collective: every rank calls it. On any error the partial `<tag>.tmp` is removed and the
     previous checkpoint stays `latest`; a full disk is named as such with the size needed.
     `trainable_only` (a LoRA run): frozen parameters are left out and no config.json is written
-    (the directory is an adapter directory pointing at its base, model/lora.py)."""
+    (the directory is an adapter directory pointing at its base, checkpoint/lora_files.py)."""
     root = Path(directory)
     tag = f"iter_{iteration:07d}"
     tmp, final = root / f"{tag}.tmp", root / tag
