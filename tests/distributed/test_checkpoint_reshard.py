@@ -8,6 +8,8 @@ from megatron_ru.checkpoint.model_io import CheckpointError, save_model
 from tests.distributed import workers
 from tests.helpers import run_ranks
 
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
+
 
 def test_tp2_checkpoint_loads_at_tp1_and_tp4(tmp_path):
     run_ranks(workers.save_sharded, 2, str(tmp_path))

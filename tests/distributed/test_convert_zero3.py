@@ -10,6 +10,8 @@ from megatron_ru.checkpoint.training import check_compatible
 from megatron_ru.config import ConfigError
 from tests.helpers import pretrain
 
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
+
 transformers = pytest.importorskip("transformers")
 VOCAB = 1815  # examples/data/tokenizer
 

@@ -1,10 +1,13 @@
 """LoRA at TP=2 equals TP=1 (gloo, 2 ranks): loss and every adapter gradient, both families."""
+import pytest
 import torch
 
 from megatron_ru import GPTModel, ModelConfig, ParallelState
 from megatron_ru.model.lora import adapter_parameters, adapter_state, apply_lora
 from megatron_ru.parallel.sharding import shard
 from tests.helpers import assert_rel_close, run_ranks
+
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
 
 CONFIGS = {"gpt3": dict(family="gpt3", num_layers=2, hidden_size=64, num_attention_heads=4, vocab_size=1000,
                         max_position_embeddings=64),

@@ -4,6 +4,8 @@ import pytest
 from tests.distributed import workers
 from tests.helpers import run_ranks
 
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
+
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_parallel_layers_match_dense(world):

@@ -13,6 +13,8 @@ from megatron_ru.checkpoint.model_io import save_model, write_config
 from megatron_ru import runtime
 from tests.helpers import ROOT, TOKENIZER, VOCAB, clean_env, generate_main, load_tool
 
+pytestmark = pytest.mark.slow
+
 transformers = pytest.importorskip("transformers")
 
 

@@ -17,6 +17,8 @@ from megatron_ru.checkpoint.lora_files import read_adapters
 from tests.helpers import ROOT, clean_env, run_mpirun as run
 from tools import preprocess_data
 
+pytestmark = pytest.mark.slow
+
 TOK = ROOT / "examples" / "data" / "tokenizer"
 SOUNDS = [("кошка", "мяу"), ("собака", "гав"), ("корова", "му"), ("утка", "кря"), ("лягушка", "ква"),
           ("ворона", "кар"), ("свинья", "хрю"), ("овца", "бе")]
@@ -24,6 +26,7 @@ MODEL = ["--preset", "tiny-gpt3", "--num-layers", "2", "--hidden-size", "64", "-
          "--seq-length", "64", "--vocab-file", str(TOK / "vocab.json"), "--merge-file", str(TOK / "merges.txt")]
 
 
+@pytest.mark.mpirun
 def test_finetune_learns_toy_chat_task(tmp_path):
     rng = random.Random(0)
     train = tmp_path / "train.jsonl"

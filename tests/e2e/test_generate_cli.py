@@ -16,6 +16,8 @@ from megatron_ru.inference import runner
 from tests.distributed import gen_workers
 from tests.helpers import clean_env, mpirun, run_ranks
 
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
 TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]

@@ -19,6 +19,8 @@ from megatron_ru.training.guards import DataArgsMismatch, TrainingDiverged
 
 from tests.helpers import clean_env, mpirun
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO = str(ROOT / "examples/data/ru_demo_text_document")
 TOK = ["--vocab-file", str(ROOT / "examples/data/tokenizer/vocab.json"),
@@ -179,6 +181,7 @@ def test_out_of_vocabulary_ids_stop_before_the_model_is_built(ps, work, oov_data
     assert f"{oov_data}: token id 8000 in document 5 (token 3) is outside the tokenizer's vocabulary" in str(e.value)
 
 
+@pytest.mark.mpirun
 def test_out_of_vocabulary_ids_at_tp2_exit_2(work, oov_data):
     cmd = [mpirun(), "--np", "2", sys.executable, "pretrain_gpt.py", *BASE, "--data-path", oov_data,
            "--data-cache-path", str(work / "cache2"), "--train-iters", "2", "--tensor-model-parallel-size", "2"]

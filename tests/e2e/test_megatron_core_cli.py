@@ -42,6 +42,7 @@ def test_generate_and_export_from_megatron_core(tmp_path, capsys, monkeypatch):
     assert meta["format"] == "megatron_core" and all(torch.equal(back[k], ref[k]) for k in ref)
 
 
+@pytest.mark.slow
 def test_bad_megatron_input_exits_2(tmp_path):
     cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=1000, max_position_embeddings=64)
     fx.write_dist(tmp_path / "dist", GPTModel(cfg, seed=1), 1, te=False, common_in_dcp=False)
@@ -53,6 +54,7 @@ def test_bad_megatron_input_exits_2(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_checkpoint_saved_by_megatron_core_itself(tmp_path):
     """The writer is megatron.core.dist_checkpointing.save (the installed megatron-core), run as a script."""
     pytest.importorskip("megatron.core.dist_checkpointing")

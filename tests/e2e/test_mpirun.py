@@ -3,8 +3,14 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import ROOT, clean_env, run_mpirun as run
 
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.mpirun
 def test_two_ranks_found_and_all_reduce_without_master_env(tmp_path):
     proc = run(2, "tests/e2e/mpi_probe.py", "2", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -18,6 +24,7 @@ def test_two_ranks_found_and_all_reduce_without_master_env(tmp_path):
     assert rows[0]["master"] == rows[1]["master"] == "127.0.0.1"
 
 
+@pytest.mark.mpirun
 def test_tp_demo_loss_falls():
     proc = run(2, "examples/tp_demo.py", "--tensor-model-parallel-size", "2", "--steps", "15")
     assert proc.returncode == 0, proc.stderr
@@ -25,6 +32,7 @@ def test_tp_demo_loss_falls():
     assert len(losses) == 15 and losses[-1] < losses[0] - 0.3, losses
 
 
+@pytest.mark.mpirun
 def test_world_not_divisible_by_tp_fails_clearly():
     proc = run(2, "examples/tp_demo.py", "--tensor-model-parallel-size", "4", "--steps", "1", timeout=120)
     assert proc.returncode != 0

@@ -55,6 +55,7 @@ def _write_jsonl(path, docs):
     return str(path)
 
 
+@pytest.mark.mpirun
 def test_jsonl_one_and_two_workers_identical(tmp_path, documents, tokenizer, capsys):
     src = _write_jsonl(tmp_path / "in.jsonl", documents * 3)
     assert TOOL.main(["--input", src, *TOKENIZER_FLAGS, "--append-eod", "--output-prefix", str(tmp_path / "w1")]) == 0
@@ -89,6 +90,7 @@ def test_text_lines_blocks_and_auto(tmp_path, tokenizer):
     assert tokenizer.detokenize(got_blocks[1]) == "новый документ"
 
 
+@pytest.mark.mpirun
 def test_bad_json_line_names_file_and_line_and_writes_nothing(tmp_path, documents):
     src = tmp_path / "broken.jsonl"
     _write_jsonl(src, documents[:300])
@@ -125,7 +127,7 @@ def test_missing_tokenizer_and_input_files(tmp_path, capsys):
     assert sorted(os.listdir(tmp_path)) == ["in.jsonl"]
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.mpirun)])
 def test_ctrl_c_leaves_no_files(tmp_path, workers):
     """Input from a pipe that stays open: interrupt while running, nothing may be left behind."""
     fifo = tmp_path / "pipe.jsonl"

@@ -12,6 +12,9 @@ from megatron_ru.training.optim import LRSchedule
 
 from tests.helpers import ROOT, assert_losses_close, clean_env, losses, mpirun, pretrain
 
+pytestmark = pytest.mark.slow
+
+@pytest.mark.mpirun
 def test_tp2_equals_tp1(tmp_path):
     _, one = pretrain(tmp_path, "tp1", "--train-iters", "5", "--micro-batch-size", "4")
     _, two = pretrain(tmp_path, "tp2", "--train-iters", "5", "--micro-batch-size", "4",
@@ -20,6 +23,7 @@ def test_tp2_equals_tp1(tmp_path):
     assert losses(one)[-1] < losses(one)[0]
 
 
+@pytest.mark.mpirun
 def test_zero2_dp2_equals_single_process(tmp_path):
     _, single = pretrain(tmp_path, "single", "--train-iters", "5", "--micro-batch-size", "8")
     _, dp = pretrain(tmp_path, "dp2", "--train-iters", "5", "--deepspeed",
@@ -27,6 +31,7 @@ def test_zero2_dp2_equals_single_process(tmp_path):
     assert_losses_close(losses(dp), losses(single))
 
 
+@pytest.mark.mpirun
 def test_resume_is_bit_exact(tmp_path):
     """Stop at iteration 3 (latest → iter 3), resume to 6: same losses as the uninterrupted run,
     with dropout on, so the RNG state has to come back too."""
@@ -60,6 +65,7 @@ def test_fp16_overflow_is_skipped_and_recovers(tmp_path):
     assert all(abs(by_it[i]["loss"]) < 20 for i in (4, 5, 6))  # finite again after the skip
 
 
+@pytest.mark.mpirun
 def test_bf16_zero3_llama_runs(tmp_path):
     _, rec = pretrain(tmp_path, "bf16", "--train-iters", "4", "--preset", "tiny-llama",
                       "--deepspeed_config", "configs/tlite_8b_bf16.json",
@@ -68,6 +74,7 @@ def test_bf16_zero3_llama_runs(tmp_path):
     assert (tmp_path / "ckpt" / "latest").read_text().strip() == "iter_0000004"
 
 
+@pytest.mark.mpirun
 def test_mpirun_end_to_end_loss_falls_and_checkpoint_written(tmp_path):
     ckpt = tmp_path / "ckpt"
     proc, rec = pretrain(tmp_path, "e2e", "--train-iters", "30", "--lr-decay-iters", "30",
@@ -154,6 +161,7 @@ def test_resume_mismatch_and_corruption_leave_checkpoint_untouched(tmp_path):
     assert (ckpt / "latest").read_text().strip() == "iter_0000002"
 
 
+@pytest.mark.mpirun
 @pytest.mark.parametrize("config", ["ds_zero1", "ds_zero3", "ds_zero2_offload", "gpt3_13b",
                                     "gpt3_13b_sparse"])
 def test_every_shipped_config_trains(tmp_path, config):
@@ -173,6 +181,7 @@ def test_every_shipped_config_trains(tmp_path, config):
         assert "1/2 sparse layers" in proc.stdout
 
 
+@pytest.mark.mpirun
 def test_error_on_rank0_stops_every_rank(tmp_path):
     """A data error found while rank 0 builds the indices must not leave rank 1 waiting."""
     proc, _ = pretrain(tmp_path, "np2", "--train-iters", "2", "--seq-length", "8192",

@@ -19,6 +19,8 @@ from megatron_ru.inference import runner  # noqa: E402
 from tests.helpers import mpirun  # noqa: E402
 from tests.serve_helpers import ServerProcess, metric, wait_until  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
 TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
@@ -246,6 +248,7 @@ def test_full_queue_429_disconnect_frees_row_sigterm_finishes(checkpoint):
         assert "stopped" in srv.lines[-1] and "Traceback" not in srv.log
 
 
+@pytest.mark.mpirun
 def test_tp2_under_mpirun_serves_like_tp1(server, client, checkpoint):
     bodies = [dict(model="tiny", prompt=PROMPTS[3], max_tokens=16, temperature=0),
               dict(model="tiny", prompt=PROMPTS[:2], max_tokens=10, n=2, seed=11, temperature=0.8)]

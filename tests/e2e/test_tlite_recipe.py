@@ -7,9 +7,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_ru.checkpoint.load import read_config
 from megatron_ru.data.hf_tokenizer_json import write_hf_tokenizer
 from tests.helpers import clean_env, mpirun
+
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[2]
 TOK = ROOT / "examples" / "data" / "tokenizer"

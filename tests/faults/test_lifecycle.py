@@ -25,6 +25,8 @@ from megatron_ru.checkpoint.model_io import CheckpointError
 
 from tests.helpers import BASE, DATA, ROOT, assert_losses_close, clean_env, losses, mpirun
 
+pytestmark = [pytest.mark.mpirun, pytest.mark.slow]
+
 BOUND_S = 60
 
 

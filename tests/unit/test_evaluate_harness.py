@@ -12,6 +12,8 @@ from megatron_ru.evaluation.scoring import score_continuations
 from megatron_ru import GPTModel, ModelConfig
 from tests import evalkit
 
+pytestmark = pytest.mark.slow
+
 lm_eval = pytest.importorskip("lm_eval")
 pytest.importorskip("transformers")
 

@@ -48,6 +48,7 @@ def fresh(family, state):
     return model.eval()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["gpt3", "llama"])
 def test_logits_and_perplexity_close_to_fp32(trained, family):
     state, ref, ppl = trained[family]
