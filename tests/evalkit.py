@@ -50,9 +50,11 @@ def export_hf(src: Path, dst: Path) -> Path:
 
 def lm_eval_run(model: str, model_args: str):
     """lm_eval.simple_evaluate of TASK_NAMES (bundled tasks only, samples logged, no bootstrap)."""
+    import importlib
+
     import lm_eval
-    import megatron_ru.evaluation.harness  # noqa: F401 - registers `megatron_ru`
     from lm_eval.tasks import TaskManager
+    importlib.import_module("megatron_ru.evaluation.harness")  # registers the `megatron_ru` model
     tm = TaskManager(include_path=str(TASKS), include_defaults=False)
     return lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=TASK_NAMES, task_manager=tm,
                                    batch_size=4, log_samples=True, bootstrap_iters=0)
