@@ -29,7 +29,7 @@ from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder, best_fitting
 from megatron_ru.data.progress import Progress  # noqa: E402
 from megatron_ru.data.validate import tokenizer_files, write_tokenizer_record  # noqa: E402
 from megatron_ru.data.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
-from megatron_ru.runtime import UsageError  # noqa: E402
+from megatron_ru.errors import UsageError  # noqa: E402
 
 BATCH_DOCS = 128
 

@@ -32,7 +32,7 @@ from megatron_ru.data.hf_tokenizer_json import (SENTENCEPIECE_HF_OPTIONS,  # noq
                                                 SentencePieceExportError, write_hf_tokenizer,
                                                 write_sentencepiece_hf_tokenizer)
 from megatron_ru.data.progress import Progress  # noqa: E402
-from megatron_ru.runtime import UsageError  # noqa: E402
+from megatron_ru.errors import UsageError  # noqa: E402
 
 
 class InputError(UsageError):
