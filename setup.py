@@ -1,4 +1,4 @@
-"""Package metadata for megatron_ru: dependencies, test extras, console scripts."""
+"""Package metadata for megatron_ru: dependencies and extras. The entry points are scripts run from the checkout (pretrain_gpt.py, generate.py, tools/*.py), not console scripts."""
 from setuptools import find_packages, setup
 
 setup(

@@ -28,7 +28,8 @@ import numpy as np  # noqa: E402
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder, best_fitting_dtype  # noqa: E402
 from megatron_ru.data.progress import Progress  # noqa: E402
 from megatron_ru.data.validate import tokenizer_files, write_tokenizer_record  # noqa: E402
-from megatron_ru.data.tokenizers import TOKENIZER_TYPES, TokenizerError, build_tokenizer  # noqa: E402
+from megatron_ru.data.tokenizers import (TOKENIZER_TYPES, TokenizerError,  # noqa: E402
+                                         add_tokenizer_arguments, build_tokenizer)  # noqa: E402
 from megatron_ru.errors import UsageError  # noqa: E402
 
 BATCH_DOCS = 128
@@ -45,7 +46,7 @@ def parse_args(argv=None):
     g.add_argument("--input", nargs="+", required=True, help="files or globs (.jsonl, .json, .txt; .gz ok)")
     g.add_argument("--input-format", choices=("auto", "jsonl", "lines", "blocks"), default="auto")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="jsonl keys to extract (one output each)")
-    g = p.add_argument_group("supervised fine-tuning (--dataset-type sft; megatron_ru/data/sft.py)")
+    g = p.add_argument_group("supervised fine-tuning (--dataset-type sft; megatron_ru/data/sft_examples.py)")
     g.add_argument("--dataset-type", choices=("text", "sft"), default="text",
                    help="sft: JSON lines of {messages}, {prompt, response} or {text} -> PREFIX.bin/.idx "
                         "+ PREFIX_loss_mask.bin/.idx (1 = assistant token)")
@@ -54,12 +55,8 @@ def parse_args(argv=None):
     g.add_argument("--prompt-key", default="prompt")
     g.add_argument("--response-key", default="response")
     g.add_argument("--train-on-prompt", action="store_true", help="loss on every token, not only replies")
-    g = p.add_argument_group("tokenizer")
-    g.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES + ("HFTokenizer",))
-    g.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
-    g.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
-    g.add_argument("--tokenizer-model", help="SentencePiece .model or tokenizer.json")
-    g.add_argument("--eod-token", default=None, help="end-of-document token (default <|endoftext|> / </s>)")
+    g = add_tokenizer_arguments(p, type_required=True, type_choices=TOKENIZER_TYPES + ("HFTokenizer",),
+                                eod_help="end-of-document token (default <|endoftext|> / </s>)")
     g.add_argument("--append-eod", action="store_true", help="append EOD to every document")
     g = p.add_argument_group("output")
     g.add_argument("--output-prefix", required=True, help="writes PREFIX_{key}_document.bin/.idx")
@@ -234,7 +231,7 @@ def encode_in_pool(pool, tasks, window):
 def run(args, stream=None):
     stream = stream or sys.stderr
     if args.dataset_type == "sft":
-        from megatron_ru.data.sft import run_sft
+        from megatron_ru.data.sft_examples import run_sft
         return run_sft(args, expand_inputs(args.input), stream)
     files = expand_inputs(args.input)
     encoder = Encoder(args)  # also validates the tokenizer files before any work starts
@@ -298,7 +295,7 @@ def main(argv=None):
     except (InputError, TokenizerError, OSError) as e:
         sys.stderr.write(f"preprocess_data.py: error: {e}\n")
         return 1
-    except UsageError as e:  # SFT data and chat templates (megatron_ru/data/chat.py, sft.py)
+    except UsageError as e:  # SFT data and chat templates (megatron_ru/data/chat_templates.py, sft.py)
         sys.stderr.write(f"preprocess_data.py: error: {e}\n")
         return 2
     except KeyboardInterrupt:

@@ -44,13 +44,13 @@ def _tokenizer_files(tok_dir: Optional[str]) -> list[Path]:
 
 def _chat_files(tok_dir: Optional[str]) -> list[Path]:
     """The chat template files beside a tokenizer (carried into our checkpoints' tokenizer/)."""
-    from ..data.chat import CHAT_FILES
+    from ..data.chat_templates import CHAT_FILES
     return [Path(tok_dir) / f for f in CHAT_FILES if tok_dir and (Path(tok_dir) / f).is_file()]
 
 
 def _chat_template(tok_dir: Optional[str]) -> Optional[str]:
     """The tokenizer directory's own chat template (Jinja source), or None."""
-    from ..data.chat import own_template
+    from ..data.chat_templates import own_template
     own = own_template(tok_dir)
     return own[0] if own else None
 

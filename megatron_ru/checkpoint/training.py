@@ -103,7 +103,7 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
     """The run's tokenizer files under canonical names, plus the chat template files beside
     them (tokenizer_config.json, chat_template.jinja), so samplers and the server find the
     model's chat template in the checkpoint."""
-    from ..data.chat import CHAT_FILES
+    from ..data.chat_templates import CHAT_FILES
     tok_dir = root / "tokenizer"
     tok_dir.mkdir(exist_ok=True)
     copies = []

@@ -241,3 +241,24 @@ def build_tokenizer(tokenizer_type, *, vocab_file=None, merge_file=None, tokeniz
     if tokenizer_type in ("HuggingFaceTokenizer", "HFTokenizer"):
         return HFTokenizer(tokenizer_model, eod_token=eod_token)
     raise TokenizerError(f"--tokenizer-type {tokenizer_type!r} is unknown; choose one of {TOKENIZER_TYPES}")
+
+
+def add_tokenizer_arguments(parser, *, title: str = "tokenizer", type_default=None, type_required: bool = False,
+                            type_choices=None, with_path: bool = False, eod_help: str = "end-of-text token "
+                            "(default: the tokenizer's own)"):
+    """The tokenizer flags (Megatron's names), defined once for every entry point; returns the group.
+
+    Training defaults --tokenizer-type to GPT2BPETokenizer, preprocess_data.py requires it, the model-opening
+    tools leave it unset (then the tokenizer saved with the checkpoint is used) and add --tokenizer-path."""
+    t = parser.add_argument_group(title)
+    t.add_argument("--tokenizer-type", default=type_default, required=type_required, choices=type_choices,
+                   help="GPT2BPETokenizer, SentencePieceTokenizer, HuggingFaceTokenizer"
+                        + (f" (default {type_default})" if type_default else ""))
+    t.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
+    t.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
+    t.add_argument("--tokenizer-model", help="SentencePiece .model or Hugging Face tokenizer.json")
+    if with_path:
+        t.add_argument("--tokenizer-path", metavar="DIR",
+                       help="a directory holding vocab.json + merges.txt, tokenizer.json or tokenizer.model")
+    t.add_argument("--eod-token", help=eod_help)
+    return t

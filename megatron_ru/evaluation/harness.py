@@ -10,7 +10,7 @@ model registry (lm-eval 0.4.x has no plugin entry point for models).
 (scoring.py); `generate_until` runs our Generator (greedy or sampled, stop strings). Tokenization,
 left truncation, rolling windows and the empty-context prefix follow lm-eval's `hf` backend, so
 the numbers are comparable item by item. Under mpirun the TP group's rank 0 runs lm-eval and
-the other ranks serve its forward passes (server.py).
+the other ranks serve its forward passes (tp_worker.py).
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from ..inference.loading import option_names, options_from_mapping
 from .loading import open_for_scoring, parallel_state
 from .perplexity import EvalInputError
 from .scoring import generate, score_continuations
-from .server import TPWorker, no_grad_handlers
+from .tp_worker import TPWorker, no_grad_handlers
 
 NAME = "megatron_ru"
 

@@ -8,7 +8,7 @@ that has more tokens, and one batched forward over those continuation tokens (at
 positions after the context) scores the rest. A question with four five-token choices thus
 costs its context once plus 4 x 4 continuation tokens, where scoring each (context +
 continuation) separately costs four full contexts. Every TP rank calls these functions with the
-same arguments (server.py arranges that); results are the same on every rank.
+same arguments (tp_worker.py arranges that); results are the same on every rank.
 """
 from __future__ import annotations
 

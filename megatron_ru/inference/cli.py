@@ -115,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_arguments(s)
     add_context_arguments(s)
     add_io_arguments(p.add_argument_group("input and output"))
-    c = p.add_argument_group("chat (megatron_ru/inference/chat.py)")
+    c = p.add_argument_group("chat (megatron_ru/inference/chat_session.py)")
     add_chat_arguments(c)
     add_chat_template_argument(c)
     runtime.add_arguments(p)
@@ -198,7 +198,7 @@ def parse(argv=None) -> Settings:
     prompts = None
     if args.prompt is not None:
         prompts = [unescape(args.prompt)]
-    elif args.sample_input_file and not args.chat:  # chat files are read by inference/chat.py
+    elif args.sample_input_file and not args.chat:  # chat files are read by inference/chat_session.py
         prompts = read_prompts(Path(args.sample_input_file), args.prompt_separator)
     elif args.num_samples:
         prompts = [""]  # unconditional: the continuation of a lone end-of-text token

@@ -18,7 +18,7 @@ import torch
 
 from ..checkpoint.load import read_config
 from ..config import SPARSE_MODES
-from ..data.tokenizers import build_tokenizer
+from ..data.tokenizers import add_tokenizer_arguments as add_tokenizer_flags, build_tokenizer
 from ..errors import UsageError
 from ..parallel.state import ParallelState, discover_launch
 from .quantize import QuantSpec, add_arguments as _add_quantize_flags, quantize, spec_from_args
@@ -61,16 +61,7 @@ def add_model_arguments(parser, *, load_required: bool = True) -> None:
 
 def add_tokenizer_arguments(parser) -> None:
     """The tokenizer flags (Megatron's names); none given: the tokenizer saved with the checkpoint."""
-    t = parser.add_argument_group("tokenizer (default: the one saved with the checkpoint)")
-    t.add_argument("--tokenizer-type", default=None,
-                   help="GPT2BPETokenizer (default with --vocab-file), SentencePieceTokenizer, "
-                        "HuggingFaceTokenizer")
-    t.add_argument("--vocab-file", help="GPT-2 BPE vocab.json")
-    t.add_argument("--merge-file", help="GPT-2 BPE merges.txt")
-    t.add_argument("--tokenizer-model", help="SentencePiece .model or HF tokenizer.json")
-    t.add_argument("--tokenizer-path", metavar="DIR",
-                   help="a directory holding vocab.json + merges.txt, tokenizer.json or tokenizer.model")
-    t.add_argument("--eod-token", help="end-of-text token (default: the tokenizer's own)")
+    add_tokenizer_flags(parser, title="tokenizer (default: the one saved with the checkpoint)", with_path=True)
 
 
 def add_quantize_arguments(parser) -> None:

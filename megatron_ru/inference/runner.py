@@ -58,7 +58,7 @@ class Session:
                   "decode the same prompts; only rank 0 writes", file=sys.stderr)
         template, ends = None, ()
         if args.chat:  # the end-of-turn token ends a reply, as the end of text does
-            from ..data.chat import load_template
+            from ..data.chat_templates import load_template
             template = load_template(args.chat_template, tokenizer, opened.template_dir)
             ends = (template.eot_id(tokenizer),)
         generator = Generator(model, eod=tokenizer.eod,
@@ -75,8 +75,8 @@ class Session:
     # ---- modes ----------------------------------------------------------------------------
     def run(self) -> int:
         if self.args.chat:
-            from . import chat
-            return chat.run(self)
+            from . import chat_session
+            return chat_session.run(self)
         if self.settings.prompts is None:
             return self.interactive()
         source = "--prompt" if self.args.prompt is not None else (

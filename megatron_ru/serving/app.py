@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.sampling import SamplingParams
-from .chat import ChatFormat
+from .chat_prompt import ChatFormat
 from .metrics import Metrics
 from .protocol import (ApiError, ChatBody, CompletionBody, Limits, check_common,
                        check_range, message_dicts, parse_body, stop_strings)
@@ -40,7 +40,7 @@ class Service:
     metrics: Metrics
     api_key: Optional[str] = None
     request_timeout_s: float = 600.0
-    chat: Optional[ChatFormat] = None  # how chat messages become a prompt (serving/chat.py)
+    chat: Optional[ChatFormat] = None  # how chat messages become a prompt (serving/chat_prompt.py)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
 
     @property

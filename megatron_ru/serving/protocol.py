@@ -165,7 +165,7 @@ def stop_strings(body: _Body) -> list[str]:
     return [s for s in stops if s]
 
 
-# ---- chat messages (rendered by the model's chat template: serving/chat.py) ---------------
+# ---- chat messages (rendered by the model's chat template: serving/chat_prompt.py) ---------------
 ROLES = ("system", "developer", "user", "assistant")
 
 

@@ -1,1 +1,1 @@
-"""megatron_ru.training (grows with its issue)."""
+"""megatron_ru.training: the loop around the DeepSpeed engine (trainer), its CLI (arguments), run lifecycle, guards, fine-tuning and LoRA hooks, DeepSpeed config, optimizer groups, metrics."""

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from .. import runtime
-from ..arguments import TrainArgs
+from .arguments import TrainArgs
 from ..checkpoint import save_dir
 from ..checkpoint.training import RUNTIME_FIELDS
 from ..checkpoint.load import read_config

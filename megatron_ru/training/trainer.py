@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from .. import runtime
 from ..errors import EXIT_OK
-from ..arguments import TrainArgs, model_config
+from .arguments import TrainArgs, model_config
 from ..config import ConfigError
 from ..checkpoint import save_dir, universal
 from ..checkpoint import training as ckpt
@@ -28,7 +28,7 @@ from . import ds_config, lifecycle
 from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
-from . import sft
+from . import finetune, lora_run
 
 
 def _loss_scale(optimizer) -> Optional[float]:
@@ -116,7 +116,7 @@ class Trainer:
                          "start fresh)")
             del full
         if args.lora_rank:
-            sft.setup_lora(model, args, self.log)
+            lora_run.setup_lora(model, args, self.log)
         self.model = model
         if self.precision == "fp16" and ps.device.type == "cpu" and \
                 not get_accelerator().is_fp16_supported():
@@ -189,8 +189,8 @@ class Trainer:
         counts = (max(counts[0], train_samples or 0), *counts[1:])
         fingerprint = tokenizer_fingerprint(tokenizer_files(a.vocab_file, a.merge_file,
                                                             a.tokenizer_model))
-        if a.dataset_type == "sft":  # conversations + loss masks (training/sft.py)
-            data = sft.build_datasets(a, counts, self.tokenizer.pad, vocab_size=self.tokenizer.vocab_size,
+        if a.dataset_type == "sft":  # conversations + loss masks (training/finetune.py)
+            data = finetune.build_datasets(a, counts, self.tokenizer.pad, vocab_size=self.tokenizer.vocab_size,
                                       tokenizer_fingerprint=fingerprint, cache_path=a.data_cache_path,
                                       warn=self.log)
         else:
@@ -228,7 +228,7 @@ class Trainer:
         self.checkpoint_bytes = save_dir.checkpoint_bytes(
             self.config.num_parameters(), 4 if self.precision == "fp32" else 2)
         if args.lora_rank:  # a LoRA save holds the adapters' state only
-            self.checkpoint_bytes = sft.lora_checkpoint_bytes(self.config, args)
+            self.checkpoint_bytes = lora_run.lora_checkpoint_bytes(self.config, args)
         lifecycle.check_outputs(args, ps, self.checkpoint_bytes)
         if args.save and ps.rank == 0:  # one owner per save directory, then its leftovers
             self.lock = save_dir.SaveLock(args.save).acquire()
@@ -242,7 +242,7 @@ class Trainer:
         if args.load:
             self.resume_tag = lifecycle.resume_tag(args, self.log)
         if args.lora_rank and self.resume_tag is not None:  # a LoRA run: its base, then its state
-            self.base = sft.lora_resume_base(args, self.resume_tag, ps.tp_size)
+            self.base = lora_run.lora_resume_base(args, self.resume_tag, ps.tp_size)
             ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
         elif self.resume_tag is not None:
             ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
@@ -292,7 +292,7 @@ class Trainer:
                                     dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
                                     num_workers=self.args.num_workers, seed=self.args.seed))
         if self.args.dataset_type == "sft":  # loss = mean over the global batch's target tokens
-            it = sft.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
+            it = finetune.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
                                      packed=self.args.sft_packing == "packed")
         return it
 
@@ -300,7 +300,7 @@ class Trainer:
     def _forward(self, batch) -> torch.Tensor:
         a, dev = self.args, self.ps.device
         if a.dataset_type == "sft":
-            return sft.forward(self.engine, batch, dev)
+            return finetune.forward(self.engine, batch, dev)
         b = get_batch(batch["text"], self.tokenizer.eod, eod_mask_loss=a.eod_mask_loss,
                       reset_position_ids=a.reset_position_ids,
                       reset_attention_mask=a.reset_attention_mask)
@@ -474,7 +474,7 @@ class Trainer:
                 files[key] = getattr(a, key)
         runtime.heartbeat(f"saving iteration {self.iteration}")
         if a.lora_rank:  # the adapters, then their training state (the frozen base: never), latest last
-            sft.save_lora(self)
+            lora_run.save_lora(self)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, needed_bytes=self.checkpoint_bytes,
                                                  trainable_only=True)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ru.arguments import parse_pretrain_args
+from megatron_ru.training.arguments import parse_pretrain_args
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"DATA": "d/ru", "VOCAB": "v.json", "MERGES": "m.txt", "BASE": "ckpt", "RU": "d/ru",

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from megatron_ru.arguments import model_config, parse_pretrain_args
+from megatron_ru.training.arguments import model_config, parse_pretrain_args
 from megatron_ru.checkpoint.model_io import latest_tag, save_model
 from megatron_ru.data.tokenizers import build_tokenizer
 from megatron_ru.inference.runner import main as generate_main

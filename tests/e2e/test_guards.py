@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_ru import runtime
-from megatron_ru.arguments import parse_pretrain_args
+from megatron_ru.training.arguments import parse_pretrain_args
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_ru.data.validate import DataValidationError
 from megatron_ru.training.guards import DataArgsMismatch, TrainingDiverged

@@ -105,7 +105,7 @@ def test_chat_renders_the_template_like_generate_py_chat(server, client, checkpo
     """The demo tokenizer has no chat template: the server uses the built-in rugpt3 dialogue
     style, exactly as generate.py --chat --chat-template rugpt3 (same prompt ids, same greedy
     reply; the server's extra "\nuser:" stop passed to generate.py too)."""
-    from megatron_ru.data.chat import load_template
+    from megatron_ru.data.chat_templates import load_template
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(TOKENIZER / "vocab.json"),
                           merge_file=str(TOKENIZER / "merges.txt"))
     msgs = [{"role": "system", "content": "Ты бот."}, {"role": "user", "content": PROMPTS[3]}]
@@ -290,7 +290,7 @@ def test_quantized_server_requests_equal_each_alone(checkpoint):
     (["--max-batch-size", "0"], "--max-batch-size 0 must be >= 1"),
 ])
 def test_bad_serve_flags_exit_2_before_loading(checkpoint, capsys, flags, message):
-    from megatron_ru.serving import server as serve
+    from megatron_ru.serving import cli as serve
     assert runtime.run(serve.main, "tools/serve.py", ["--load", str(checkpoint), *TOK_FLAGS, *flags]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err

@@ -118,7 +118,7 @@ def test_preprocess_keeps_empty_documents_as_megatron_does(tmp_path):
 
 
 def test_data_order_flag_reaches_the_dataset_builder():
-    from megatron_ru.arguments import parse_pretrain_args
+    from megatron_ru.training.arguments import parse_pretrain_args
     argv = ["--train-iters", "2", "--data-path", "x", "--preset", "tiny-gpt3"]
     assert parse_pretrain_args(argv).data_order == "ours"
     assert parse_pretrain_args(argv + ["--data-order", "megatron"]).data_order == "megatron"

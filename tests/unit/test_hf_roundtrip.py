@@ -63,9 +63,9 @@ def test_chat_template_travels_through_conversions(tmp_path):
     """A tokenizer's chat template (tokenizer_config.json or chat_template.jinja) goes with the
     model: ours → HF embeds it in tokenizer_config.json (transformers applies it), HF → ours keeps
     it under tokenizer/, and the server and generate.py --chat find it there by default."""
-    from megatron_ru.data.chat import load_template
+    from megatron_ru.data.chat_templates import load_template
     from megatron_ru.data.tokenizers import build_tokenizer
-    from megatron_ru.serving.chat import load_chat_format
+    from megatron_ru.serving.chat_prompt import load_chat_format
     cfg = ModelConfig.from_preset("tiny-llama", vocab_size=VOCAB, make_vocab_size_divisible_by=64)
     src = ours(tmp_path / "src", cfg, "hf")
     template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}" \

@@ -18,7 +18,7 @@ LAYERS = {  # module or package -> layer
     "megatron_ru.checkpoint": 4,
     "megatron_ru.inference": 5,
     "megatron_ru.evaluation": 6, "megatron_ru.serving": 6,
-    "megatron_ru.training": 7, "megatron_ru.arguments": 7,
+    "megatron_ru.training": 7,
 }
 
 

@@ -84,7 +84,7 @@ def test_int8_checkpoint_evaluates_close_to_fp32(models):
 ])
 def test_model_flag_mistakes_are_one_line_on_every_cli(models, capsys, flags, message):
     from megatron_ru.inference import runner
-    from megatron_ru.serving import server
+    from megatron_ru.serving import cli as server
     flags = [str(models["lora"]) if f == "LORA" else f for f in flags]
     base = ["--load", str(models["base"]), *flags]
     for prog, main, extra in (("generate.py", runner.main, ["--prompt", "x"]),
@@ -96,7 +96,7 @@ def test_model_flag_mistakes_are_one_line_on_every_cli(models, capsys, flags, me
 
 
 def test_serve_refuses_generate_flags_and_unknown_ones(models, capsys):
-    from megatron_ru.serving import server
+    from megatron_ru.serving import cli as server
     args = server.parse(["--load", str(models["base"]), "--lora", str(models["lora"]), "--port", "0"])
     assert args.model.lora == str(models["lora"]) and args.model.quant is None
     for word, message in (("--top-p=0.5", "--top-p is a generate.py flag"),

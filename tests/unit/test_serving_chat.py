@@ -8,9 +8,9 @@ import pytest
 pytest.importorskip("jinja2")
 pytest.importorskip("fastapi")
 
-from megatron_ru.data.chat import ChatError, load_template  # noqa: E402
+from megatron_ru.data.chat_templates import ChatError, load_template  # noqa: E402
 from megatron_ru.data.tokenizers import build_tokenizer  # noqa: E402
-from megatron_ru.serving.chat import load_chat_format  # noqa: E402
+from megatron_ru.serving.chat_prompt import load_chat_format  # noqa: E402
 from megatron_ru.serving.protocol import ApiError  # noqa: E402
 from tests.helpers import TOKENIZER, demo_bpe, llama_tokenizer_dir  # noqa: E402
 

@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from megatron_ru.data.chat import BUILTINS, ChatError, ChatTemplate, load_template
-from megatron_ru.data.sft import SFTDataset, mask_prefix, record_to_example, sft_batch
+from megatron_ru.data.chat_templates import BUILTINS, ChatError, ChatTemplate, load_template
+from megatron_ru.data.sft_examples import SFTDataset, mask_prefix, record_to_example, sft_batch
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_ru.data.order import DatasetConfigError
 from megatron_ru.data.tokenizers import build_tokenizer
@@ -195,7 +195,7 @@ def test_overlong_truncated_with_warning_or_error(toy_pair):
 def test_sft_prefixes_are_validated_like_pretraining_data(toy_pair):
     """Ids beyond the run's vocabulary and loss-mask values other than 0/1 stop before compute,
     naming the prefix and the first bad document."""
-    from megatron_ru.data.sft import build_sft_datasets
+    from megatron_ru.data.sft_examples import build_sft_datasets
     from megatron_ru.data.validate import DataValidationError
     prefix, _ = toy_pair
     train, _, _ = build_sft_datasets([prefix], "100,0,0", 15, 1, (5, 0, 0), vocab_size=1000)

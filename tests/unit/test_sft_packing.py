@@ -6,8 +6,8 @@ import torch
 
 from megatron_ru import GPTModel, ModelConfig, ParallelState
 from megatron_ru.data.indexed_dataset import IndexedDatasetBuilder
-from megatron_ru.data.sft import SFTDataset, mask_prefix, sft_batch
-from megatron_ru.training.sft import GlobalTokenMean, forward
+from megatron_ru.data.sft_examples import SFTDataset, mask_prefix, sft_batch
+from megatron_ru.training.finetune import GlobalTokenMean, forward
 from tests.helpers import assert_rel_close
 
 SPARSE = {"mode": "fixed", "block": 4, "different_layout_per_head": True, "num_local_blocks": 2,

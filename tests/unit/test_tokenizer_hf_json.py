@@ -75,7 +75,7 @@ def test_sentencepiece_hf_format_ids_equal_sentencepiece(tmp_path):
     assert auto.eos_token == "</s>" and auto.eos_token_id == ours.eod == wrapped.eod
     # chat rendering splits control pieces out as their ids (SentencePiece alone would spell
     # "</s>" out), which is what tokenizer.json does with them: the same ids again
-    from megatron_ru.data.chat import load_template
+    from megatron_ru.data.chat_templates import load_template
     chat = [{"role": "user", "content": "Привет!"}, {"role": "assistant", "content": "Здравствуйте."},
             {"role": "user", "content": "Как дела?"}]
     template = load_template("rugpt3", ours)

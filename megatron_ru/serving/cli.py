@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 
 from .. import runtime
-from ..data.chat import BUILTINS as BUILTIN_TEMPLATES
+from ..data.chat_templates import BUILTINS as BUILTIN_TEMPLATES
 from ..inference.cli import (add_chat_template_argument, add_context_arguments, add_rugpts_arguments,
                              is_generate_flag, model_options)
 from ..inference.loading import InputError, add_inference_arguments
@@ -106,7 +106,7 @@ def main(argv=None) -> int:
     from ..inference.generator import Generator  # heavy imports after the flag checks
     from ..inference.loading import open_model
     from ..inference.quantize import set_per_token
-    from .chat import load_chat_format
+    from .chat_prompt import load_chat_format
     from .engine import BatchEngine
 
     opened = open_model(args.model, max_length=args.seq_length, seed=args.seed,

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from ..files import atomic_write_text
-from ..data.chat import ChatError, check_messages
+from ..data.chat_templates import ChatError, check_messages
 from ..errors import UsageError
 from .cli import InputError
 

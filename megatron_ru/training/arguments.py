@@ -9,8 +9,9 @@ import argparse
 from dataclasses import dataclass, field
 from typing import Optional
 
-from . import runtime
-from .config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
+from .. import runtime
+from ..data.tokenizers import add_tokenizer_arguments
+from ..config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
 
 MFU_HELP = ("MFU = achieved model FLOP/s per device / peak. Model FLOPs per token = 6*N + "
             "12*L*h*s (N parameters incl. embeddings, L layers, h hidden, s sequence; the "
@@ -85,7 +86,7 @@ class TrainArgs:
     distributed_timeout_minutes: float = 10.0
     hang_timeout_minutes: Optional[float] = 30.0
     debug: bool = False
-    # fine-tuning (megatron_ru/training/sft.py)
+    # fine-tuning (megatron_ru/training/finetune.py)
     dataset_type: str = "text"
     sft_packing: str = "pad"
     sft_overlong: str = "truncate"
@@ -167,11 +168,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--reset-position-ids", action="store_true")
     d.add_argument("--reset-attention-mask", action="store_true")
     d.add_argument("--num-workers", type=int, default=0)
-    d.add_argument("--tokenizer-type", default="GPT2BPETokenizer")
-    d.add_argument("--vocab-file")
-    d.add_argument("--merge-file")
-    d.add_argument("--tokenizer-model")
-    d.add_argument("--eod-token", help="end-of-document token (ru-gpts used <pad>)")
+    add_tokenizer_arguments(p, type_default="GPT2BPETokenizer",
+                            eod_help="end-of-document token (ru-gpts used <pad>)")
 
     c = p.add_argument_group("checkpoints")
     c.add_argument("--save")
@@ -234,8 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consume these iterations' batches without a forward pass or update")
     g.add_argument("--debug-inject-spike-iters", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
 
-    from .training import sft
-    sft.add_arguments(p)
+    from . import finetune
+    finetune.add_arguments(p)
 
     s = p.add_argument_group("DeepSpeed")
     s.add_argument("--deepspeed", action="store_true", help="accepted for ru-gpts scripts; always on")
@@ -300,8 +298,8 @@ def validate(args: TrainArgs) -> None:
         args.eval_tasks_interval = args.eval_interval
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
-    from .training import sft
-    sft.validate(args)
+    from . import finetune
+    finetune.validate(args)
 
 
 def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict]) -> ModelConfig:

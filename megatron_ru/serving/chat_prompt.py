@@ -1,6 +1,6 @@
 """How /v1/chat/completions turns messages into a prompt: the model's chat template.
 
-The same templates fine-tuning trains with (data/chat.py): `--chat-template llama3|rugpt3|FILE`,
+The same templates fine-tuning trains with (data/chat_templates.py): `--chat-template llama3|rugpt3|FILE`,
 by default the `chat_template` of the tokenizer's tokenizer_config.json, and without one the
 built-in `rugpt3` dialogue style (`user: ...` / `bot: ...`). Rendering with the generation
 prompt and tokenizing (special tokens split out first) is exactly what `generate.py --chat`
@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from ..data.chat import ChatError, ChatTemplate, has_template, load_template
+from ..data.chat_templates import ChatError, ChatTemplate, has_template, load_template
 from .protocol import ApiError
 
 

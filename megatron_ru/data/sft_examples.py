@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .blended import BlendedDataset, blend_sample_counts, parse_data_path, parse_split, split_boundaries
-from .chat import ChatError, ChatTemplate
+from .chat_templates import ChatError, ChatTemplate
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dataset_exists
 from .order import DatasetConfigError
 
@@ -235,7 +235,7 @@ def run_sft(args, files: list, stream) -> list:
     import itertools
     import os
 
-    from .chat import load_template
+    from .chat_templates import load_template
     from .indexed_dataset import best_fitting_dtype
     from .tokenizers import build_tokenizer
     tokenizer = build_tokenizer(args.tokenizer_type, vocab_file=args.vocab_file, merge_file=args.merge_file,
