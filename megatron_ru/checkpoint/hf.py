@@ -9,20 +9,17 @@ a tensor is used) and written one tensor at a time, sharded by size with an inde
 from __future__ import annotations
 
 import json
-import mmap
-import struct
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 import torch
 
 from ..config import ConfigError, ModelConfig
+from .config_checks import check_bounds, check_layer_count, param_shapes
 from .model_io import CheckpointError
+from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, read_safetensors,  # noqa: F401
+                             read_shapes, write_safetensors)
 
-SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
-                      "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32,
-                      "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
-DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 ARCHITECTURES = {"GPT2LMHeadModel": "gpt3", "LlamaForCausalLM": "llama"}
 # HF tensors that are buffers or tied copies, never weights of their own.
@@ -252,11 +249,24 @@ def to_hf(cfg: ModelConfig, full: dict) -> list[tuple[str, tuple, Callable[[], t
 
 
 # ---- safetensors ----------------------------------------------------------------------------
+def _index_map(index: Path) -> dict:
+    """The weight_map of model.safetensors.index.json: tensor name → shard file name (checked)."""
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as exc:
+        raise CheckpointError(f"{index} is not a JSON object with a weight_map ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names")
+    bad = [f for f in set(weight_map.values()) if Path(f).name != f or f in ("", ".", "..")]
+    if bad:
+        raise CheckpointError(f"{index} names shard {bad[0]!r} outside its directory")
+    return weight_map
+
+
 def safetensors_files(directory: Path) -> list[Path]:
     index = directory / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map", {})
-        files = sorted({directory / f for f in weight_map.values()})
+        files = sorted({directory / f for f in _index_map(index).values()})
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise CheckpointError(f"{index} lists shards that are missing: {', '.join(missing)}")
@@ -268,55 +278,58 @@ def safetensors_files(directory: Path) -> list[Path]:
                           "(or model.safetensors.index.json)")
 
 
-def read_safetensors(path: Path) -> dict:
-    """name → tensor over a private memory map of `path` (pages load only when touched)."""
-    with open(path, "rb") as f:
-        try:
-            (n,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(n))
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path} is not a safetensors file: {exc}") from None
-        size = f.seek(0, 2)
-        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else b""
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-        a, b = info["data_offsets"]
-        start = 8 + n + a
-        if start + (b - a) > size:
-            raise CheckpointError(f"{path} is truncated: tensor {name} ends past the file end")
-        count = (b - a) // torch.empty((), dtype=dtype).element_size()
-        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=start) if count else \
-            torch.empty(0, dtype=dtype)
-        out[name] = t.reshape(info["shape"])
-    return out
+def weight_shapes(directory: Path) -> Optional[dict]:
+    """name → shape of every tensor in the safetensors files, from their (checked) headers alone;
+    a name in two shards, or placed elsewhere than the index says, is refused. None for a
+    pytorch_model.bin directory (its shapes come with loading)."""
+    files = safetensors_files(directory) if not _is_bin_dir(directory) else None
+    if files is None:
+        return None
+    shapes, where = {}, {}
+    for f in files:
+        for name, shape in read_shapes(f).items():
+            if name in shapes:
+                raise CheckpointError(f"tensor {name} appears in both {where[name]} and {f}")
+            shapes[name], where[name] = shape, f
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        for name, shard in _index_map(index).items():
+            if name not in where or where[name].name != shard:
+                raise CheckpointError(f"{index} places tensor {name} in {shard}, which does not hold it")
+    return shapes
 
 
-def write_safetensors(path: Path, items: list[tuple[str, tuple, Callable[[], torch.Tensor]]],
-                      dtype: torch.dtype, progress=None) -> None:
-    """Header first (shapes are known), then each tensor built, converted and written in turn."""
-    esize = torch.empty((), dtype=dtype).element_size()
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape, _ in items:
-        nbytes = esize * int(torch.Size(shape).numel())
-        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for name, shape, make in items:
-            t = make().to(dtype).contiguous()
-            if tuple(t.shape) != tuple(shape):
-                raise CheckpointError(f"tensor {name}: built {tuple(t.shape)}, planned {shape}")
-            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
-            if progress is not None:
-                progress(name)
+def _is_bin_dir(directory: Path) -> bool:
+    return not (directory / "model.safetensors").is_file() and \
+        not (directory / "model.safetensors.index.json").is_file() and (directory / "pytorch_model.bin").is_file()
+
+
+HF_KEYS = {"gpt3": {"num_layers": "n_layer", "hidden_size": "n_embd", "num_attention_heads": "n_head",
+                    "ffn_hidden_size": "n_inner", "max_position_embeddings": "n_positions"},
+           "llama": {"num_layers": "num_hidden_layers", "ffn_hidden_size": "intermediate_size"}}
+LAYER_PATTERNS = {"gpt3": r"transformer\.h\.(\d+)\.", "llama": r"model\.layers\.(\d+)\."}
+
+
+def check_against_weights(config: ModelConfig, shapes: Optional[dict], source) -> None:
+    """The config's sizes against the HF tensors' shapes before any model or key map is built:
+    sane bounds, the layer count equal to the layer indices in the names, then every tensor's
+    shape as the config implies it (None: bounds only)."""
+    keys = HF_KEYS[config.family]
+    check_bounds(config, source, keys)
+    if shapes is None:
+        return
+    check_layer_count(config.num_layers, shapes, LAYER_PATTERNS[config.family], source, keys["num_layers"])
+    ours = param_shapes(config)
+    for hf_name, our_name, op in key_map(config):
+        got = shapes.get(hf_name)
+        if got is None or our_name not in ours:
+            continue  # from_hf names what is missing
+        want = ours[our_name]
+        want = want[::-1] if op == "T" else (op[2] - op[1], *want[1:]) if isinstance(op, tuple) else want
+        if tuple(got) != tuple(want):
+            raise CheckpointError(f"tensor {hf_name} has shape {tuple(got)}, {source} "
+                                  f"(num_layers={config.num_layers}, hidden_size={config.hidden_size}, "
+                                  f"vocab_size={config.vocab_size}) implies {tuple(want)}")
 
 
 def write_hf_weights(directory: Path, plan: list, dtype: torch.dtype, max_shard_bytes: int,

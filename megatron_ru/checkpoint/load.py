@@ -82,10 +82,11 @@ def _read_hf(directory: Path, load: bool, hints: dict):
     saved_tok = (raw.get(hf.EXTRA_KEY) or {}).get("tokenizer") if isinstance(raw.get(hf.EXTRA_KEY), dict) else None
     if isinstance(saved_tok, dict):
         meta["tokenizer"] = saved_tok
-    if not load:
-        hf.safetensors_files(directory) if not (directory / "pytorch_model.bin").is_file() else None
+    if not load:  # sizes checked against the weights' headers before anything is built
+        hf.check_against_weights(config, hf.weight_shapes(directory), cfg_path)
         return config, None, meta
     where, get = hf.read_hf_weights(directory)
+    hf.check_against_weights(config, {n: tuple(get(n).shape) for n in where}, cfg_path)
     return config, hf.from_hf(config, get, set(where), str(directory)), meta
 
 
