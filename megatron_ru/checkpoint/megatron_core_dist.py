@@ -12,6 +12,7 @@ objects are unpickled with stand-ins for Megatron classes; tensors are read with
 from __future__ import annotations
 
 import io
+import math
 import pickle
 import re
 import warnings
@@ -83,14 +84,74 @@ def _dcp_load(it_dir: Path, metadata, wanted: dict) -> dict:
         def load_bytes(self, read_item, value):  # keep raw bytes: they may pickle Megatron classes
             raw[read_item.dest_index.fqn] = value.read()
 
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    check_storage(it_dir, metadata, wanted)
     state = {k: (v if v is not None else io.BytesIO()) for k, v in wanted.items()}
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled")
             dcp.load(state, storage_reader=Reader(str(it_dir)), planner=Planner(), no_dist=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read the torch_dist checkpoint {it_dir}: {exc}") from None
+    except (Exception, CheckpointException) as exc:  # CheckpointException is a BaseException
+        raise CheckpointError(f"cannot read the torch_dist checkpoint {it_dir}: {_first_failure(exc)}") from None
     return {**state, **raw}
+
+
+def _first_failure(exc: BaseException) -> str:
+    """One line for an error of dcp.load: the first rank's own exception, not its traceback."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))[0]
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return f"{type(exc).__name__}: {text[:300]}"
+
+
+def check_storage(it_dir: Path, metadata, wanted: dict) -> None:
+    """Before anything is allocated: every chunk of every wanted item is stored, in a file that
+    exists and holds its byte range, with at least the chunk's bytes (tensors), and the chunks of
+    each tensor tile its size. A lying `.metadata` cannot make us allocate more than the files hold."""
+    from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
+    storage = metadata.storage_data if isinstance(metadata.storage_data, dict) else {}
+    by_fqn = {}
+    for index, info in storage.items():
+        by_fqn.setdefault(getattr(index, "fqn", None), []).append((index, info))
+    sizes = {}
+    for key in wanted:
+        entry = metadata.state_dict_metadata[key]
+        if isinstance(entry, TensorStorageMetadata):
+            _check_chunks(it_dir, key, entry)
+            itemsize = torch.empty((), dtype=entry.properties.dtype).element_size()
+            needs = {tuple(c.offsets): math.prod(c.sizes) * itemsize for c in entry.chunks}
+            places = [(storage.get(MetadataIndex(key, c.offsets)), needs[tuple(c.offsets)]) for c in entry.chunks]
+        else:
+            places = [(info, 0) for _, info in by_fqn.get(key, [])] or [(None, 0)]
+        for info, need in places:
+            if info is None:
+                raise CheckpointError(f"{it_dir / '.metadata'}: {key} has a chunk that no file stores")
+            name = str(info.relative_path)
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise CheckpointError(f"{it_dir / '.metadata'} places {key} in {name!r}, outside the directory")
+            path = it_dir / name
+            if name not in sizes:
+                if not path.is_file():
+                    raise CheckpointError(f"{path} is missing: the torch_dist checkpoint is incomplete "
+                                          f"(it stores {key})")
+                sizes[name] = path.stat().st_size
+            start, length = int(info.offset), int(info.length)
+            if start < 0 or length < need or start + length > sizes[name]:
+                raise CheckpointError(
+                    f"{path} is truncated or its metadata lies: {key} needs bytes [{start}, {start + length}) "
+                    f"holding at least {need} bytes; the file has {sizes[name]}")
+
+
+def _check_chunks(it_dir: Path, key: str, entry) -> None:
+    size = tuple(entry.size)
+    if any(d < 0 for d in size) or any(len(c.offsets) != len(size) or len(c.sizes) != len(size)
+                                       or any(o < 0 or n < 0 or o + n > d for o, n, d in
+                                              zip(c.offsets, c.sizes, size)) for c in entry.chunks):
+        raise CheckpointError(f"{it_dir / '.metadata'}: a chunk of {key} lies outside its size {list(size)}")
+    if sum(math.prod(c.sizes) for c in entry.chunks) != math.prod(size):
+        raise CheckpointError(f"{it_dir / '.metadata'}: the chunks of {key} do not cover its size {list(size)}")
 
 
 def _common_state(it_dir: Path, metadata) -> dict:
@@ -145,6 +206,12 @@ def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, 
             "tokenizer_dir": None, "source_files": [str(it_dir)]}
     if not load:
         return config, None, meta
+    for k, v in tensors.items():  # stacked per-layer tensors: layer count before allocation
+        if k[len(prefix):].startswith("decoder.layers.") and not re.match(LAYER, k[len(prefix):]):
+            if not len(v.size) or v.size[0] != config.num_layers:
+                raise CheckpointError(f"{it_dir}: {k} stacks {list(v.size)[:1]} layers, args say "
+                                      f"num_layers={config.num_layers}")
+    check_storage(it_dir, metadata, tensors)
     wanted = {k: torch.empty(tuple(v.size), dtype=v.properties.dtype) for k, v in tensors.items()}
     loaded = _dcp_load(it_dir, metadata, wanted)
     flat = {}
