@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_ru.checkpoint.convert import convert  # noqa: E402
 from megatron_ru.checkpoint.model_io import CheckpointError  # noqa: E402
+from megatron_ru.checkpoint.safe_pickle import add_trust_argument  # noqa: E402
 from megatron_ru import runtime  # noqa: E402
 from megatron_ru.inference.quantize import spec_from_args  # noqa: E402
 from megatron_ru.inference.quantize_io import convert_quantized  # noqa: E402
@@ -64,6 +65,7 @@ def parse_args(argv=None):
     p.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_trust_argument(p)
     runtime.add_arguments(p)
     return p.parse_args(argv)
 
@@ -76,7 +78,8 @@ def main(argv=None) -> int:
         return 0
     if args.to == "universal":
         from megatron_ru.checkpoint.universal import convert_directory
-        dst = convert_directory(args.load, args.save, tag=args.tag, overwrite=args.overwrite)
+        dst = convert_directory(args.load, args.save, tag=args.tag, overwrite=args.overwrite,
+                                trust=args.trust_checkpoint)
         print(f"wrote {dst}", file=sys.stderr)
         return 0
     if args.sparse_config:
@@ -112,14 +115,14 @@ def main(argv=None) -> int:
         warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
         if spec is not None:
             dst = convert_quantized(args.load, args.save, spec, tag=args.tag, dtype=args.dtype,
-                                    overwrite=args.overwrite, quiet=args.quiet,
+                                    overwrite=args.overwrite, quiet=args.quiet, trust=args.trust_checkpoint,
                                     **{k: v for k, v in hints.items() if v is not None})
             print(f"wrote {dst}", file=sys.stderr)
             return 0
         dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
                       dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
                       max_shard_bytes=int(args.max_shard_size_gb * 2**30), megatron_spec=args.megatron_spec,
-                      adapters=adapters,
+                      adapters=adapters, trust=args.trust_checkpoint,
                       **{k: v for k, v in hints.items() if v is not None})
     print(f"wrote {dst}", file=sys.stderr)
     return 0

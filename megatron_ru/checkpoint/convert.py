@@ -112,9 +112,10 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
 def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,
             tag: Optional[str] = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
             quiet: bool = False, megatron_spec: str = "local", adapters: Optional[str] = None,
-            **hints) -> Path:
+            trust: bool = False, **hints) -> Path:
     """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst.
-    `adapters`: a LoRA adapter directory merged into the weights on the way (checkpoint/lora_files.py)."""
+    `adapters`: a LoRA adapter directory merged into the weights on the way (checkpoint/lora_files.py);
+    `trust`: the source's pickles may name any global (--trust-checkpoint, checkpoint/safe_pickle.py)."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")
@@ -126,13 +127,13 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
         raise CheckpointError("--load and --save name the same directory")
     if to == "hf" and target_tp not in (None, 1):
         raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru / megatron_core")
-    config, meta = read_any_config(src, **hints)
+    config, meta = read_any_config(src, trust=trust, **hints)
     tp = target_tp or 1
     try:
         config.validate_parallel(tp)
     except ConfigError as exc:
         raise CheckpointError(f"--target-tensor-parallel-size {tp}: {exc}") from None
-    config, full, meta = load_any(src, tag, **hints)
+    config, full, meta = load_any(src, tag, trust=trust, **hints)
     out_dtype = DTYPES[dtype] if dtype else _source_dtype(full)
     if adapters is not None:
         lora_meta, lora_tensors = read_adapters(adapters)

@@ -16,7 +16,7 @@ import torch
 
 from ..config import ConfigError, ModelConfig
 from .config_checks import check_bounds, check_layer_count, param_shapes
-from .model_io import CheckpointError
+from .model_io import CheckpointError, read_file
 from .safetensors_io import (DTYPE_NAMES, SAFETENSORS_DTYPES, read_safetensors,  # noqa: F401
                              read_shapes, write_safetensors)
 
@@ -361,13 +361,14 @@ def write_hf_weights(directory: Path, plan: list, dtype: torch.dtype, max_shard_
     return paths
 
 
-def read_hf_weights(directory: Path) -> tuple[dict, Callable[[str], torch.Tensor]]:
-    """(name → source file, getter) over all safetensors shards (or a pytorch_model.bin)."""
+def read_hf_weights(directory: Path, *, trust: bool = False) -> tuple[dict, Callable[[str], torch.Tensor]]:
+    """(name → source file, getter) over all safetensors shards (or a pytorch_model.bin, unpickled
+    through the allow-list, safe_pickle.py; `trust`: any global)."""
     tensors, where = {}, {}
     bin_file = directory / "pytorch_model.bin"
     if not (directory / "model.safetensors").is_file() and \
             not (directory / "model.safetensors.index.json").is_file() and bin_file.is_file():
-        tensors = torch.load(bin_file, map_location="cpu", weights_only=True, mmap=True)
+        tensors = read_file(bin_file, trust=trust)
         where = {k: bin_file for k in tensors}
         return where, tensors.__getitem__
     for f in safetensors_files(directory):

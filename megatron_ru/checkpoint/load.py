@@ -26,8 +26,9 @@ from .model_io import (CheckpointError, check_weights_match_config, is_own_check
 FORMATS = ("megatron_ru", "hf", "ru_gpts", "megatron_legacy", "megatron_core", "megatron_core_dist")
 
 
-def detect_format(directory: Path) -> str:
-    """One of FORMATS; CheckpointError for a missing, unknown or mixed directory."""
+def detect_format(directory: Path, *, trust: bool = False) -> str:
+    """One of FORMATS; CheckpointError for a missing, unknown or mixed directory. `trust`
+    (--trust-checkpoint): pickles may name any global (checkpoint/safe_pickle.py)."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
@@ -50,7 +51,7 @@ def detect_format(directory: Path) -> str:
         found.append("hf")  # (ru-gpts releases ship an HF-style config.json next to mp_rank files)
     torch_files = sorted(directory.glob("*/mp_rank_[0-9][0-9]*/model_optim_rng.pt"))
     if torch_files:
-        model = megatron_legacy.load_blob(torch_files[-1]).get("model")
+        model = megatron_legacy.load_blob(torch_files[-1], trust=trust).get("model")
         found.append("megatron_core" if megatron_core.is_core_model(model) else "megatron_legacy")
     if any(directory.glob("*/.metadata")) or any(directory.glob("*/*.distcp")) or \
             (directory / ".metadata").is_file() or any(directory.glob("*.distcp")):
@@ -72,7 +73,7 @@ def detect_format(directory: Path) -> str:
     return found[0]
 
 
-def _read_hf(directory: Path, load: bool, hints: dict):
+def _read_hf(directory: Path, load: bool, hints: dict, trust: bool = False):
     cfg_path = directory / "config.json"
     raw = json.loads(cfg_path.read_text(encoding="utf-8"))
     config = hf.restore_extra(hf.config_from_hf(raw, cfg_path), raw, cfg_path, hints.get("sparse_attention"))
@@ -85,13 +86,13 @@ def _read_hf(directory: Path, load: bool, hints: dict):
     if not load:  # sizes checked against the weights' headers before anything is built
         hf.check_against_weights(config, hf.weight_shapes(directory), cfg_path)
         return config, None, meta
-    where, get = hf.read_hf_weights(directory)
+    where, get = hf.read_hf_weights(directory, trust=trust)
     hf.check_against_weights(config, {n: tuple(get(n).shape) for n in where}, cfg_path)
     return config, hf.from_hf(config, get, set(where), str(directory)), meta
 
 
-def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
-    fmt = detect_format(directory)
+def _read(directory: Path, tag: Optional[str], load: bool, hints: dict, trust: bool = False):
+    fmt = detect_format(directory, trust=trust)
     if hints.get("sparse_attention") is not None and fmt not in ("ru_gpts", "hf"):
         raise CheckpointError(f"--sparse-config applies to ru-gpts and Hugging Face sources; {directory} "
                               f"is {fmt}, whose sparsity (if any) is part of the checkpoint")
@@ -99,17 +100,17 @@ def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
         config, meta = read_own_config(directory)
         meta = {**meta, "tokenizer_dir": str(directory / "tokenizer")
                 if (directory / "tokenizer").is_dir() else None}
-        full = load_own_state_dict(directory, tag)[1] if load else None
+        full = load_own_state_dict(directory, tag, trust=trust)[1] if load else None
     elif fmt == "hf":
-        config, full, meta = _read_hf(directory, load, hints)
+        config, full, meta = _read_hf(directory, load, hints, trust)
     elif fmt == "ru_gpts":
-        config, full, meta = rugpts.read(directory, tag, load=load, **hints)
+        config, full, meta = rugpts.read(directory, tag, load=load, trust=trust, **hints)
     elif fmt == "megatron_core":
-        config, full, meta = megatron_core.read_torch(directory, tag, load=load, **hints)
+        config, full, meta = megatron_core.read_torch(directory, tag, load=load, trust=trust, **hints)
     elif fmt == "megatron_core_dist":
-        config, full, meta = megatron_core_dist.read_dist(directory, tag, load=load, **hints)
+        config, full, meta = megatron_core_dist.read_dist(directory, tag, load=load, trust=trust, **hints)
     else:
-        config, full, meta = megatron_legacy.read(directory, tag, load=load, **hints)
+        config, full, meta = megatron_legacy.read(directory, tag, load=load, trust=trust, **hints)
     if full is not None:  # full tensors: exactly the real vocabulary rows
         shape_of = getattr(full, "shape_of", lambda n: tuple(full[n].shape))  # lazy: no merge
         check_weights_match_config(config, [{n: tuple(shape_of(n)) for n in full}], directory,
@@ -117,39 +118,41 @@ def _read(directory: Path, tag: Optional[str], load: bool, hints: dict):
     return config, full, meta
 
 
-def read_any_config(directory: Path, **hints) -> tuple[ModelConfig, dict]:
+def read_any_config(directory: Path, *, trust: bool = False, **hints) -> tuple[ModelConfig, dict]:
     """(ModelConfig, meta) of a directory in any format (meta: format, model, TP, tokenizer_dir)."""
-    config, _, meta = _read(Path(directory), None, False, hints)
+    config, _, meta = _read(Path(directory), None, False, hints, trust)
     return config, meta
 
 
-def load_any(directory: Path, tag: Optional[str] = None, **hints) -> tuple[ModelConfig, dict, dict]:
+def load_any(directory: Path, tag: Optional[str] = None, *, trust: bool = False,
+             **hints) -> tuple[ModelConfig, dict, dict]:
     """(ModelConfig, full tensors in our names with real vocabulary rows, meta)."""
-    return _read(Path(directory), tag, True, hints)
+    return _read(Path(directory), tag, True, hints, trust)
 
 
-def read_config(directory: Path) -> tuple[ModelConfig, dict]:
+def read_config(directory: Path, *, trust: bool = False) -> tuple[ModelConfig, dict]:
     """The model config and metadata of a checkpoint directory in any supported format (ours:
     its config.json as written)."""
     if not Path(directory).is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     if is_own_checkpoint(directory):
         return read_own_config(directory)
-    return read_any_config(Path(directory))
+    return read_any_config(Path(directory), trust=trust)
 
 
-def load_full_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
+def load_full_state_dict(directory: Path, tag: Optional[str] = None, *,
+                         trust: bool = False) -> tuple[ModelConfig, dict]:
     """Full (unsharded) tensors with real vocabulary rows only, and the model config; any format."""
     if is_own_checkpoint(directory):
-        return load_own_state_dict(Path(directory), tag)
-    config, full, _ = load_any(Path(directory), tag)
+        return load_own_state_dict(Path(directory), tag, trust=trust)
+    config, full, _ = load_any(Path(directory), tag, trust=trust)
     return config, full
 
 
 def load_model(directory, parallel_state: Optional[ParallelState] = None, *, tag: Optional[str] = None,
-               dtype=None, device=None, **config_overrides) -> GPTModel:
+               dtype=None, device=None, trust: bool = False, **config_overrides) -> GPTModel:
     """A GPTModel for `parallel_state` (any TP size) from a checkpoint directory in any format."""
-    config, full = load_full_state_dict(Path(directory), tag)
+    config, full = load_full_state_dict(Path(directory), tag, trust=trust)
     return model_from_state(config, full, parallel_state, dtype=dtype, device=device, **config_overrides)
 
 

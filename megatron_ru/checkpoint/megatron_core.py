@@ -141,12 +141,13 @@ def _stage_model(blob: dict, path: Path) -> dict:
     return flatten(model)
 
 
-def read_torch(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+def read_torch(directory: Path, tag: Optional[str] = None, *, load: bool = True, trust: bool = False,
+               **hints):
     """(ModelConfig, full state dict or None, meta) of a Megatron-Core `--ckpt-format torch` checkpoint."""
     it_dir = iteration_dir(directory, tag)
     files = rank_grid(it_dir)
     pp, tp = len(files), len(files[0])
-    first = load_blob(files[0][0])
+    first = load_blob(files[0][0], trust=trust)
     a = args_dict(first.get("args"), files[0][0])
     check_model_type(_stage_model(first, files[0][0]), a, files[0][0])
     from .rugpts import side_facts
@@ -165,7 +166,7 @@ def read_torch(directory: Path, tag: Optional[str] = None, *, load: bool = True,
     for s, stage in enumerate(files):
         layers = None
         for r, f in enumerate(stage):
-            flat = _stage_model(first if (s, r) == (0, 0) else load_blob(f), f)
+            flat = _stage_model(first if (s, r) == (0, 0) else load_blob(f, trust=trust), f)
             check_model_type(flat, a, f)
             local = {int(m.group(1)) for k in flat for m in [re.match(LAYER, k)] if m}
             if layers is not None and local != layers:

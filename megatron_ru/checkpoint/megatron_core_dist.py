@@ -6,14 +6,14 @@ common state (`args`, ...) in `common.pt` or, in current Megatron-LM, as the obj
 keys: per-layer tensors stacked along a leading layer axis (`decoder.layers.self_attention.
 linear_qkv.weight` is (L, ...)), TP shards concatenated (so `linear_qkv` rows are the query-group
 layout over all heads and SwiGLU `linear_fc1` is [all gate; all up], our layout). The metadata and
-objects are unpickled with stand-ins for Megatron classes; tensors are read with
+objects are unpickled through the allow-list (safe_pickle.py: stand-ins for Megatron classes,
+torch's DCP metadata types, nothing else); tensors are read with
 `torch.distributed.checkpoint.load(..., no_dist=True)`. Names map as in megatron_core.py.
 """
 from __future__ import annotations
 
 import io
 import math
-import pickle
 import re
 import warnings
 from pathlib import Path
@@ -22,19 +22,30 @@ from typing import Optional
 import torch
 
 from .megatron_core import LAYER, SKIP, args_dict, check_model_type, make_config, rename
-from .megatron_legacy import PICKLE, PickleStub, fix_qkv, iteration_dir, load_blob
+from .megatron_legacy import fix_qkv, iteration_dir, load_blob
 from .model_io import CheckpointError, merge_shards
+from .safe_pickle import SafeUnpickler, StandIn, UnsafeCheckpointError, load as safe_load, unpickle
 
 
-class _MetadataStub(PickleStub):
+class _MetadataStub(StandIn):
     """Stands in for Megatron's subclasses of torch's DCP Metadata."""
 
 
-class _DCPUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "nvidia_resiliency_ext"):
-            return _MetadataStub if name.endswith("Metadata") else PickleStub
-        return super().find_class(module, name)
+class _DCPUnpickler(SafeUnpickler):
+    def stand_in(self, module, name):
+        return _MetadataStub if name.endswith("Metadata") else StandIn
+
+
+def _dcp_types() -> dict:
+    """The classes a DCP `.metadata` pickle names (torch's dataclasses, a path), beyond the allow-list."""
+    import pathlib
+    from torch.distributed.checkpoint import filesystem, metadata
+    names = [(metadata, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
+                                     "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
+                                     "StorageMeta", "_MEM_FORMAT_ENCODING")] + [(filesystem, "_StorageInfo")]
+    out = {f"{m.__name__}.{n}": getattr(m, n) for m, n in names if hasattr(m, n)}
+    out.update({f"pathlib.{n}": getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath")})
+    return out
 
 
 def dist_dir(directory: Path, tag: Optional[str]) -> Path:
@@ -49,12 +60,14 @@ def dist_dir(directory: Path, tag: Optional[str]) -> Path:
     return it_dir
 
 
-def _metadata(it_dir: Path):
+def _metadata(it_dir: Path, *, trust: bool = False):
     from torch.distributed.checkpoint.metadata import Metadata
     path = it_dir / ".metadata"
     try:
         with open(path, "rb") as f:
-            raw = _DCPUnpickler(f).load()
+            raw = unpickle(f, path, trust=trust, unpickler=_DCPUnpickler, extra=_dcp_types())
+    except UnsafeCheckpointError:
+        raise
     except Exception as exc:
         raise CheckpointError(f"cannot read {path}: {exc}") from None
     if isinstance(raw, Metadata):
@@ -154,11 +167,11 @@ def _check_chunks(it_dir: Path, key: str, entry) -> None:
         raise CheckpointError(f"{it_dir / '.metadata'}: the chunks of {key} do not cover its size {list(size)}")
 
 
-def _common_state(it_dir: Path, metadata) -> dict:
+def _common_state(it_dir: Path, metadata, *, trust: bool = False) -> dict:
     """Megatron's common (non-tensor) state: common.pt, or the `common_state` object in the DCP."""
     from torch.distributed.checkpoint.metadata import BytesStorageMetadata
     if (it_dir / "common.pt").is_file():
-        common = load_blob(it_dir / "common.pt")
+        common = load_blob(it_dir / "common.pt", trust=trust)
     else:
         keys = [k for k, v in metadata.state_dict_metadata.items()
                 if k.startswith("common_state/") and isinstance(v, BytesStorageMetadata)]
@@ -167,8 +180,9 @@ def _common_state(it_dir: Path, metadata) -> dict:
                                   "args (model shapes) are missing")
         raw = _dcp_load(it_dir, metadata, {keys[0]: None})[keys[0]]
         try:
-            common = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=False,
-                                pickle_module=PICKLE)
+            common = safe_load(io.BytesIO(raw), trust=trust, name=f"{it_dir} (common_state)")
+        except UnsafeCheckpointError:
+            raise
         except Exception as exc:
             raise CheckpointError(f"{it_dir}: cannot read the common_state object: {exc}") from None
         common = common[0] if isinstance(common, list) else common
@@ -182,12 +196,13 @@ def _model_prefix(keys) -> str:
     return "model." if keys and all(k.startswith("model.") for k in keys) else ""
 
 
-def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+def read_dist(directory: Path, tag: Optional[str] = None, *, load: bool = True, trust: bool = False,
+              **hints):
     """(ModelConfig, full state dict or None, meta) of a Megatron-Core `torch_dist` checkpoint."""
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     it_dir = dist_dir(directory, tag)
-    metadata = _metadata(it_dir)
-    common = _common_state(it_dir, metadata)
+    metadata = _metadata(it_dir, trust=trust)
+    common = _common_state(it_dir, metadata, trust=trust)
     a = args_dict(common.get("args"), it_dir / "common.pt")
     tensors = {k: v for k, v in metadata.state_dict_metadata.items()
                if isinstance(v, TensorStorageMetadata) and not SKIP.search(k)

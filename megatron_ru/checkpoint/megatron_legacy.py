@@ -4,21 +4,20 @@ The model sits under `model` → `language_model` → `embedding` / `encoder` (o
 / `output_layer`; `args` (an argparse Namespace) gives the shapes. Fused QKV rows of a rank follow
 `checkpoint_version` (Megatron's `fix_query_key_value_ordering`): 0 → (3, np, hn) = our
 [q; k; v]; 1.0 → (np, hn, 3); ≥ 2.0 → (ng, np/ng + 2, hn), i.e. (np, 3, hn) without GQA. SwiGLU's
-`dense_h_to_4h` rank rows are [gate_local; up_local], our layout. Megatron classes inside the
-pickle (enums in `args`) are replaced by stand-ins, so Megatron need not be installed.
+`dense_h_to_4h` rank rows are [gate_local; up_local], our layout. The files are unpickled through
+the allow-list (safe_pickle.py): Megatron classes inside them (enums in `args`) become inert
+stand-ins, so Megatron need not be installed, and any other global refuses the file.
 """
 from __future__ import annotations
 
-import pickle
 import re
-import types
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from ..config import ConfigError, ModelConfig
-from .model_io import CheckpointError, merge_shards, rename_key
+from .model_io import CheckpointError, merge_shards, read_file, rename_key
 from .rugpts import side_facts, rename as rugpts_rename
 
 RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position_embeddings\.", "pos_embed."),
@@ -33,26 +32,6 @@ RENAMES = [(r"^embedding\.word_embeddings\.", "embed."), (r"^embedding\.position
             r"blocks.\1.norm2."),
            (r"^(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_h_to_4h\.", r"blocks.\1.mlp.up."),
            (r"^(?:encoder|transformer)\.layers\.(\d+)\.mlp\.dense_4h_to_h\.", r"blocks.\1.mlp.down.")]
-
-
-class PickleStub:
-    """Stands in for any Megatron class found in the pickle (enums, dataclasses)."""
-
-    def __init__(self, *args, **kwargs):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.__dict__["state"] = state
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if module.split(".")[0] in ("megatron", "apex", "transformer_engine", "fp16"):
-            return PickleStub
-        return super().find_class(module, name)
-
-
-PICKLE = types.SimpleNamespace(Unpickler=_Unpickler, load=pickle.load, __name__="pickle")
 
 
 def iteration_dir(directory: Path, tag: Optional[str]) -> Path:
@@ -175,20 +154,17 @@ def fix_qkv(t: torch.Tensor, version: float, cfg: ModelConfig, tp: int) -> torch
     return torch.cat([q, g[:, -2].reshape(ng * hn, *rest), g[:, -1].reshape(ng * hn, *rest)])
 
 
-def load_blob(path: Path) -> dict:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True,
-                          pickle_module=PICKLE)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+def load_blob(path: Path, *, trust: bool = False):
+    """One Megatron checkpoint file through the allow-list (`trust`: any global)."""
+    return read_file(path, trust=trust)
 
 
-def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, trust: bool = False, **hints):
     """(ModelConfig, full state dict or None, meta) of a Megatron-LM legacy checkpoint."""
     it_dir = iteration_dir(directory, tag)
     files = rank_files(it_dir)
     tp = len(files)
-    blobs = [load_blob(files[0])] + ([load_blob(f) for f in files[1:]] if load else [])
+    blobs = [load_blob(files[0], trust=trust)] + ([load_blob(f, trust=trust) for f in files[1:]] if load else [])
     first = blobs[0]
     version = float(first.get("checkpoint_version", 0))
     model = first.get("model")

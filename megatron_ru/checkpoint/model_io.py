@@ -32,6 +32,8 @@ from ..parallel.sharding import shard, unshard
 from ..parallel.state import ParallelState
 from ..errors import UsageError
 from ..files import atomic_path, atomic_write_text
+from . import safe_pickle
+from .safe_pickle import UnsafeCheckpointError
 
 FORMAT = "megatron_ru"
 VOCAB_PARAMS = ("embed.weight", "lm_head.weight")
@@ -111,17 +113,24 @@ def zero3_files(directory: Path, tag: str, tp_size: int) -> list[Path]:
     return [f for rank in files for f in rank] if all(files) else []
 
 
-def zero3_shapes(directory: Path, tag: str, tp_size: int) -> list[dict]:
+def read_file(path: Path, *, trust: bool = False):
+    """A torch.save file through the allow-list unpickler (checkpoint/safe_pickle.py; `trust`:
+    plain torch.load); CheckpointError naming the file when it cannot be read."""
+    try:
+        return safe_pickle.load(path, trust=trust)
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # a truncated or foreign file: say which one
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
+
+
+def zero3_shapes(directory: Path, tag: str, tp_size: int, *, trust: bool = False) -> list[dict]:
     """Per TP rank {name: full shape} of a ZeRO-3 checkpoint, from the `param_shapes` (and
     `frozen_param_shapes`) DeepSpeed records in each rank's model-state file (its `module`
     holds empty placeholders); [] when a file does not record them."""
     out = []
     for r in range(tp_size):
-        path = Path(directory) / tag / f"zero_pp_rank_0_mp_rank_{r:02d}_model_states.pt"
-        try:
-            blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-        except Exception as exc:  # a truncated or foreign file: say which one
-            raise CheckpointError(f"cannot read {path}: {exc}") from None
+        blob = read_file(Path(directory) / tag / f"zero_pp_rank_0_mp_rank_{r:02d}_model_states.pt", trust=trust)
         shapes = {}
         for group in blob.get("param_shapes") or []:
             shapes.update({k: tuple(v) for k, v in group.items()})
@@ -181,21 +190,23 @@ def check_weights_match_config(config: ModelConfig, shapes: list, source, *,
                                   f"{len(extra)} such tensor(s): config.json and the weights disagree")
 
 
-def load_own_state_dict(directory: Path, tag: Optional[str] = None) -> tuple[ModelConfig, dict]:
+def load_own_state_dict(directory: Path, tag: Optional[str] = None, *,
+                        trust: bool = False) -> tuple[ModelConfig, dict]:
     """Full (unsharded) tensors with real vocabulary rows only, and the model config, of one of
-    our checkpoints (ZeRO-3 ones included)."""
+    our checkpoints (ZeRO-3 ones included); `trust`: unpickle any global (--trust-checkpoint)."""
     config, meta = read_own_config(directory)
     tag = tag or latest_tag(directory)
     tp = int(meta.get("tensor_model_parallel_size", 1))
     if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
-        return config, load_zero3(Path(directory), tag, config, tp)  # weights in the optimizer partitions
-    loaders = [functools.partial(load_module, f) for f in rank_files(directory, tag, tp)]
+        return config, load_zero3(Path(directory), tag, config, tp, trust=trust)  # in the optimizer partitions
+    loaders = [functools.partial(load_module, f, trust=trust) for f in rank_files(directory, tag, tp)]
     return config, LazyFullState(config, loaders, Path(directory) / tag)
 
 
-def load_zero3(directory: Path, tag: str, config: ModelConfig, tp: int) -> dict:
+def load_zero3(directory: Path, tag: str, config: ModelConfig, tp: int, *, trust: bool = False) -> dict:
     """Full weights of our ZeRO-3 checkpoint, from DeepSpeed's fp32 partitions, one TP rank at
-    a time (DeepSpeed's zero_to_fp32 handles one model-parallel rank per directory)."""
+    a time (DeepSpeed's zero_to_fp32 handles one model-parallel rank per directory; it unpickles
+    them itself, so they are scanned against the allow-list first)."""
     from deepspeed.utils import zero_to_fp32
 
     tag_dir = directory / tag
@@ -206,6 +217,7 @@ def load_zero3(directory: Path, tag: str, config: ModelConfig, tp: int) -> dict:
             raise CheckpointError(f"{tag_dir}: ZeRO-3 checkpoint without the optimizer partitions "
                                   f"of TP rank {r} (*_mp_rank_{r:02d}_optim_states.pt): the weights "
                                   "cannot be rebuilt")
+        safe_pickle.check_files(files, trust=trust)
         with tempfile.TemporaryDirectory() as tmp:
             for f in files:
                 os.symlink(f.resolve(), Path(tmp) / f.name)
@@ -238,12 +250,9 @@ def rename_key(name: str, renames) -> Optional[str]:
     return None
 
 
-def load_module(path: Path) -> dict:
+def load_module(path: Path, *, trust: bool = False) -> dict:
     """The `module` state dict of one DeepSpeed model-states file (memory-mapped)."""
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as exc:  # a truncated or foreign file: say which one
-        raise CheckpointError(f"cannot read {path}: {exc}") from None
+    blob = read_file(path, trust=trust)
     state = blob.get("module") if isinstance(blob, dict) else None
     if not isinstance(state, dict):
         keys = sorted(blob)[:8] if isinstance(blob, dict) else type(blob).__name__

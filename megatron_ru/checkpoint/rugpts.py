@@ -181,13 +181,13 @@ def _head_indexing(config: ModelConfig, rank_layouts: list, tag_dir: Path) -> bo
                           "nor ru-gpts' per-rank layout of the sparsity config; check --sparse-config")
 
 
-def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, **hints):
+def read(directory: Path, tag: Optional[str] = None, *, load: bool = True, trust: bool = False, **hints):
     """(ModelConfig, full state dict or None, meta) of a ru-gpts checkpoint."""
     tag_dir = find_tag(directory, tag)
     files = rank_files(tag_dir)
     states, layouts = [], []
     for f in files:
-        state, lay = rename(load_module(f), f)
+        state, lay = rename(load_module(f, trust=trust), f)
         states.append(state)
         layouts.append(lay)
     config = infer_config(directory, tag_dir, states, layouts if any(layouts) else [], hints)

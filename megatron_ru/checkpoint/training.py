@@ -24,6 +24,7 @@ from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
 from ..files import atomic_path, atomic_write_text
+from . import safe_pickle
 from .load import read_config
 from .model_io import (CheckpointError, check_weights_match_config, latest_tag, load_module, model_files,
                        write_config, zero3_files, zero3_shapes)
@@ -63,9 +64,10 @@ def set_rng_state(state: dict, ps: ParallelState) -> None:
 
 
 def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weights_only: bool,
-                     tag: Optional[str] = None) -> str:
-    """Raise naming every differing field when the checkpoint's model is not this run's."""
-    saved, meta = read_config(Path(directory))
+                     tag: Optional[str] = None, trust: bool = False) -> str:
+    """Raise naming every differing field when the checkpoint's model is not this run's, or when
+    a file DeepSpeed will unpickle names a global outside the allow-list (`trust`: no scan)."""
+    saved, meta = read_config(Path(directory), trust=trust)
     a, b = saved.to_dict(), config.to_dict()
     diff = [f"{k}: checkpoint {a[k]!r} vs flags {b[k]!r}" for k in sorted(a)
             if k not in RUNTIME_FIELDS and a[k] != b.get(k)]
@@ -89,11 +91,13 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
     for f in sorted(files):
         if not zipfile.is_zipfile(f):  # torch.save writes a zip archive; truncation breaks it
             raise CheckpointError(f"{f} is corrupted or truncated (not a readable torch archive)")
+    if not weights_only:  # DeepSpeed unpickles them itself: their globals are checked first
+        safe_pickle.check_tree(Path(directory) / tag, trust=trust)
     if not zero3_files(Path(directory), tag, src_tp):  # weights vs config.json, named and shaped
-        check_weights_match_config(saved, [{k: tuple(v.shape) for k, v in load_module(f).items()}
+        check_weights_match_config(saved, [{k: tuple(v.shape) for k, v in load_module(f, trust=trust).items()}
                                            for f in model], Path(directory) / tag)
     else:  # ZeRO-3: the shapes DeepSpeed recorded for its partitioned parameters
-        shapes = zero3_shapes(Path(directory), tag, src_tp)
+        shapes = zero3_shapes(Path(directory), tag, src_tp, trust=trust)
         if shapes:
             check_weights_match_config(saved, shapes, Path(directory) / tag)
     return tag
@@ -171,10 +175,12 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
 
 
 def load_training_checkpoint(engine, directory: str, *, load_optimizer: bool,
-                             tag: Optional[str] = None, strict: bool = True) -> dict:
+                             tag: Optional[str] = None, strict: bool = True, trust: bool = False) -> dict:
     """Restore module, optimizer, scheduler, loss scaler; returns our client state. `strict`
-    False: a LoRA run's checkpoint holds the adapters only (the base is loaded before)."""
+    False: a LoRA run's checkpoint holds the adapters only (the base is loaded before). DeepSpeed
+    unpickles the files itself: each is scanned against the allow-list first (`trust`: not)."""
     tag = tag or latest_tag(Path(directory))
+    safe_pickle.check_tree(Path(directory) / tag, trust=trust)
     runtime.fault_point("load")
     path, client = engine.load_checkpoint(directory, tag=tag, load_optimizer_states=load_optimizer,
                                           load_lr_scheduler_states=load_optimizer,

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Optional
 
 from ..files import atomic_directory, atomic_write_text
+from . import safe_pickle
 from .model_io import CheckpointError
 
 SUFFIX = "_universal"
@@ -60,8 +61,9 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero").is_dir()
 
 
-def convert(tag_dir: Path, out_dir: Path) -> Path:
-    """Write the universal form of the DeepSpeed checkpoint `tag_dir` to `out_dir` (atomic)."""
+def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False) -> Path:
+    """Write the universal form of the DeepSpeed checkpoint `tag_dir` to `out_dir` (atomic).
+    DeepSpeed's converter unpickles the files: they are scanned first (`trust`: not)."""
     from deepspeed.checkpoint import ds_to_universal
 
     if not tag_dir.is_dir():
@@ -69,6 +71,7 @@ def convert(tag_dir: Path, out_dir: Path) -> Path:
     if saved_dp_size(tag_dir) is None:
         raise CheckpointError(f"{tag_dir} has no ZeRO optimizer partitions (zero_pp_rank_*); a "
                               "ZeRO-0 checkpoint loads at any data-parallel size as it is")
+    safe_pickle.check_tree(tag_dir, trust=trust)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     args = types.SimpleNamespace(input_folder=str(tag_dir), output_folder=str(tmp),
@@ -97,7 +100,8 @@ def plan_resume(load_dir: str, tag: str, dp_size: int) -> tuple[str, bool]:
     return tag + SUFFIX, True
 
 
-def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False) -> Path:
+def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False,
+                      trust: bool = False) -> Path:
     """`convert_checkpoint.py --to universal`: DST = SRC's config.json + tokenizer + the universal
     form of SRC/<tag> (default: latest) under the same tag, and a `latest` naming it."""
     from .model_io import is_own_checkpoint, latest_tag
@@ -114,6 +118,6 @@ def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrit
         shutil.copy2(source / "config.json", tmp / "config.json")
         if (source / "tokenizer").is_dir():
             shutil.copytree(source / "tokenizer", tmp / "tokenizer")
-        convert(source / tag, tmp / tag)
+        convert(source / tag, tmp / tag, trust=trust)
         atomic_write_text(tmp / "latest", tag + "\n")
     return target

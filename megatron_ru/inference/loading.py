@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..checkpoint.load import read_config
+from ..checkpoint.safe_pickle import add_trust_argument
 from ..config import SPARSE_MODES
 from ..data.tokenizers import add_tokenizer_arguments as add_tokenizer_flags, build_tokenizer
 from ..errors import UsageError
@@ -57,6 +58,7 @@ def add_model_arguments(parser, *, load_required: bool = True) -> None:
                    help="override which layers are block-sparse (default: from config.json)")
     g.add_argument("--sparse-impl", choices=SPARSE_IMPLS,
                    help="override the block-sparse execution path (same numbers, other speed)")
+    add_trust_argument(g)
 
 
 def add_tokenizer_arguments(parser) -> None:
@@ -125,6 +127,7 @@ class ModelOptions:
     sparse_impl: Optional[str] = None
     tokenizer: dict = field(default_factory=dict)  # TOKENIZER_FLAGS → value
     expect: dict = field(default_factory=dict)  # config.json model fields a caller's flags state
+    trust: bool = False  # --trust-checkpoint: pickles may name any global
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "ModelOptions":
@@ -143,7 +146,8 @@ class ModelOptions:
                              "--load ADAPTERS --to megatron_ru), then quantize the merged model")
         return cls(load=args.load, tag=args.tag, lora=args.lora, dtype=dtype, tp=args.tp, quant=quant,
                    sparse_mode=args.sparse_mode, sparse_impl=args.sparse_impl,
-                   tokenizer={k: getattr(args, k) for k in TOKENIZER_FLAGS})
+                   tokenizer={k: getattr(args, k) for k in TOKENIZER_FLAGS},
+                   trust=bool(getattr(args, "trust_checkpoint", False)))
 
     def overrides(self) -> dict:
         return {k: v for k, v in (("sparse_mode", self.sparse_mode), ("sparse_impl", self.sparse_impl))
@@ -270,7 +274,7 @@ def open_model(options: ModelOptions, ps: Optional[ParallelState] = None, *, tok
     drawn from that seed as pretrain_gpt.py draws it (the same at every TP size)."""
     options = base_and_adapters(options)
     load = options.load
-    config, meta = read_config(Path(load))
+    config, meta = read_config(Path(load), trust=options.trust)
     choice = None
     if tokenizer is None:
         choice = resolve_tokenizer(options.tokenizer, load, meta)
@@ -304,7 +308,7 @@ def open_model(options: ModelOptions, ps: Optional[ParallelState] = None, *, tok
             model = quantize(model, spec=options.quant)
     else:
         model = load_for_inference(load, ps, tag=options.tag, dtype=options.dtype, device=ps.device,
-                                   spec=options.quant, **overrides)
+                                   spec=options.quant, trust=options.trust, **overrides)
     if options.lora:  # adapters on top of the base, not merged (model/lora.py)
         from ..checkpoint.lora_files import attach_adapters
         attach_adapters(model, options.lora)
@@ -316,7 +320,7 @@ def open_draft(path: str, target: OpenedModel, *, quantize: Optional[str] = None
     """generate.py's --draft-load: a model that drafts for `target` (same TP, dtype and tokenizer;
     optionally quantized at load); SpeculativeError when it cannot."""
     from .speculative import SpeculativeError
-    config, meta = read_config(Path(path))
+    config, meta = read_config(Path(path), trust=target.options.trust)
     vocab = target.model.config.vocab_size
     if config.vocab_size != vocab:
         raise SpeculativeError(f"--draft-load {path}: vocabulary of {config.vocab_size} ids, the "
@@ -334,5 +338,5 @@ def open_draft(path: str, target: OpenedModel, *, quantize: Optional[str] = None
     except Exception as exc:  # ConfigError: heads / vocabulary not divisible by TP
         raise SpeculativeError(f"--draft-load {path}: {exc}") from None
     options = ModelOptions(load=str(path), dtype=target.options.dtype,
-                           quant=QuantSpec(quantize) if quantize else None)
+                           quant=QuantSpec(quantize) if quantize else None, trust=target.options.trust)
     return open_model(options, target.ps, tokenizer=target.tokenizer).model

@@ -28,13 +28,15 @@ from .quantize import QuantizeError, QuantLinear, QuantSpec, install_shells, qua
 
 
 def load_for_inference(directory, ps: ParallelState, *, tag: Optional[str] = None, dtype=None,
-                       device=None, spec: Optional[QuantSpec] = None, **overrides) -> GPTModel:
+                       device=None, spec: Optional[QuantSpec] = None, trust: bool = False,
+                       **overrides) -> GPTModel:
     """A model for sampling: a quantized checkpoint loads as such; an fp one is quantized at
-    load when `spec` is given (each rank its shards), else loaded as is."""
-    config, meta = read_config(Path(directory))
+    load when `spec` is given (each rank its shards), else loaded as is. `trust`: the files'
+    pickles may name any global (--trust-checkpoint, checkpoint/safe_pickle.py)."""
+    config, meta = read_config(Path(directory), trust=trust)
     saved = meta.get("quantization")
     if saved is None:
-        model = load_model(directory, ps, tag=tag, dtype=dtype, device=device, **overrides)
+        model = load_model(directory, ps, tag=tag, dtype=dtype, device=device, trust=trust, **overrides)
         return quantize(model, spec=spec) if spec is not None else model
     stored = QuantSpec.from_dict(saved, kernel=spec.kernel if spec else "auto")
     if spec is not None and (spec.method, spec.head) != (stored.method, stored.head):
@@ -45,18 +47,18 @@ def load_for_inference(directory, ps: ParallelState, *, tag: Optional[str] = Non
                             f"not {spec.group_size}")
     if overrides:
         config = ModelConfig.from_dict({**config.to_dict(), **overrides})
-    return _load_quantized(Path(directory), config, meta, stored, ps, tag, dtype, device)
+    return _load_quantized(Path(directory), config, meta, stored, ps, tag, dtype, device, trust)
 
 
 def _load_quantized(directory: Path, config: ModelConfig, meta: dict, spec: QuantSpec,
-                    ps: ParallelState, tag, dtype, device) -> GPTModel:
+                    ps: ParallelState, tag, dtype, device, trust: bool = False) -> GPTModel:
     if int(meta.get("tensor_model_parallel_size", 1)) != 1:
         raise CheckpointError(f"{directory}: quantized checkpoints are written at TP=1")
     # initialize=False: torch.empty, whose pages are never touched before the shells replace
     # the fp linear weights, so resident memory stays at the quantized size
     model = GPTModel(config, ps, initialize=False, device=device or ps.device, dtype=dtype)
     install_shells(model, spec)
-    full = load_module(rank_files(directory, tag or latest_tag(directory), 1)[0])  # mmap
+    full = load_module(rank_files(directory, tag or latest_tag(directory), 1)[0], trust=trust)  # mmap
     state = {}
     for name, target in model.state_dict().items():
         if name not in full:
@@ -114,7 +116,8 @@ def quantize_checkpoint(directory, spec: QuantSpec, tag: Optional[str] = None) -
 
 
 def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
-                      dtype: Optional[str] = None, overwrite: bool = False, quiet: bool = False, **hints) -> Path:
+                      dtype: Optional[str] = None, overwrite: bool = False, quiet: bool = False,
+                      trust: bool = False, **hints) -> Path:
     """Any supported checkpoint → a quantized megatron_ru checkpoint at `dst` (written under a
     temporary name, renamed when complete)."""
     from ..checkpoint.convert import convert
@@ -125,7 +128,7 @@ def convert_quantized(src, dst, spec: QuantSpec, *, tag: Optional[str] = None,
     work = Path(tempfile.mkdtemp(dir=dst.parent, prefix=f".{dst.name}.tmp."))
     try:
         tmp = work / "ckpt"
-        convert(src, tmp, "megatron_ru", target_tp=1, tag=tag, dtype=dtype, quiet=quiet, **hints)
+        convert(src, tmp, "megatron_ru", target_tp=1, tag=tag, dtype=dtype, quiet=quiet, trust=trust, **hints)
         quantize_checkpoint(tmp, spec)
         if dst.exists():
             shutil.rmtree(dst)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from .. import runtime
+from ..checkpoint.safe_pickle import add_trust_argument
 from ..data.tokenizers import add_tokenizer_arguments
 from ..config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
 
@@ -66,6 +67,7 @@ class TrainArgs:
     finetune: bool = False
     pretrained_checkpoint: Optional[str] = None
     no_load_optim: bool = False
+    trust_checkpoint: bool = False
     # evaluation and logging
     eval_interval: int = 1000
     eval_iters: int = 10
@@ -185,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="take the model settings from --load's config.json (no model flags needed)")
     c.add_argument("--keep-last-n", type=int, metavar="K",
                    help="keep only the K newest checkpoints in --save (never the one `latest` names)")
+    add_trust_argument(c)
 
     x = p.add_argument_group("stopping (SIGTERM / first Ctrl-C: finish the step, save, exit 0)")
     x.add_argument("--exit-duration-in-mins", type=float, metavar="M",

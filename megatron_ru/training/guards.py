@@ -195,7 +195,7 @@ class Guards:
             return False
         spike_iteration, spike_consumed = t.iteration, t.consumed
         client = ckpt.load_training_checkpoint(t.engine, a.save, load_optimizer=True,
-                                               strict=not a.lora_rank)
+                                               strict=not a.lora_rank, trust=a.trust_checkpoint)
         t.iteration = int(client.get("iteration", 0))
         start = int(client.get("consumed_samples", 0))
         t.consumed_valid = int(client.get("consumed_valid_samples", 0))

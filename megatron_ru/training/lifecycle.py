@@ -147,7 +147,7 @@ def _settings_source(args: TrainArgs) -> Optional[Path]:
 
 
 def _apply_settings(args: TrainArgs, log: Callable) -> None:
-    config, meta = read_config(Path(args.load))
+    config, meta = read_config(Path(args.load), trust=args.trust_checkpoint)
     taken = {k: v for k, v in config.to_dict().items() if k != "vocab_size"}  # vocab: tokenizer's
     args.preset = None
     args.model_overrides = {**taken, **{k: v for k, v in args.model_overrides.items()

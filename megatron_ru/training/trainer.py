@@ -109,7 +109,7 @@ class Trainer:
         ps.seed(args.seed)
         model = GPTModel(self.config, ps, seed=args.seed)
         if self.base is not None:  # weights only, from any TP size
-            _, full = load_full_state_dict(Path(self.base))
+            _, full = load_full_state_dict(Path(self.base), trust=args.trust_checkpoint)
             model.load_state_dict(shard_state_dict(full, model))
             if self.resume_tag is None:
                 self.log(f"loaded weights from {self.base} (iteration, optimizer and data position "
@@ -151,7 +151,8 @@ class Trainer:
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
                                                    load_optimizer=not args.no_load_optim,
-                                                   strict=not args.lora_rank)
+                                                   strict=not args.lora_rank,
+                                                   trust=args.trust_checkpoint)
             self.iteration = self.loaded_iteration = int(client.get("iteration", 0))
             self.consumed = int(client.get("consumed_samples", 0))
             self.consumed_valid = int(client.get("consumed_valid_samples", 0))
@@ -243,14 +244,16 @@ class Trainer:
             self.resume_tag = lifecycle.resume_tag(args, self.log)
         if args.lora_rank and self.resume_tag is not None:  # a LoRA run: its base, then its state
             self.base = lora_run.lora_resume_base(args, self.resume_tag, ps.tp_size)
-            ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
+            ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True,
+                                  trust=args.trust_checkpoint)
         elif self.resume_tag is not None:
             ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
-                                  tag=self.resume_tag)
+                                  tag=self.resume_tag, trust=args.trust_checkpoint)
         else:
             self.base = args.load if args.finetune else args.pretrained_checkpoint
             if self.base is not None:
-                ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True)
+                ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True,
+                                      trust=args.trust_checkpoint)
             elif args.lora_rank:
                 raise ConfigError("--lora-rank needs a base model: --finetune --load BASE, or "
                                   "--pretrained-checkpoint BASE (with --load RUN --save RUN the "
@@ -272,7 +275,7 @@ class Trainer:
                     source = target.name[:-len(universal.SUFFIX)]
                     self.log(f"{args.load}/{source} was saved at another data-parallel size: "
                              f"converting it to a DeepSpeed universal checkpoint {target}")
-                    universal.convert(Path(args.load) / source, target)
+                    universal.convert(Path(args.load) / source, target, trust=args.trust_checkpoint)
 
     def _schedule(self) -> LRSchedule:
         a = self.args
