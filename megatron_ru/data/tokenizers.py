@@ -4,6 +4,7 @@ Every tokenizer exposes `tokenize(text) -> list[int]`, `detokenize(ids) -> str`,
 `eod` (end-of-document id appended by preprocessing) and `pad`. `build_tokenizer` picks one by the
 Megatron `--tokenizer-type` names.
 """
+import heapq
 import json
 import os
 
@@ -109,28 +110,41 @@ class GPT2BPETokenizer:
         return len(self.encoder)
 
     def _bpe(self, word):
-        """Merges the chars of one byte-mapped piece; returns the token strings."""
-        parts = list(word)
+        """Merges the chars of one byte-mapped piece; returns the token strings.
+
+        The classic rule (repeatedly merge every occurrence of the lowest-ranked adjacent pair,
+        left to right) in O(n log n) for a piece of n chars: the symbols form a linked list and
+        the candidate pairs a heap keyed by (rank, position); one rank's occurrences are taken
+        from the heap together and merged left to right, exactly as the rescanning loop would."""
+        n = len(word)
+        if n < 2:
+            return list(word)
         ranks = self.bpe_ranks
-        while len(parts) > 1:
-            best, best_rank = None, None
-            for pair in zip(parts, parts[1:]):
-                r = ranks.get(pair)
-                if r is not None and (best_rank is None or r < best_rank):
-                    best, best_rank = pair, r
-            if best is None:
-                break
-            a, b = best
-            merged, i, n = [], 0, len(parts)
-            while i < n:  # merge every occurrence of the best pair, left to right
-                if i < n - 1 and parts[i] == a and parts[i + 1] == b:
-                    merged.append(a + b)
-                    i += 2
-                else:
-                    merged.append(parts[i])
-                    i += 1
-            parts = merged
-        return parts
+        sym = list(word)  # sym[i]: the symbol that starts at char i (None once merged away)
+        nxt = list(range(1, n + 1))  # next symbol's start (n: none)
+        prv = list(range(-1, n - 1))
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((sym[i], sym[i + 1]))) is not None]
+        heapq.heapify(heap)
+        while heap:
+            rank = heap[0][0]
+            batch = []
+            while heap and heap[0][0] == rank:
+                batch.append(heapq.heappop(heap)[1])
+            for i in batch:  # ascending positions: the left-to-right pass over this pair
+                j = nxt[i] if sym[i] is not None else n
+                if j >= n or ranks.get((sym[i], sym[j])) != rank:
+                    continue  # stale: a neighbour was merged since this pair was queued
+                sym[i] += sym[j]
+                sym[j] = None
+                k = nxt[i] = nxt[j]
+                if k < n:
+                    prv[k] = i
+                for a, b in ((prv[i], i), (i, k)):
+                    if a >= 0 and b < n:
+                        r = ranks.get((sym[a], sym[b]))
+                        if r is not None and r != rank:  # (a new pair never has this rank)
+                            heapq.heappush(heap, (r, a))
+        return [t for t in sym if t is not None]
 
     def tokenize(self, text):
         ids = []
