@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,10 +73,17 @@ def check_messages(messages, where: str = "conversation") -> list[dict]:
     return out
 
 
+MAX_RENDERED_CHARS = 1 << 22  # a product or format result of a template longer than this is refused
+
+
+class TemplateTimeout(Exception):
+    """A template ran past its time limit (raised inside the template's frames)."""
+
+
 def _environment():
     import jinja2
     from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
     def raise_exception(message):
         raise jinja2.exceptions.TemplateError(message)
@@ -83,10 +92,43 @@ def _environment():
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    class Environment(ImmutableSandboxedEnvironment):
+        """transformers' sandbox, plus bounded `*`, `**` and `%` (one C call each: a string times
+        10**9 or a format width of 10**9 would allocate gigabytes before any time limit)."""
+
+        intercepted_binops = frozenset({"*", "**", "%"})
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "*":
+                for seq, times in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(times, int) and \
+                            len(seq) * times > MAX_RENDERED_CHARS:
+                        raise SecurityError("a template product longer than "
+                                            f"{MAX_RENDERED_CHARS} items")
+            elif operator == "**" and isinstance(right, int) and abs(right) > 1000:
+                raise SecurityError("a template power with an exponent above 1000")
+            elif operator == "%" and isinstance(left, str) and \
+                    re.search(r"%[-+ #0]*(\*|\d{5,})|\.(\*|\d{5,})", left):
+                raise SecurityError("a template format with a width of 10000 or more")
+            return super().call_binop(context, operator, left, right)
+
+    env = Environment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     return env
+
+
+def _deadline_tracer(deadline: float):
+    """A sys.settrace function that raises TemplateTimeout in template code after `deadline`
+    (checked on every line a template executes, so nested loops cannot run on)."""
+    def local(frame, event, arg):
+        if event == "line" and time.monotonic() > deadline:
+            raise TemplateTimeout()
+        return local
+
+    def tracer(frame, event, arg):
+        return local if frame.f_code.co_filename == "<template>" else None
+    return tracer
 
 
 def special_token_strings(tokenizer) -> list[str]:
@@ -175,13 +217,27 @@ class ChatTemplate:
         except jinja2.TemplateSyntaxError as exc:
             raise ChatError(f"{name}: Jinja syntax error at line {exc.lineno}: {exc.message}") from None
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, *,
+               time_limit_s: Optional[float] = None) -> str:
+        """The rendered conversation; ChatError when the template refuses it, fails, or (with
+        `time_limit_s`) runs longer than that."""
         import jinja2
+        previous = sys.gettrace()
+        if time_limit_s is not None:
+            sys.settrace(_deadline_tracer(time.monotonic() + time_limit_s))
         try:
             return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                         bos_token=self.bos_token, eos_token=self.eos_token)
+        except TemplateTimeout:
+            raise ChatError(f"{self.name}: template took too long (over {time_limit_s:g} s)") from None
         except jinja2.TemplateError as exc:
             raise ChatError(f"{self.name}: {exc}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, AttributeError,
+                RecursionError, MemoryError) as exc:
+            raise ChatError(f"{self.name}: the template failed: {type(exc).__name__}: {exc}") from None
+        finally:
+            if time_limit_s is not None:
+                sys.settrace(previous)
 
     def assistant_spans(self, messages: list[dict], where: str = "conversation") -> tuple[str, list]:
         """(rendered text, [(start, end) character span of each assistant turn])."""

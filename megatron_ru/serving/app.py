@@ -1,15 +1,15 @@
 """The HTTP side: FastAPI routes of the OpenAI API (completions, chat, models), health, metrics, errors.
 
 Every route answers errors with OpenAI's error JSON; a bad request never reaches the model
-thread. Requests become sequences (prompts × n) handed to the Scheduler; their tokens come
+thread. Requests pass guards.py's checks (Host, Content-Type, key, body), their prompts are
+tokenised and chat templates rendered on worker threads (offload.py), so no request holds up the
+event loop; then they become sequences (prompts × n) handed to the Scheduler, whose tokens come
 back as events on this event loop and are sent whole or as server-sent events.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
-import json
 import secrets
 import sys
 import time
@@ -21,8 +21,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..inference.sampling import SamplingParams
+from . import guards
 from .chat_prompt import ChatFormat
 from .metrics import Metrics
+from .offload import Offload, prompt_bytes_limit
 from .protocol import (ApiError, ChatBody, CompletionBody, Limits, check_common,
                        check_range, message_dicts, parse_body, stop_strings)
 from .responses import Choice, Handle, chat_logprobs, event_stream, legacy_logprobs, new_id
@@ -42,13 +44,21 @@ class Service:
     request_timeout_s: float = 600.0
     chat: Optional[ChatFormat] = None  # how chat messages become a prompt (serving/chat_prompt.py)
     log: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)
+    allowed_hosts: Optional[tuple[str, ...]] = None  # Host names answered (None: any)
+    offload: Offload = None  # worker threads for tokenising and templating
+    draining: bool = False  # shutting down: /health 503, new requests 503
+
+    def __post_init__(self) -> None:
+        if self.offload is None:
+            self.offload = Offload(timeout_s=self.limits.work_timeout_s)
 
     @property
     def max_length(self) -> int:
         return self.scheduler.max_length
 
 
-def build_app(service: Service) -> FastAPI:
+def build_app(service: Service):
+    """The ASGI app: the routes behind the Host check."""
     app = FastAPI(title="megatron_ru", docs_url=None, redoc_url=None, openapi_url=None)
     routes = Routes(service)
     app.add_api_route("/health", routes.health, methods=["GET"])
@@ -79,19 +89,28 @@ def build_app(service: Service) -> FastAPI:
     app.add_exception_handler(ApiError, api_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
-    return app
+
+    def host_refused(scope, exc: ApiError) -> None:
+        route = scope.get("path") if scope.get("path") in known else "other"
+        service.metrics.count_request(route, exc.status)
+        service.log(f"{scope.get('method')} {scope.get('path', '')[:200]} {exc.status} {exc.code}: "
+                    f"{exc.message}")
+
+    return guards.HostGuard(app, service.allowed_hosts, host_refused)
 
 
 class Routes:
     def __init__(self, service: Service) -> None:
         self.s = service
         limit = service.scheduler.token_limit  # alternatives in logprobs may lie beyond it
+        # texts longer than this surely exceed the context: refused before tokenising
+        self.prompt_bytes = prompt_bytes_limit(service.tokenizer, service.max_length)
         self.detokenize = service.tokenizer.detokenize if limit is None else \
             (lambda ids: service.tokenizer.detokenize([i for i in ids if i < limit]))
 
     # ---- small routes ---------------------------------------------------------------------
     async def health(self):
-        if self.s.scheduler.stopping:
+        if self.s.draining or self.s.scheduler.stopping:
             raise ApiError(503, "shutting down", code="shutting_down")
         return {"status": "ok"}
 
@@ -107,32 +126,10 @@ class Routes:
 
     # ---- checks ---------------------------------------------------------------------------
     def authorize(self, request: Request) -> None:
-        key = self.s.api_key
-        if key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), key)):
-            raise ApiError(401, "missing or wrong API key (send 'Authorization: Bearer KEY')",
-                           code="invalid_api_key")
+        guards.authorize(request, self.s.api_key)
 
     async def read_json(self, request: Request):
-        limit = self.s.limits.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"request body of {declared} bytes exceeds the limit of {limit}",
-                           code="body_too_large")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"request body exceeds the limit of {limit} bytes",
-                               code="body_too_large")
-            chunks.append(chunk)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"the request body is not valid JSON: {exc}",
-                           code="invalid_json") from None
+        return await guards.read_json(request, self.s.limits)
 
     def check_model(self, name: Optional[str]) -> None:
         if name is not None and name != self.s.model_name:
@@ -186,7 +183,7 @@ class Routes:
             raise ApiError(400, f"the request asks for {rows} sequences (prompts x n); this "
                                 f"server takes at most {most} per request", param="n",
                            code="invalid_value")
-        if self.s.scheduler.stopping:
+        if self.s.draining or self.s.scheduler.stopping:
             raise ApiError(503, "the server is shutting down", code="shutting_down")
         base = secrets.randbits(62) if seed is None else seed
         handle = Handle(asyncio.get_running_loop())
@@ -201,9 +198,28 @@ class Routes:
                            headers={"Retry-After": "1"}) from None
         return handle
 
-    def encode(self, text: str) -> list[int]:
+    def check_text_size(self, text: str, param: str) -> None:
+        """400 for a text that surely exceeds the context, before any tokenising."""
+        if self.prompt_bytes is None or len(text) * 4 <= self.prompt_bytes:
+            return
+        size = len(text.encode("utf-8"))
+        if size > self.prompt_bytes:
+            raise ApiError(400, f"'{param}' is too long: {size} bytes cannot fit in a context of "
+                                f"{self.s.max_length} tokens", param=param,
+                           code="context_length_exceeded")
+
+    async def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text (on a worker thread); empty: unconditional, as generate.py."""
         tok = self.s.tokenizer
-        return tok.tokenize(text) if text else [tok.eod]  # empty: unconditional, as generate.py
+        for t in texts:
+            self.check_text_size(t, "prompt")
+        return await self.s.offload.run(
+            lambda: [tok.tokenize(t) if t else [tok.eod] for t in texts], what="'prompt'")
+
+    def check_finished(self, handle: Handle) -> None:
+        if any(c.finish == "shutdown" for c in handle.choices):
+            raise ApiError(503, "the server shut down before the request finished",
+                           code="shutting_down")
 
     async def collect(self, request: Request, handle: Handle) -> None:
         """Wait for every sequence; a client that goes away cancels them."""
@@ -270,7 +286,7 @@ class Routes:
         if isinstance(p, list) and not p:
             raise ApiError(400, "'prompt' is an empty list", param="prompt", code="invalid_value")
         texts = [p] if isinstance(p, str) else p if isinstance(p[0], str) else None
-        prompts = [self.encode(t) for t in texts] if texts is not None else \
+        prompts = await self.encode(texts) if texts is not None else \
             [p] if isinstance(p[0], int) else p
         for i, ids in enumerate(prompts):
             if not ids:
@@ -306,6 +322,7 @@ class Routes:
             return self.stream(request, body, rid, handle, prompt_tokens, head, entry, opening)
 
         await self.collect(request, handle)
+        self.check_finished(handle)
         choices = []
         for c in handle.choices:
             text, lp = c.text(), None
@@ -329,7 +346,10 @@ class Routes:
         self.check_model(body.model)
         if self.s.chat is None:
             raise ApiError(404, "this server has no chat format", code="not_found")
-        ids = self.s.chat.prompt_ids(self.s.tokenizer, message_dicts(body))
+        messages = message_dicts(body)
+        ids = await self.s.offload.run(self.s.chat.prompt_ids, self.s.tokenizer, messages,
+                                       self.s.limits.work_timeout_s, self.prompt_bytes,
+                                       what="the chat template", code="template_too_slow")
         given = body.max_completion_tokens if body.max_completion_tokens is not None \
             else body.max_tokens
         max_tokens = self.max_tokens(given, max(self.s.max_length - len(ids), 1), 1)
@@ -361,6 +381,7 @@ class Routes:
                                lambda choices: head("chat.completion.chunk", choices), entry, opening)
 
         await self.collect(request, handle)
+        self.check_finished(handle)
         choices = [{"index": c.index, "message": {"role": "assistant", "content": c.text()},
                     "logprobs": None if logprobs is None else
                     chat_logprobs(c.tokens, c.logprobs, detok),

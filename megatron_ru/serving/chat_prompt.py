@@ -11,11 +11,15 @@ tends to.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from typing import Optional
 
-from ..data.chat_templates import ChatError, ChatTemplate, has_template, load_template
+from ..data.chat_templates import (ChatError, ChatTemplate, check_messages, has_template,
+                                   load_template, special_token_strings, tokenize_with_offsets)
 from .protocol import ApiError
+
+_DIRS = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s\\/'\":]+[\\/])+")  # a path's folders
 
 
 @dataclass(frozen=True)
@@ -24,15 +28,30 @@ class ChatFormat:
     stops: tuple[str, ...] = ()  # stop strings every chat reply gets
     stop_ids: tuple[int, ...] = ()  # tokens that end a reply besides the end of text
     name: str = "chat template"  # for the startup line
+    specials: dict = field(default_factory=dict, compare=False)  # the tokenizer's, computed once
 
-    def prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
-        """Ids of the rendered conversation plus the assistant's generation prompt; 400 when
-        the template refuses the conversation."""
+    def prompt_ids(self, tokenizer, messages: list[dict], time_limit_s: Optional[float] = None,
+                   max_bytes: Optional[int] = None) -> list[int]:
+        """Ids of the rendered conversation plus the assistant's generation prompt (what
+        ChatTemplate.prompt_ids gives); 400 when the template refuses the conversation, runs
+        past `time_limit_s` or renders more than `max_bytes` (surely beyond the context). The
+        message never names the server's files."""
         try:
-            return self.template.prompt_ids(tokenizer, messages)
+            text = self.template.render(check_messages(messages, "chat"), add_generation_prompt=True,
+                                        time_limit_s=time_limit_s)
         except ChatError as exc:
-            raise ApiError(400, f"'messages': {exc}", param="messages",
-                           code="invalid_value") from None
+            message = _DIRS.sub("", str(exc).replace(self.template.name, "the chat template"))
+            slow = "took too long" in message
+            raise ApiError(400, f"'messages': {message}", param="messages",
+                           code="template_too_slow" if slow else "invalid_value") from None
+        if max_bytes is not None and len(text) * 4 > max_bytes and \
+                len(text.encode("utf-8")) > max_bytes:
+            raise ApiError(400, f"'messages' render to {len(text.encode('utf-8'))} bytes, more "
+                                "than the context can hold", param="messages",
+                           code="context_length_exceeded")
+        if "s" not in self.specials:
+            self.specials["s"] = special_token_strings(tokenizer)
+        return tokenize_with_offsets(tokenizer, text, self.specials["s"])[0]
 
 
 def load_chat_format(spec: Optional[str], tokenizer, tokenizer_dir: Optional[str]) -> ChatFormat:

@@ -2,8 +2,10 @@
 
 Under `mpirun --np N` (N = TP size) rank 0 runs the HTTP server and the scheduler and the
 other ranks follow its step plans (engine.BatchEngine.follow). SIGTERM / SIGINT on rank 0:
-stop accepting, let running requests finish for up to --shutdown-timeout seconds (then cancel
-them), tell the other ranks to stop, exit 0.
+/health answers 503 and new requests get 503 while the listener stays open for --drain-seconds
+(load balancers see it), then the listener closes; running requests may finish until
+--shutdown-timeout seconds after the signal, then they are cut (a stream gets an error event and
+[DONE]); the other ranks are told to stop; exit 0. A second signal cuts them at once.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from .. import runtime
@@ -57,6 +60,22 @@ def build_serve_parser() -> argparse.ArgumentParser:
                    help="largest request body (default 1 MiB; more gets HTTP 413)")
     g.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, running requests get S seconds to finish")
+    g.add_argument("--drain-seconds", type=float, default=2.0, metavar="S",
+                   help="on SIGTERM, keep listening S seconds with /health at 503 before closing "
+                        "the listener (default 2)")
+    g.add_argument("--max-connections", type=int, default=1000,
+                   help="open connections beyond this get 503 and are closed (default 1000)")
+    g.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="close a connection whose request head is not complete after S seconds")
+    g.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="a request body not received within S seconds gets HTTP 408")
+    g.add_argument("--prompt-timeout", type=float, default=10.0, metavar="S",
+                   help="tokenising a request's prompts or rendering its chat template may take "
+                        "S seconds (HTTP 400 after)")
+    g.add_argument("--allowed-hosts", metavar="NAMES",
+                   help="comma-separated Host names the server answers to ('*': any; default: "
+                        "localhost names for a server without --api-key on a loopback address, "
+                        "else any)")
     runtime.add_arguments(p)
     return p
 
@@ -77,6 +96,11 @@ def parse(argv=None) -> argparse.Namespace:
                              ("--max-n", args.max_n, 1), ("--max-body-bytes", args.max_body_bytes, 2),
                              ("--port", args.port, 0), ("--request-timeout", args.request_timeout, 0.001),
                              ("--shutdown-timeout", args.shutdown_timeout, 0),
+                             ("--drain-seconds", args.drain_seconds, 0),
+                             ("--max-connections", args.max_connections, 1),
+                             ("--header-timeout", args.header_timeout, 0.001),
+                             ("--body-timeout", args.body_timeout, 0.001),
+                             ("--prompt-timeout", args.prompt_timeout, 0.001),
                              ("--seq-length", args.seq_length or 2, 2)):
         if value < low:
             raise InputError(f"{flag} {value} must be >= {low}")
@@ -86,6 +110,12 @@ def parse(argv=None) -> argparse.Namespace:
                          f"({', '.join(BUILTIN_TEMPLATES)}) nor a file")
     if args.port > 65535:
         raise InputError(f"--port {args.port} must be <= 65535")
+    if args.api_key is not None:
+        try:
+            args.api_key.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InputError("--api-key ($MEGATRON_RU_API_KEY) is not valid text (undecodable "
+                             "bytes)") from None
     return args
 
 
@@ -141,6 +171,8 @@ def _serve(args, opened, gen, engine, sock: socket.socket, chat) -> int:
     import uvicorn
 
     from .app import Service, build_app
+    from .connections import bound_logs, fit_open_files, guarded_protocol
+    from .guards import default_allowed_hosts, parse_allowed_hosts
     from .metrics import Metrics
     from .protocol import Limits
     from .scheduler import Scheduler
@@ -157,17 +189,25 @@ def _serve(args, opened, gen, engine, sock: socket.socket, chat) -> int:
                                         metrics=metrics, token_limit=tok.vocab_size)
     name = args.model_name or Path(args.load).resolve().name
     limits = Limits(max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens_limit,
-                    max_n=args.max_n)
+                    max_n=args.max_n, body_timeout_s=args.body_timeout,
+                    work_timeout_s=args.prompt_timeout)
+    allowed = parse_allowed_hosts(args.allowed_hosts) if args.allowed_hosts is not None else \
+        default_allowed_hosts(args.host, args.api_key)
     service = Service(tok, scheduler, name, limits, metrics, api_key=args.api_key,
                       request_timeout_s=args.request_timeout, chat=chat,
-                      log=lambda line: runtime.say(line))
+                      log=lambda line: runtime.say(line), allowed_hosts=allowed)
     app = build_app(service)
+    fit_open_files(args.max_connections)
     host, port = sock.getsockname()[:2]
     ready = (f"serving {name} on http://{host}:{port} (max batch {args.max_batch_size}, queue "
-             f"{args.max_queue}, context {gen.max_length}, {opened.ps}); chat: {chat.name}")
+             f"{args.max_queue}, context {gen.max_length}, {opened.ps}); chat: {chat.name}; "
+             f"hosts: {', '.join(allowed) if allowed else 'any'}")
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off",
-                            timeout_graceful_shutdown=args.shutdown_timeout)
-    server = _Server(config, ready)
+                            http=guarded_protocol(args.max_connections, args.header_timeout),
+                            timeout_keep_alive=5, h11_max_incomplete_event_size=16 * 1024,
+                            timeout_graceful_shutdown=args.shutdown_timeout + 5)
+    bound_logs()
+    server = _Server(config, ready, service, args.drain_seconds, args.shutdown_timeout)
     scheduler.start()
     try:
         server.run(sockets=[sock])
@@ -179,13 +219,18 @@ def _serve(args, opened, gen, engine, sock: socket.socket, chat) -> int:
 
 
 class _Server:
-    """uvicorn.Server whose signal handling asks for a graceful stop and does not re-raise the
-    signal afterwards (runtime's handler would turn that into an abort)."""
+    """uvicorn.Server with our shutdown: the first SIGTERM/SIGINT drains (health 503, listener
+    open for `drain_s`), then closes the listener and lets running requests finish until
+    `shutdown_s` after the signal, when the rest are cut; a second signal cuts them at once.
+    It never re-raises the signal (runtime's handler would turn that into an abort)."""
 
-    def __new__(cls, config, ready_line: str):
+    def __new__(cls, config, ready_line: str, service, drain_s: float, shutdown_s: float):
         import uvicorn
 
         class Server(uvicorn.Server):
+            signalled_at = None
+            abort_timer = None
+
             @contextlib.contextmanager
             def capture_signals(self):
                 if threading.current_thread() is not threading.main_thread():
@@ -199,11 +244,34 @@ class _Server:
                     for sig, handler in previous.items():
                         signal.signal(sig, handler)
 
-            def handle_exit(self, sig, frame):
-                if not self.should_exit:
-                    runtime.say(f"{signal.Signals(sig).name} received: finishing running "
-                                "requests, then stopping")
-                super().handle_exit(sig, frame)
+            def handle_exit(self, sig, frame):  # flags only: this runs inside the loop's thread
+                if self.signalled_at is None:
+                    runtime.say(f"{signal.Signals(sig).name} received: /health answers 503, "
+                                "running requests finish, then the server stops")
+                    self.signalled_at = time.monotonic()
+                    service.draining = True
+                else:
+                    runtime.say(f"{signal.Signals(sig).name} received again: cutting running "
+                                "requests")
+                    service.scheduler.abort_all("shutdown")
+                    self.should_exit = True
+
+            async def on_tick(self, counter: int) -> bool:
+                if self.signalled_at is not None:
+                    if self.abort_timer is None:
+                        import asyncio
+                        left = self.signalled_at + shutdown_s - time.monotonic()
+                        self.abort_timer = asyncio.get_running_loop().call_later(
+                            max(left, 0), self.cut)
+                    if time.monotonic() >= self.signalled_at + drain_s:
+                        self.should_exit = True
+                return await super().on_tick(counter)
+
+            def cut(self) -> None:
+                n = service.scheduler.abort_all("shutdown")
+                if n:
+                    runtime.say(f"--shutdown-timeout {shutdown_s:g} s passed: cutting {n} "
+                                "running sequence(s)")
 
             async def startup(self, sockets=None):
                 await super().startup(sockets)

@@ -13,8 +13,10 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error",
                404: "invalid_request_error", 405: "invalid_request_error",
-               413: "invalid_request_error", 422: "invalid_request_error",
-               429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+               408: "invalid_request_error", 413: "invalid_request_error",
+               415: "invalid_request_error", 421: "invalid_request_error",
+               422: "invalid_request_error", 429: "rate_limit_error",
+               499: "invalid_request_error", 500: "server_error", 503: "server_error"}
 
 
 class ApiError(Exception):
@@ -119,6 +121,10 @@ class Limits:
     max_rows: int = 64  # prompts × n of one request
     max_logprobs: int = 20
     max_stops: int = 16
+    max_stop_chars: int = 1000  # per stop string
+    max_json_depth: int = 64  # nesting of the request body
+    body_timeout_s: float = 30.0  # to receive the whole body
+    work_timeout_s: float = 10.0  # tokenising and templating one request (a worker thread)
 
 
 def check_range(name: str, value, ok: bool, rule: str) -> None:
@@ -147,6 +153,9 @@ def check_common(body: _Body, limits: Limits) -> None:
     stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
     check_range("stop", f"{len(stops)} strings", len(stops) <= limits.max_stops,
                 f"at most {limits.max_stops} strings")
+    longest = max(map(len, stops), default=0)
+    check_range("stop", f"a string of {longest} characters", longest <= limits.max_stop_chars,
+                f"strings of at most {limits.max_stop_chars} characters")
     for name in ("frequency_penalty", "presence_penalty"):
         value = getattr(body, name)
         if value not in (None, 0, 0.0):

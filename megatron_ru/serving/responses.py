@@ -13,6 +13,8 @@ from ..inference.text import StopStrings, TextStream
 from .scheduler import Seq
 
 FINISH = {"eod": "stop", "stop": "stop", "length": "length"}  # others pass through as they are
+SHUTDOWN_ERROR = {"error": {"message": "the server shut down before the request finished",
+                            "type": "server_error", "param": None, "code": "shutting_down"}}
 
 
 def new_id(prefix: str) -> str:
@@ -148,10 +150,14 @@ async def event_stream(handle: Handle, head: Callable[[list], dict], entry: Call
     """A streamed request's server-sent events (completions and chat alike): a chunk per choice
     of `opening`, then a chunk per update with `entry(update)` as its one choice (skipped when it
     has no text, no logprobs and is not the end), then "[DONE]". The usage rides on the chunk that
-    ends the last choice, or with include_usage in a chunk of its own with no choices."""
+    ends the last choice, or with include_usage in a chunk of its own with no choices. A stream
+    the server cuts (a forced shutdown) ends with an error event, then "[DONE]"."""
     for choice in opening:
         yield sse(head([choice]))
     async for updates in handle.updates():
+        if any(u.done and u.choice.finish == "shutdown" for u in updates):
+            yield sse(SHUTDOWN_ERROR)
+            break
         for i, u in enumerate(updates):
             choice = entry(u)
             if not u.text and choice["logprobs"] is None and not u.done:

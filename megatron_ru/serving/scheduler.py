@@ -31,7 +31,7 @@ from .. import runtime
 from ..inference import logits as logits_chain
 from ..inference.logits import Rules, needs_seen, seen_of
 from ..inference.sampling import SamplingParams, race_key
-from ..inference.text import StopStrings
+from ..inference.text import StopStrings, TextStream
 from .engine import BatchEngine, StepPlan
 
 IDLE_BEAT_S = 2.0  # an idle scheduler still sends an empty plan this often (TP ranks wait in it)
@@ -66,12 +66,13 @@ class Seq:
         self.budget = options.max_tokens
         self.finish: Optional[str] = None
         self.cancelled = False
+        self.cancel_reason = "cancelled"  # "shutdown" when the server aborts it
         self.t_submit = time.monotonic()
         self.deadline = self.t_submit + options.timeout_s
         self.t_first: Optional[float] = None
         self.rules: Optional[Rules] = None  # how its tokens are chosen (set at admission)
         self.seen: Optional[torch.Tensor] = None  # (V,) ids seen, for the repetition penalty
-        self.stopper: Optional[StopStrings] = None
+        self.stopper: Optional[TextStream] = None  # its text so far, scanned for stop strings
 
     @property
     def position(self) -> int:
@@ -128,6 +129,16 @@ class Scheduler:
                     s.cancelled = True
             self.cv.notify()
 
+    def abort_all(self, reason: str = "shutdown") -> int:
+        """End every waiting and running sequence at the next step (finish `reason`); returns
+        how many."""
+        with self.cv:
+            seqs = [s for s in self.rows if s is not None] + list(self.waiting)
+            for s in seqs:
+                s.cancelled, s.cancel_reason = True, reason
+            self.cv.notify()
+        return len(seqs)
+
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name="megatron_ru-scheduler", daemon=True)
         self.thread.start()
@@ -179,10 +190,10 @@ class Scheduler:
         for s in list(self.waiting):
             if s.cancelled or now > s.deadline:
                 self.waiting.remove(s)
-                self._finish(s, "cancelled" if s.cancelled else "timeout")
+                self._finish(s, s.cancel_reason if s.cancelled else "timeout")
         for s in self.rows:
             if s is not None and (s.cancelled or now > s.deadline):
-                self._finish(s, "cancelled" if s.cancelled else "timeout")
+                self._finish(s, s.cancel_reason if s.cancelled else "timeout")
 
     def _admit(self) -> list[Seq]:
         joins = []
@@ -203,7 +214,7 @@ class Scheduler:
         if needs_seen(seq.rules):
             seq.seen = seen_of([seq.prompt], self.vocab_size, self.engine.device)[0]
         if seq.options.stops:
-            seq.stopper = StopStrings(seq.options.stops, self.detokenize)
+            seq.stopper = TextStream(self.detokenize, StopStrings(seq.options.stops, self.detokenize))
 
     def _plan(self, joins: list[Seq]) -> tuple[StepPlan, list[Seq]]:
         running = [s for s in self.rows if s is not None and s not in joins]
@@ -269,8 +280,10 @@ class Scheduler:
         if self.metrics is not None:
             self.metrics.count_tokens(1)
         self._emit(seq, ("token", token, logprob))
-        if seq.stopper is not None and len(seq.out) >= opts.min_tokens and \
-                seq.stopper(0, seq.out):
+        # the stop strings see each new character once (a stop string that ended before
+        # min_tokens does not count)
+        ended = seq.stopper is not None and seq.stopper.scan.feed(seq.stopper.add(token))
+        if ended and len(seq.out) >= opts.min_tokens:
             self._finish(seq, "stop")
         elif len(seq.out) >= seq.budget:
             self._finish(seq, "length")
