@@ -55,8 +55,12 @@ class ChatError(UsageError):
     """A conversation or chat template is malformed; the message names the line, file or flag."""
 
 
-def check_messages(messages, where: str = "conversation") -> list[dict]:
-    """Validated list of {"role", "content"}: known roles, string content, an assistant turn."""
+def check_messages(messages, where: str = "conversation", *, training: bool = False) -> list[dict]:
+    """Validated list of {"role", "content"}: known roles, string content, a system message only
+    first. `training` (SFT data) adds the order of training conversations: after the optional
+    system message, user and assistant turns strictly alternate, starting with the user and
+    ending with the assistant's reply. Prompts (generation, the server) keep the looser rule:
+    they end with the turn the model is to answer."""
     if not isinstance(messages, list) or not messages:
         raise ChatError(f"{where}: 'messages' must be a non-empty list")
     out = []
@@ -70,7 +74,24 @@ def check_messages(messages, where: str = "conversation") -> list[dict]:
         if m["role"] == "system" and i != 0:
             raise ChatError(f"{where}: a system message may only come first (message {i})")
         out.append({"role": m["role"], "content": m["content"]})
+    if training:
+        _check_training_order(out, where)
     return out
+
+
+def _check_training_order(messages: list[dict], where: str) -> None:
+    first = 1 if messages[0]["role"] == "system" else 0
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ChatError(f"{where}: no assistant message, nothing to learn")
+    for i in range(first, len(messages)):
+        expected = "user" if (i - first) % 2 == 0 else "assistant"
+        if messages[i]["role"] != expected:
+            raise ChatError(f"{where}: message {i} is {messages[i]['role']!r} where {expected!r} is "
+                            "expected (after an optional system message, user and assistant turns "
+                            "alternate, starting with the user)")
+    if messages[-1]["role"] != "assistant":
+        raise ChatError(f"{where}: the conversation ends with a user message; training data "
+                        "ends with the assistant's reply")
 
 
 MAX_RENDERED_CHARS = 1 << 22  # a product or format result of a template longer than this is refused

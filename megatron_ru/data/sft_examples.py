@@ -19,7 +19,7 @@ from typing import Optional
 import numpy as np
 
 from .blended import BlendedDataset, blend_sample_counts, parse_data_path, parse_split, split_boundaries
-from .chat_templates import ChatError, ChatTemplate
+from .chat_templates import ChatError, ChatTemplate, check_messages
 from .indexed_dataset import IndexedDataset, IndexedDatasetBuilder, dataset_exists
 from .order import DatasetConfigError
 
@@ -55,6 +55,7 @@ def record_to_example(record, *, template: ChatTemplate, tokenizer, prompt_key: 
         return ids, [1] * len(ids)
     else:
         raise ChatError(f"{where}: expected 'messages', '{prompt_key}'/'{response_key}' or 'text'")
+    messages = check_messages(messages, where, training=True)  # the order of training turns
     enc = template.encode(tokenizer, messages, train_on_prompt=train_on_prompt, where=where)
     return enc.ids, enc.loss_mask
 
@@ -78,16 +79,43 @@ def write_sft_dataset(records, prefix: str, dtype, **encode_kwargs) -> dict:
 
 
 def read_jsonl(path: str):
-    """(PATH:LINE, object) for every non-blank line; a bad line is a ChatError naming it."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
+    """(PATH:LINE, object) for every non-blank line; a bad line (not UTF-8, not JSON, a string with
+    a lone surrogate escape such as "\\ud800") is a ChatError naming it."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
             where = f"{path}:{lineno}"
             try:
-                yield where, json.loads(line)
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise ChatError(f"{where}: not valid UTF-8 ({exc.reason} at byte {exc.start} of the "
+                                "line)") from None
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ChatError(f"{where}: invalid JSON: {exc.msg} (column {exc.colno})") from None
+            _check_strings(record, where)
+            yield where, record
+
+
+def _check_strings(value, where: str) -> None:
+    """Every string of a parsed record is encodable text (JSON lets "\\ud800" through alone)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise ChatError(f"{where}: a string holds a lone surrogate "
+                                f"\\u{ord(v[exc.start]):04x} (a JSON escape that is not a "
+                                "character)") from None
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, list):
+            stack.extend(v)
 
 
 # ---- samples ----------------------------------------------------------------------------------

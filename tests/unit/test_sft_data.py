@@ -73,6 +73,16 @@ def test_masks_by_hand_prompt_response_and_text(bpe):
     ({"messages": []}, "non-empty list"),
     ({"prompt": "a"}, "must both be strings"),
     ({"question": "a"}, "expected 'messages'"),
+    # training conversations: optional system, then user / assistant alternating, ending with a reply
+    ({"messages": [{"role": "assistant", "content": "a"}, {"role": "user", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "message 0 is 'assistant' where 'user' is expected"),
+    ({"messages": [{"role": "system", "content": "s"}, {"role": "user", "content": "a"},
+                   {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]},
+     "message 2 is 'user' where 'assistant' is expected"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "assistant", "content": "c"}]}, "message 2 is 'assistant' where 'user'"),
+    ({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                   {"role": "user", "content": "c"}]}, "ends with a user message; training data ends"),
 ])
 def test_bad_conversations_rejected(bpe, record, match):
     with pytest.raises(ChatError, match=match):
@@ -150,6 +160,34 @@ def test_preprocess_cli_writes_pair_and_rejects_bad_lines(tmp_path, bpe, capsys)
     err = capsys.readouterr().err
     assert f"{bad}:2: assistant message 1 is empty" in err
     assert not [p for p in os.listdir(tmp_path) if p.startswith("bad") and not p.endswith(".jsonl")]
+
+
+def test_prompts_may_end_with_the_user_turn(bpe):
+    """Generation and the server share check_messages: only training data gets the strict order."""
+    from megatron_ru.data.chat_templates import check_messages
+    prompt = CONVERSATION[:4]
+    assert check_messages(prompt) == prompt
+    assert load_template("rugpt3", bpe).prompt_ids(bpe, prompt)
+    with pytest.raises(ChatError, match="ends with a user message"):
+        check_messages(prompt, training=True)
+
+
+@pytest.mark.parametrize("line,message", [
+    (b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', "not valid UTF-8 (invalid start byte"),
+    (b'{"prompt": "x\\ud800", "response": "y"}', "lone surrogate \\ud800"),
+    (b'{"messages": [{"role": "\\udfff", "content": "y"}]}', "lone surrogate \\udfff"),
+])
+def test_preprocess_cli_names_bad_text_with_file_and_line(tmp_path, capsys, line, message):
+    from tools import preprocess_data
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": CONVERSATION}, ensure_ascii=False).encode("utf-8")
+    bad.write_bytes(good + b"\n" + line + b"\n")
+    common = ["--dataset-type", "sft", "--chat-template", "rugpt3", "--tokenizer-type", "GPT2BPETokenizer",
+              "--vocab-file", f"{TOK_DIR}/vocab.json", "--merge-file", f"{TOK_DIR}/merges.txt"]
+    assert preprocess_data.main(["--input", str(bad), "--output-prefix", str(tmp_path / "out"), *common]) == 2
+    err = capsys.readouterr().err
+    assert f"preprocess_data.py: error: {bad}:2: " in err and message in err and "Traceback" not in err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
 
 
 @pytest.fixture()
