@@ -164,13 +164,8 @@ class GPTModel(nn.Module):
                              f"max_position_embeddings={max_pos}")
         if cache is not None:
             cache.begin(t, explicit)
-        x = self.embed(tokens)  # (B, T, H)
-        if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
-        x = F.dropout(x, self.config.hidden_dropout, self.training)
-        rope = None
-        if self.config.is_llama:
-            rope = rope_cos_sin(positions, self._inverse_frequencies(x.device), x.dtype)
+        x = self.embed_tokens(tokens, positions)  # (B, T, H)
+        rope = self.rope(positions, x.dtype)
         use_ckpt = self.checkpoint_activations and self.training and cache is None
         for block in self.blocks:
             if use_ckpt:
@@ -189,6 +184,20 @@ class GPTModel(nn.Module):
         if labels is None:
             return logits
         return self.loss(logits, labels, loss_mask)
+
+    # ---- pieces of the forward, shared with the pipeline stages (parallel/pipeline.py) -------
+    def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) at positions (B, T) → hidden states (B, T, H), dropout applied."""
+        x = self.embed(tokens)  # (B, T, H)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions)
+        return F.dropout(x, self.config.hidden_dropout, self.training)
+
+    def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple]:
+        """RoPE (cos, sin) for positions (B, T) (llama family); None for learned positions."""
+        if not self.config.is_llama:
+            return None
+        return rope_cos_sin(positions, self._inverse_frequencies(positions.device), dtype)
 
     def _inverse_frequencies(self, device) -> torch.Tensor:
         """RoPE inverse frequencies, computed once per device (not a buffer: meta-safe, and

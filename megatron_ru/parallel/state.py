@@ -6,8 +6,10 @@ for Slurm): torchrun / deepspeed (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), OpenMPI
 `SLURM_NTASKS`, `SLURM_LOCALID`). Under MPI the ranks come from mpi4py itself and rank 0 chooses
 MASTER_ADDR / MASTER_PORT and broadcasts them, so nothing needs to be set by hand.
 
-Layout of ranks: tensor-parallel groups are consecutive ranks ([0,1], [2,3] for TP=2 of 4),
-data-parallel groups are strided ([0,2], [1,3]).
+Layout of ranks (Megatron's order): tensor-parallel innermost (consecutive ranks), then data
+parallel, then pipeline stages: rank = pp_rank * (DP * TP) + dp_rank * TP + tp_rank. With TP=2 of
+4 ranks: TP groups [0,1], [2,3], DP groups [0,2], [1,3]; with TP=2, PP=2 of 8: stage 0 holds
+ranks 0-3, stage 1 ranks 4-7, pipeline groups [0,4], [1,5], [2,6], [3,7].
 """
 from __future__ import annotations
 
@@ -79,21 +81,44 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
     return LaunchInfo(info.launcher, comm.Get_rank(), comm.Get_size(), local_rank)
 
 
+def check_world(world_size: int, tp: int, pp: int = 1) -> None:
+    """world = TP x PP x DP, or one line naming the three numbers."""
+    if pp == 1 and world_size % tp:
+        raise ConfigError(
+            f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}: "
+            "the ranks must form whole tensor-parallel groups")
+    if world_size % (tp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+            f"--pipeline-model-parallel-size = {tp} x {pp} = {tp * pp}: world = TP x PP x DP")
+
+
+def group_ranks(world: int, tp: int, pp: int = 1) -> list[tuple[str, list[int]]]:
+    """Every ("tp" | "dp" | "pp", ranks) group of the layout, in creation order (the same on
+    every rank); pipeline groups only when pp > 1, so a TP x DP run creates what it always did."""
+    dp = world // (tp * pp)
+    out = [("tp", list(range(start, start + tp))) for start in range(0, world, tp)]
+    out += [("dp", [s * tp * dp + d * tp + t for d in range(dp)]) for s in range(pp) for t in range(tp)]
+    if pp > 1:
+        out += [("pp", [s * tp * dp + d * tp + t for s in range(pp)])
+                for d in range(dp) for t in range(tp)]
+    return out
+
+
 class ParallelState:
     """Ranks and process groups of one run. Passed to every parallel layer; never global."""
 
     def __init__(self, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  tensor_model_parallel_size: int = 1, tp_group=None, dp_group=None,
-                 device: torch.device | str = "cpu", launcher: str = "single") -> None:
-        tp = tensor_model_parallel_size
-        if world_size % tp:
-            raise ConfigError(
-                f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}: "
-                "the ranks must form whole tensor-parallel groups")
+                 device: torch.device | str = "cpu", launcher: str = "single",
+                 pipeline_model_parallel_size: int = 1, pp_group=None) -> None:
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        check_world(world_size, tp, pp)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.tp_size, self.tp_rank = tp, rank % tp
-        self.dp_size, self.dp_rank = world_size // tp, rank // tp
-        self.tp_group, self.dp_group = tp_group, dp_group
+        self.pp_size, self.pp_rank = pp, rank // (world_size // pp)
+        self.dp_size, self.dp_rank = world_size // (tp * pp), (rank // tp) % (world_size // (tp * pp))
+        self.tp_group, self.dp_group, self.pp_group = tp_group, dp_group, pp_group
         self.device = torch.device(device)
         self.launcher = launcher
         self.rng = RNGTracker(self.device)
@@ -106,20 +131,20 @@ class ParallelState:
 
     @classmethod
     def from_environment(cls, tensor_model_parallel_size: int = 1, *, backend: Optional[str] = None,
-                         timeout_s: float = 600.0) -> "ParallelState":
-        """Discover the launcher, initialise torch.distributed (once) and build TP and DP groups."""
-        tp = tensor_model_parallel_size
-        if not isinstance(tp, int) or tp <= 0:
-            raise ConfigError(f"tensor_model_parallel_size={tp!r} must be a positive integer")
+                         timeout_s: float = 600.0,
+                         pipeline_model_parallel_size: int = 1) -> "ParallelState":
+        """Discover the launcher, initialise torch.distributed (once) and build TP, DP and
+        pipeline groups."""
+        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
+        for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"{name}={value!r} must be a positive integer")
         info = discover_launch()
         if dist.is_initialized():
             info = LaunchInfo(info.launcher, dist.get_rank(), dist.get_world_size(), info.local_rank)
         elif info.launcher in ("openmpi", "mpich"):
             info = _mpi_rendezvous(info)
-        if info.world_size % tp:
-            raise ConfigError(
-                f"world size {info.world_size} is not divisible by tensor_model_parallel_size={tp}: "
-                "the ranks must form whole tensor-parallel groups")
+        check_world(info.world_size, tp, pp)
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
             device = torch.device("cuda", torch.cuda.current_device())
@@ -140,19 +165,40 @@ class ParallelState:
             dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
                                     timeout=timedelta(seconds=timeout_s),
                                     device_id=device if device.type == "cuda" else None)
-        tp_group = dp_group = None
-        world = info.world_size
-        for start in range(0, world, tp):  # every rank must create every group, in order
-            group = dist.new_group(list(range(start, start + tp)))
-            if start <= info.rank < start + tp:
-                tp_group = group
-        for offset in range(tp):
-            group = dist.new_group(list(range(offset, world, tp)))
-            if info.rank % tp == offset:
-                dp_group = group
-        return cls(rank=info.rank, world_size=world, local_rank=info.local_rank,
-                   tensor_model_parallel_size=tp, tp_group=tp_group, dp_group=dp_group,
-                   device=device, launcher=info.launcher)
+        groups = {}
+        for kind, ranks in group_ranks(info.world_size, tp, pp):  # every rank creates every group,
+            group = dist.new_group(ranks)                          # in the same order
+            if info.rank in ranks:
+                groups[kind] = group
+        return cls(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
+                   tensor_model_parallel_size=tp, tp_group=groups["tp"], dp_group=groups["dp"],
+                   device=device, launcher=info.launcher, pipeline_model_parallel_size=pp,
+                   pp_group=groups.get("pp"))
+
+    # ---- pipeline stages ------------------------------------------------------------------
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def layout(self) -> str:
+        """The rank layout, one line per pipeline stage (printed at start by rank 0)."""
+        tp, dp, pp = self.tp_size, self.dp_size, self.pp_size
+        lines = [f"rank layout: world {self.world_size} = TP {tp} x DP {dp} x PP {pp} "
+                 "(TP innermost, then DP, then PP)"]
+        for stage in range(pp):
+            base = stage * tp * dp
+            tps = [list(range(base + d * tp, base + (d + 1) * tp)) for d in range(dp)]
+            lines.append(f"  stage {stage}: TP groups {tps}")
+        return "\n".join(lines)
+
+    def adopt_groups(self, tp_group, dp_group, pp_group) -> None:
+        """Use another owner's process groups over the same ranks (DeepSpeed's pipeline grid),
+        so that our layers and DeepSpeed communicate through the very same groups."""
+        self.tp_group, self.dp_group, self.pp_group = tp_group, dp_group, pp_group
 
     # ---- helpers for layers ---------------------------------------------------------------
     @property
@@ -195,8 +241,9 @@ class ParallelState:
             dist.barrier()
 
     def __repr__(self) -> str:
+        pp = f"pp={self.pp_rank}/{self.pp_size}, " if self.pp_size > 1 else ""
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
-                f"dp={self.dp_rank}/{self.dp_size}, device={self.device}, launcher={self.launcher})")
+                f"{pp}dp={self.dp_rank}/{self.dp_size}, device={self.device}, launcher={self.launcher})")
 
     # ---- the `mpu` interface DeepSpeed expects --------------------------------------------
     def get_model_parallel_rank(self) -> int:

@@ -28,6 +28,8 @@ class TrainArgs:
     model_overrides: dict = field(default_factory=dict)
     seq_length: int = 1024
     tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    pipeline_split: str = "uniform"
     # batch and schedule
     micro_batch_size: Optional[int] = None  # None: the JSON's value, else 4
     global_batch_size: Optional[int] = None
@@ -137,6 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dense: none, e.g. the 13B preset run dense)")
     m.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"))
     m.add_argument("--tensor-model-parallel-size", "--model-parallel-size", type=int, default=1)
+    m.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P",
+                   help="pipeline stages (ranks: TP innermost, then DP, then PP; world = TP x PP x DP)")
+    m.add_argument("--pipeline-split", default="uniform", metavar="uniform|balanced|L0,L1,...",
+                   help="transformer layers per pipeline stage: uniform, balanced (by estimated "
+                        "FLOPs: embedding, head, dense vs block-sparse layers) or explicit counts")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", "--batch-size", type=int, help="default: the JSON's, else 4")
@@ -268,7 +275,8 @@ def validate(args: TrainArgs) -> None:
         if value is not None and value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be positive")
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
-                 "eval_interval", "log_interval", "save_interval", "tensor_model_parallel_size"):
+                 "eval_interval", "log_interval", "save_interval", "tensor_model_parallel_size",
+                 "pipeline_model_parallel_size"):
         positive(name, getattr(args, name))
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are mutually exclusive: choose one precision")

@@ -28,7 +28,7 @@ from . import ds_config, lifecycle
 from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
-from . import finetune, lora_run
+from . import finetune, lora_run, pipeline_run
 
 
 def _loss_scale(optimizer) -> Optional[float]:
@@ -107,7 +107,10 @@ class Trainer:
         runtime.fault_point("model")
 
         ps.seed(args.seed)
-        model = GPTModel(self.config, ps, seed=args.seed)
+        if ps.pp_size > 1:  # this stage's parameters only (training/pipeline_run.py)
+            model = pipeline_run.build_model(self.config, ps, self.pp_counts, args.seed)
+        else:
+            model = GPTModel(self.config, ps, seed=args.seed)
         if self.base is not None:  # weights only, from any TP size
             _, full = load_full_state_dict(Path(self.base), trust=args.trust_checkpoint)
             model.load_state_dict(shard_state_dict(full, model))
@@ -118,6 +121,11 @@ class Trainer:
         if args.lora_rank:
             lora_run.setup_lora(model, args, self.log)
         self.model = model
+        # what the optimizer steps: the model, or this stage's DeepSpeed PipelineModule (whose
+        # grid's groups our layers then use: the same rank layout)
+        trained = self.pipe = model
+        if ps.pp_size > 1:
+            trained = self.pipe = pipeline_run.build_module(model, ps, self.pp_counts)
         if self.precision == "fp16" and ps.device.type == "cpu" and \
                 not get_accelerator().is_fp16_supported():
             # DeepSpeed refuses fp16 on CPUs without native fp16 arithmetic; PyTorch emulates it
@@ -135,7 +143,7 @@ class Trainer:
                 extra = {"adamw_mode": True}
             else:
                 adamw, extra = torch.optim.AdamW, {}
-            optimizer = adamw(param_groups(model, args.weight_decay), lr=args.lr,
+            optimizer = adamw(param_groups(trained, args.weight_decay), lr=args.lr,
                               betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **extra)
         if "scheduler" not in ds:  # ours, around whichever optimizer DeepSpeed ends up stepping
             scheduler = lambda opt: ScheduledLR(opt, self._schedule())  # noqa: E731
@@ -144,9 +152,15 @@ class Trainer:
             for p in {id(model.embed.weight): model.embed.weight,
                       id(model.output_weight()): model.output_weight()}.values():
                 deepspeed.zero.register_external_parameter(model, p)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
-            model_parameters=None if optimizer else param_groups(model, args.weight_decay))
+        if ps.pp_size > 1:  # DeepSpeed's PipelineEngine over the stage
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
+            pipeline_run.install_clipping(self.engine, ps)
+        else:
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
+                model_parameters=None if optimizer else param_groups(model, args.weight_decay))
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
@@ -223,6 +237,10 @@ class Trainer:
         self.ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
         self.config = model_config(args, self.tokenizer.vocab_size, sparse)
         self.config.validate_parallel(ps.tp_size)
+        self.pp_counts = None
+        if ps.pp_size > 1:
+            self.pp_counts = pipeline_run.check(args, self.ds, self.config, ps, self.log)
+            self.log(ps.layout() + "\n" + pipeline_run.describe(self.config, self.pp_counts, args, ps))
         self.tokens_per_iter = self.ds["train_batch_size"] * args.seq_length
         self.flops_per_iter = flops_per_token(self.config, args.seq_length) * self.tokens_per_iter
         self.peak = device_peak_tflops(args.peak_tflops)
@@ -294,6 +312,9 @@ class Trainer:
                                     micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
                                     dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
                                     num_workers=self.args.num_workers, seed=self.args.seed))
+        if self.ps.pp_size > 1:  # DeepSpeed's ((inputs), (labels)) pairs
+            return pipeline_run.PipeBatches(it, self.tokenizer.eod, self.args.eod_mask_loss,
+                                            self.ps.device)
         if self.args.dataset_type == "sft":  # loss = mean over the global batch's target tokens
             it = finetune.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
                                      packed=self.args.sft_packing == "packed")
@@ -330,6 +351,8 @@ class Trainer:
             self.consumed += self.ds["train_batch_size"]
             self.log(f"iteration {self.iteration}: batch skipped (--iterations-to-skip)")
             return {"loss": float("nan"), "grad_norm": None, "skipped": 0, "data_skipped": True}
+        if self.ps.pp_size > 1:
+            return pipeline_run.train_step(self, data_iter)
         losses, norm = [], None
         inject = self.guards.inject("overflow", self.iteration + 1)
         spike = self.guards.inject("spike", self.iteration + 1)
@@ -456,8 +479,11 @@ class Trainer:
                 self.consumed_valid, data_iter = 0, None  # resumed/extended run starts over
             if data_iter is None:
                 data_iter = self._loader(valid, self.consumed_valid)
-            for _ in range(accum):
-                losses.append(self._forward(next(data_iter)).float().item())
+            if self.ps.pp_size > 1:  # loss broadcast from the last stage
+                losses.append(pipeline_run.eval_batch(self, data_iter))
+            else:
+                for _ in range(accum):
+                    losses.append(self._forward(next(data_iter)).float().item())
             self.consumed_valid += gb
         self.engine.train()
         val = self._dp_mean(sum(losses) / len(losses))
