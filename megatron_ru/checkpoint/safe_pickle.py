@@ -19,6 +19,7 @@ executed; only names DeepSpeed may rebuild for real pass (no stand-ins there). S
 """
 from __future__ import annotations
 
+import _compat_pickle
 import functools
 import importlib
 import io
@@ -115,6 +116,16 @@ def allowed() -> dict:
     return {k: v for k, v in table.items() if v is not None}
 
 
+def py3_name(module: str, name: str) -> tuple[str, str]:
+    """(module, name) with Python 2's names mapped as pickle maps them (`__builtin__.set` is builtins.set)."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def canonical(module: str, name: str) -> str:
+    return "{}.{}".format(*py3_name(module, name))
+
+
 def scan_allows(full: str) -> bool:
     """Whether a file DeepSpeed opens itself may name `full` (it rebuilds them for real)."""
     return full in allowed() or full in DEEPSPEED_TYPES
@@ -129,6 +140,7 @@ class SafeUnpickler(pickle.Unpickler):
     trust = False
 
     def find_class(self, module, name):
+        module, name = py3_name(module, name)
         full = f"{module}.{name}"
         obj = self.extra.get(full, allowed().get(full))
         if obj is not None:
@@ -184,11 +196,11 @@ def pickle_globals(data: bytes) -> list[str]:
     for op, arg, _ in pickletools.genops(data):
         if op.name in ("GLOBAL", "INST"):
             module, _, name = arg.partition(" ")
-            names.append(f"{module}.{name}")
+            names.append(canonical(module, name))
         elif op.name == "STACK_GLOBAL":
             module, name = (stack[-2], stack[-1]) if len(stack) >= 2 else (_UNKNOWN, _UNKNOWN)
             ok = isinstance(module, str) and isinstance(name, str)
-            names.append(f"{module}.{name}" if ok else "?")
+            names.append(canonical(module, name) if ok else "?")
         elif op.name in ("EXT1", "EXT2", "EXT4"):
             names.append("?")
         if op.name in _PUT_OPS or op.name == "MEMOIZE":
