@@ -48,7 +48,7 @@ class ServerProcess:
         return "\n".join(self.lines)
 
     def http(self, **kwargs) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=120, trust_env=False, **kwargs)
+        return httpx.Client(base_url=self.url, trust_env=False, **{"timeout": 120, **kwargs})
 
     def openai(self, api_key: str = "none"):
         import openai
