@@ -39,10 +39,12 @@ class _DCPUnpickler(SafeUnpickler):
 def _dcp_types() -> dict:
     """The classes a DCP `.metadata` pickle names (torch's dataclasses, a path), beyond the allow-list."""
     import pathlib
-    from torch.distributed.checkpoint import filesystem, metadata
+    from torch.distributed.checkpoint import filesystem, metadata, planner
     names = [(metadata, n) for n in ("Metadata", "TensorStorageMetadata", "BytesStorageMetadata",
                                      "ChunkStorageMetadata", "TensorProperties", "MetadataIndex",
                                      "StorageMeta", "_MEM_FORMAT_ENCODING")] + [(filesystem, "_StorageInfo")]
+    names += [(planner, n) for n in ("SavePlan", "WriteItem", "WriteItemType", "TensorWriteData",
+                                     "LoadPlan", "ReadItem", "LoadItemType")]  # Megatron's planner_data
     out = {f"{m.__name__}.{n}": getattr(m, n) for m, n in names if hasattr(m, n)}
     out.update({f"pathlib.{n}": getattr(pathlib, n) for n in ("PosixPath", "PurePosixPath")})
     return out
