@@ -12,8 +12,11 @@ Layout of `PREFIX.idx` (all little-endian), identical to Megatron-LM's `_IndexWr
     (int8[S]  sequence modes, only in Megatron's multimodal files; tolerated, ignored)
 `PREFIX.bin` is the tokens of all sequences back to back in the dtype above.
 """
+import faulthandler
 import os
 import struct
+import sys
+import weakref
 
 import numpy as np
 
@@ -148,6 +151,75 @@ class IndexedDatasetBuilder:
         return False
 
 
+def _check_dtype_fits(idx_path, bin_path, code, tokens, bin_size):
+    """A .bin too short for the token count at the index's dtype but exactly right at a narrower
+    one: the .idx dtype byte (or the pairing of the files) is wrong; say so rather than 'truncated'.
+    (A .bin too long is left to data/validate.py, which reports a narrower dtype code.)"""
+    itemsize = np.dtype(DTYPE_CODES[code]).itemsize
+    if not tokens or bin_size >= tokens * itemsize or bin_size % tokens:
+        return
+    fits = [f"{c} ({np.dtype(t).name})" for c, t in DTYPE_CODES.items()
+            if c != code and np.dtype(t).itemsize * tokens == bin_size]
+    if fits:
+        raise IndexedDatasetError(
+            f"{idx_path}: dtype code {code} ({np.dtype(DTYPE_CODES[code]).name}, {itemsize} bytes per token) "
+            f"disagrees with the size of {bin_path}: {tokens} tokens need {tokens * itemsize} bytes, the file "
+            f"has {bin_size} = {bin_size // tokens} bytes per token (dtype code {' or '.join(fits)}); the "
+            "index's dtype byte is wrong or the .bin belongs to another index")
+
+
+class FileWatch:
+    """(size, mtime_ns, inode) of files recorded when opened, re-checked with os.fstat on demand
+    (about a microsecond per file): a memory-mapped file truncated or rewritten under a run would
+    otherwise end it with a bare SIGBUS (or feed it other tokens). Picklable: the descriptors are
+    reopened by path in a new process."""
+
+    def __init__(self, paths):
+        self.paths = list(paths)
+        self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+        self.stamps = [self._stamp(os.fstat(fd)) for fd in self._fds]
+        self._finalizer = weakref.finalize(self, _close_all, list(self._fds))
+        _enable_faulthandler()
+
+    @staticmethod
+    def _stamp(st):
+        return st.st_size, st.st_mtime_ns, st.st_ino
+
+    def check(self):
+        if self._fds is None:  # unpickled in another process
+            self._fds = [os.open(p, os.O_RDONLY) for p in self.paths]
+            self._finalizer = weakref.finalize(self, _close_all, list(self._fds))
+        for path, fd, stamp in zip(self.paths, self._fds, self.stamps):
+            now = self._stamp(os.fstat(fd))
+            if now != stamp:
+                what = (f"size {stamp[0]} → {now[0]} bytes" if now[0] != stamp[0]
+                        else "rewritten in place, same size")
+                raise IndexedDatasetError(
+                    f"{path} changed under the run ({what}): a memory-mapped data file must stay as "
+                    "it was when the run opened it; restore it, or restart the run on the new data")
+
+    def __getstate__(self):
+        return {"paths": self.paths, "stamps": self.stamps, "_fds": None, "_finalizer": None}
+
+
+def _close_all(fds):
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _enable_faulthandler():
+    """Last resort for the race the check cannot close (a file cut while a sample is copied): a
+    SIGBUS then prints the Python stack, naming this module, instead of only 'Bus error'."""
+    if not faulthandler.is_enabled():
+        try:
+            faulthandler.enable(file=sys.__stderr__)
+        except (AttributeError, ValueError, RuntimeError, OSError):
+            pass
+
+
 class IndexedDataset:
     """Read-only, memory-mapped view of a Megatron `.bin/.idx` pair; `ds[i]` is sequence i."""
 
@@ -180,11 +252,14 @@ class IndexedDataset:
         self.sizes = np.frombuffer(self._idx, dtype="<i4", count=n_seq, offset=off)
         self.pointers = np.frombuffer(self._idx, dtype="<i8", count=n_seq, offset=off + 4 * n_seq)
         self.document_indices = np.frombuffer(self._idx, dtype="<i8", count=n_doc, offset=off + 12 * n_seq)
-        total_bytes = int(self.sizes.sum(dtype=np.int64)) * self.dtype.itemsize
+        tokens = int(self.sizes.sum(dtype=np.int64))
+        total_bytes = tokens * self.dtype.itemsize
         bin_size = os.path.getsize(bin_path)
+        _check_dtype_fits(idx_path, bin_path, code, tokens, bin_size)
         if bin_size < total_bytes:
             raise IndexedDatasetError(f"{bin_path} is truncated: {bin_size} bytes, index {idx_path} "
                                       f"needs {total_bytes}")
+        self._watch = FileWatch([idx_path, bin_path])
         # np.memmap refuses empty files; an empty dataset gets an empty array instead.
         self._bin = np.memmap(bin_path, mode="r", dtype=self.dtype) if bin_size else np.empty(0, self.dtype)
 
@@ -201,7 +276,9 @@ class IndexedDataset:
         return self._bin
 
     def get(self, idx, offset=0, length=None):
-        """Tokens [offset, offset+length) of sequence `idx` as a view (no copy)."""
+        """Tokens [offset, offset+length) of sequence `idx` as a view (no copy); first checks that
+        neither file changed since it was opened (a truncated memory map would kill the process)."""
+        self._watch.check()
         start = int(self.pointers[idx]) // self.dtype.itemsize + offset
         size = int(self.sizes[idx]) - offset if length is None else length
         return self._bin[start:start + size]
@@ -211,5 +288,6 @@ class IndexedDataset:
 
     def document(self, doc):
         """All tokens of document `doc` (its sequences concatenated)."""
+        self._watch.check()
         lo, hi = self.document_indices[doc], self.document_indices[doc + 1]
         return np.concatenate([self.get(i) for i in range(lo, hi)]) if hi > lo else self._bin[:0]
