@@ -32,7 +32,8 @@ from ..parallel.sharding import shard, unshard
 from ..parallel.state import ParallelState
 from ..errors import UsageError
 from ..files import atomic_path, atomic_write_text
-from . import safe_pickle
+from .config_checks import check_bounds, check_layer_count
+from . import pipeline_files, safe_pickle
 from .safe_pickle import UnsafeCheckpointError
 
 FORMAT = "megatron_ru"
@@ -84,9 +85,11 @@ def read_own_config(directory: Path) -> tuple[ModelConfig, dict]:
     if meta.get("format") != FORMAT or "model" not in meta:
         raise CheckpointError(f"{path} does not describe a {FORMAT} model")
     try:
-        return ModelConfig.from_dict(meta["model"]), meta
+        config = ModelConfig.from_dict(meta["model"])
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: {exc}") from None
+    check_bounds(config, path)  # the weights' shapes are compared when they are read (LazyFullState)
+    return config, meta
 
 
 def latest_tag(directory: Path) -> str:
@@ -199,7 +202,10 @@ def load_own_state_dict(directory: Path, tag: Optional[str] = None, *,
     tp = int(meta.get("tensor_model_parallel_size", 1))
     if zero3_files(directory, tag, tp) and not (Path(directory) / tag / "mp_rank_00_model_states.pt").is_file():
         return config, load_zero3(Path(directory), tag, config, tp, trust=trust)  # in the optimizer partitions
-    loaders = [functools.partial(load_module, f, trust=trust) for f in rank_files(directory, tag, tp)]
+    if pipeline_files.is_pipeline(Path(directory) / tag):  # a PP run: DeepSpeed's layer files
+        loaders = pipeline_files.loaders(Path(directory) / tag, tp, config.num_layers, trust=trust)
+    else:
+        loaders = [functools.partial(load_module, f, trust=trust) for f in rank_files(directory, tag, tp)]
     return config, LazyFullState(config, loaders, Path(directory) / tag)
 
 
@@ -269,8 +275,10 @@ class LazyFullState(Mapping):
     def __init__(self, config: ModelConfig, loaders: list, source, own_memory: bool = True) -> None:
         self.config, self.loaders, self.source = config, list(loaders), source
         self.own_memory = own_memory
-        self.specs = shard_specs(config, len(self.loaders))
         shapes = [{k: tuple(v.shape) for k, v in load().items()} for load in self.loaders]
+        # the layer count first: a config may claim 10^6 layers the model below would build
+        check_layer_count(config.num_layers, shapes[0], r"blocks\.(\d+)\.", source)
+        self.specs = shard_specs(config, len(self.loaders))
         check_weights_match_config(config, shapes, source)
         self.shapes = {}
         for name, spec in self.specs.items():

@@ -9,7 +9,6 @@ loadable by generate.py and converters without the original flags.
 """
 from __future__ import annotations
 
-import errno
 import os
 import random
 import shutil
@@ -24,7 +23,8 @@ from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
 from ..files import atomic_path, atomic_write_text
-from . import safe_pickle
+from . import pipeline_files, safe_pickle
+from . import save_dir
 from .load import read_config
 from .model_io import (CheckpointError, check_weights_match_config, latest_tag, load_module, model_files,
                        write_config, zero3_files, zero3_shapes)
@@ -64,7 +64,7 @@ def set_rng_state(state: dict, ps: ParallelState) -> None:
 
 
 def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weights_only: bool,
-                     tag: Optional[str] = None, trust: bool = False) -> str:
+                     tag: Optional[str] = None, trust: bool = False, pp_size: int = 1) -> str:
     """Raise naming every differing field when the checkpoint's model is not this run's, or when
     a file DeepSpeed will unpickle names a global outside the allow-list (`trust`: no scan)."""
     saved, meta = read_config(Path(directory), trust=trust)
@@ -83,7 +83,25 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
     if not weights_only and src_tp != tp_size:
         raise ConfigError(f"resuming {directory} (saved at TP={src_tp}) at TP={tp_size} would lose "
                           "the optimizer state; use --finetune to load the weights at a new TP size")
+    src_pp = int(meta.get("pipeline_model_parallel_size", 1))
+    if not weights_only and src_pp != pp_size:
+        raise ConfigError(f"resuming {directory} (saved at PP={src_pp}) at PP={pp_size}: DeepSpeed's "
+                          "pipeline state does not reshard; use --finetune to load the weights at "
+                          "a new pipeline size")
     tag = tag or latest_tag(Path(directory))
+    tag_dir = Path(directory) / tag
+    if pipeline_files.is_pipeline(tag_dir):  # a PP run: weights in DeepSpeed's layer files
+        model = sorted(pipeline_files.layer_files(tag_dir).values())
+        states = [pipeline_files.rank_state(tag_dir, r, saved.num_layers, trust=trust)
+                  for r in range(src_tp)]
+        check_weights_match_config(saved, [{k: tuple(v.shape) for k, v in st.items()} for st in states],
+                                   tag_dir)
+        for f in sorted(set(model) | (set(tag_dir.glob("*.pt")) if not weights_only else set())):
+            if not zipfile.is_zipfile(f):
+                raise CheckpointError(f"{f} is corrupted or truncated (not a readable torch archive)")
+        if not weights_only:
+            safe_pickle.check_tree(tag_dir, trust=trust)
+        return tag
     model = model_files(Path(directory), tag, src_tp)
     files = set(model)
     if not weights_only:  # resuming reads the optimizer shards too
@@ -124,53 +142,111 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
             shutil.copyfile(src, tmp)
 
 
+class _HeldWrites:
+    """DeepSpeed's checkpoint engine with the first write error of this rank held instead of
+    raised (later writes are skipped), so every rank still reaches DeepSpeed's closing barrier
+    and the ranks then agree on the save's outcome. Its makedirs error is held too (DeepSpeed
+    would log and swallow it, and torch then reports a missing parent directory)."""
+
+    def __init__(self, engine) -> None:
+        self.target = getattr(engine, "checkpoint_engine", None)
+        self.error: Optional[BaseException] = None
+
+    def _held(self, write):
+        def call(*args, **kwargs):
+            if self.error is not None:
+                return None
+            try:
+                return write(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - held, then agreed by every rank
+                self.error = exc
+                return None
+        return call
+
+    def __enter__(self) -> "_HeldWrites":
+        if self.target is not None:
+            for name in ("save", "makedirs"):
+                setattr(self.target, name, self._held(getattr(self.target, name)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.target is not None:
+            for name in ("save", "makedirs"):
+                vars(self.target).pop(name, None)
+
+
 def save_training_checkpoint(engine, directory: str, iteration: int, client_state: dict,
                              config: ModelConfig, ps: ParallelState,
                              tokenizer_files: Optional[dict] = None,
                              needed_bytes: Optional[int] = None, trainable_only: bool = False) -> Path:
-    """Collective: every rank calls it. On any error the partial `<tag>.tmp` is removed and the
-    previous checkpoint stays `latest`; a full disk is named as such with the size needed.
+    """Collective: every rank calls it. Three phases (rank 0 prepares, every rank writes through
+    DeepSpeed, rank 0 renames and writes `latest`), each ending in an agreement, so a failure on
+    any rank stops every rank together with one line: a full disk or a directory that stopped
+    accepting files is named as such (`save_dir.save_failure`). On any failure the partial
+    `<tag>.tmp` is removed and the previous checkpoint stays `latest`.
     `trainable_only` (a LoRA run): frozen parameters are left out and no config.json is written
     (the directory is an adapter directory pointing at its base, checkpoint/lora_files.py)."""
     root = Path(directory)
     tag = f"iter_{iteration:07d}"
     tmp, final = root / f"{tag}.tmp", root / tag
-    try:
+
+    def phase(work) -> None:
+        error = None
+        try:
+            work()
+        except Exception as exc:  # noqa: BLE001 - agreed below
+            error = save_dir.save_failure(exc, root, tag, needed_bytes)
+        runtime.agree(ps, error)
+
+    def prepare() -> None:
         if ps.rank == 0:
             root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a killed save
             if tokenizer_files:
                 _copy_tokenizer(root, tokenizer_files)
-        ps.barrier()
-        runtime.fault_point("save", iteration)
-        engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state, save_latest=False,
-                               exclude_frozen_parameters=trainable_only)
-        ps.barrier()
-        if ps.rank == 0:
-            tokenizer = None
-            if tokenizer_files:
-                tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
-                             for k, v in tokenizer_files.items()}
-            runtime.fault_point("save_config", iteration)
-            if not trainable_only:
-                write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer)
-            old = root / f"{tag}.old"
-            if final.exists():
-                final.rename(old)
+
+    def write() -> None:
+        with _HeldWrites(engine) as held:
+            try:
+                runtime.fault_point("save", iteration)  # fails like a write: held, then agreed
+            except Exception as exc:  # noqa: BLE001
+                held.error = exc
+            engine.save_checkpoint(str(root), tag=tmp.name, client_state=client_state,
+                                   save_latest=False, exclude_frozen_parameters=trainable_only)
+        if held.error is not None:
+            raise held.error
+
+    def commit() -> None:
+        if ps.rank != 0:
+            return
+        tokenizer = None
+        if tokenizer_files:
+            tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
+                         for k, v in tokenizer_files.items()}
+        runtime.fault_point("save_config", iteration)
+        if not trainable_only:
+            write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer,
+                         **({"pipeline_model_parallel_size": ps.pp_size} if ps.pp_size > 1 else {}))
+        old = root / f"{tag}.old"
+        if final.exists():  # the same tag saved again (a rollback records its skipped window)
+            final.rename(old)
+        try:
             tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
             atomic_write_text(root / "latest", tag + "\n")
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if exc.errno == errno.ENOSPC:
-            need = f" (one checkpoint needs about {needed_bytes / 2**30:.2f} GiB)" if needed_bytes else ""
-            raise OSError(errno.ENOSPC, f"No space left on device while saving {tag} to {root}"
-                          f"{need}; the previous checkpoint stays `latest`") from None
-        raise
+        except BaseException:
+            if final.exists() and not tmp.exists():
+                final.rename(tmp)  # removed below
+            if old.exists():
+                old.rename(final)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+    try:
+        for work in (prepare, write, commit):
+            phase(work)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    ps.barrier()
     return final
 
 

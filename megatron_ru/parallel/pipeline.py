@@ -150,10 +150,10 @@ class _Piece(nn.Module):
 class EmbedPipe(_Piece):
     """tokens (B, T) → hidden (B, T, H); as the tied head: hidden → logits (`head_forward`)."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, head: bool = False) -> None:
         super().__init__(model)
         self.embed = model.embed
-        self.pos_embed = model.pos_embed
+        self.pos_embed = None if head else model.pos_embed  # the head copy needs the table only
 
     def forward(self, tokens):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
@@ -221,8 +221,10 @@ def owned_prefixes(config: ModelConfig, counts: list[int], stage: int) -> list[s
     start = sum(counts[:stage])
     out = [f"blocks.{i}." for i in range(start, start + counts[stage])]
     last = stage == len(counts) - 1
-    if stage == 0 or (last and config.tie_word_embeddings):
+    if stage == 0:
         out += ["embed.", "pos_embed."]
+    if last and config.tie_word_embeddings:
+        out += ["embed."]
     if last:
         out += ["final_norm.", "lm_head."]
     return out
@@ -263,8 +265,8 @@ def build_pipeline_module(model, ps, counts: list[int], *, topology=None):
     layers += [BlockPipe(model, i) if i in mine else _Placeholder() for i in range(cfg.num_layers)]
     layers.append(FinalNormPipe(model) if ps.is_last_stage else _Placeholder())
     if cfg.tie_word_embeddings:
-        layers.append(TiedLayerSpec("embed", EmbedPipe, model, forward_fn=head_forward,
-                                    tied_weight_attr=["embed.weight"]))
+        layers.append(TiedLayerSpec("embed", EmbedPipe, model, head=not ps.is_first_stage,
+                                    forward_fn=head_forward, tied_weight_attr=["embed.weight"]))
     else:
         layers.append(HeadPipe(model) if ps.is_last_stage else _Placeholder())
     parts = ",".join(str(p) for p in stage_bounds(counts))

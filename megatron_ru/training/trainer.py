@@ -266,7 +266,8 @@ class Trainer:
                                   trust=args.trust_checkpoint)
         elif self.resume_tag is not None:
             ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
-                                  tag=self.resume_tag, trust=args.trust_checkpoint)
+                                  tag=self.resume_tag, trust=args.trust_checkpoint,
+                                  pp_size=ps.pp_size)
         else:
             self.base = args.load if args.finetune else args.pretrained_checkpoint
             if self.base is not None:
@@ -417,11 +418,12 @@ class Trainer:
                                    or self.iteration == a.train_iters):
                 self.task_eval.run(self.model, self.iteration)
             if a.save and a.save_interval and self.iteration % a.save_interval == 0 and \
-                    not self.guards.consecutive:  # never in a run of non-finite (skipped) steps
+                    self.guards.may_save():  # never from a diverged state or inside a bad streak
                 t_save = time.perf_counter()
                 self.save()
                 saved_at, stop.last_save_s = self.iteration, time.perf_counter() - t_save
         if stop.reason is not None:
+            self.guards.refuse_unsafe(f"stopped by {stop.reason}")  # exit 3, nothing saved
             if a.save and saved_at != self.iteration:
                 path = self.save()
                 where = f"checkpoint {path} saved; resume with --load {a.save}"
@@ -435,6 +437,7 @@ class Trainer:
             return history
         if a.eval_iters and self.data[1] is not None and self.iteration % a.eval_interval:
             self.evaluate()
+        self.guards.refuse_unsafe(f"end of the run, --train-iters {a.train_iters}")
         if a.save and saved_at != self.iteration:  # a resumed run that had nothing to do
             self.save()
         self.sink.close()
@@ -494,6 +497,7 @@ class Trainer:
 
     def save(self) -> Path:
         a = self.args
+        self.guards.refuse_unsafe("at a save")  # a diverged state never replaces a checkpoint
         client = {"iteration": self.iteration, "consumed_samples": self.consumed,
                   "consumed_valid_samples": self.consumed_valid, "rng": ckpt.rng_state(self.ps),
                   **self.guards.client_state()}

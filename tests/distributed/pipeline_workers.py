@@ -1,0 +1,111 @@
+"""Per-rank bodies of the pipeline-parallel tests (gloo on CPU, DeepSpeed's PipelineEngine).
+
+Every rank builds the single-process reference GPTModel from the same seed, runs the same
+micro-batches through it, and compares its own stage's (and TP shard's) gradients with the
+reference's; tied embedding copies are compared across the first and last stage.
+"""
+import torch
+import torch.distributed as dist
+
+from megatron_ru import GPTModel, ModelConfig, ParallelState
+from megatron_ru.parallel.sharding import shard
+from megatron_ru.training import pipeline_run
+from tests.helpers import assert_rel_close
+
+CONFIGS = {
+    "gpt3": dict(family="gpt3", num_layers=4, hidden_size=32, num_attention_heads=4,
+                 ffn_hidden_size=64, vocab_size=200, max_position_embeddings=32,
+                 hidden_dropout=0.0, attention_dropout=0.0),
+    "llama": dict(family="llama", num_layers=4, hidden_size=32, num_attention_heads=4,
+                  num_key_value_heads=2, ffn_hidden_size=48, vocab_size=200,
+                  max_position_embeddings=32, hidden_dropout=0.0, attention_dropout=0.0),
+}
+MICRO, ACCUM, SEQ = 2, 4, 16
+
+
+def _batches(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        text = torch.randint(0, 200, (MICRO, SEQ + 1), generator=g)
+        mask = (torch.rand(MICRO, SEQ, generator=g) > 0.2).float()
+        out.append((text[:, :-1], (text[:, 1:], mask)))
+    return out
+
+
+def _engine(cfg, ps, counts, lr):
+    import deepspeed
+
+    model = pipeline_run.build_model(cfg, ps, counts, seed=3)
+    module = pipeline_run.build_module(model, ps, counts)
+    ds = {"train_batch_size": MICRO * ACCUM * ps.dp_size, "train_micro_batch_size_per_gpu": MICRO,
+          "gradient_accumulation_steps": ACCUM, "gradient_clipping": 1.0, "steps_per_print": 10**9}
+    opt = torch.optim.SGD(module.parameters(), lr=lr)
+    engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
+    pipeline_run.install_clipping(engine, ps)
+    return model, engine
+
+
+def _compare_grad(name, p, grad, ref_grad, cfg, ps, family):
+    if name in ("embed.weight", "lm_head.weight"):  # vocabulary rows, padded per TP size
+        v_local = p.shape[0]
+        start = ps.tp_rank * v_local
+        real = max(0, min(start + v_local, cfg.vocab_size) - start)
+        assert_rel_close(grad[:real], ref_grad[start:start + real], 1e-5, f"{family} {name} grad")
+        return
+    spec = getattr(p, "shard_spec", None)
+    assert_rel_close(grad, shard(ref_grad, spec, ps.tp_rank, ps.tp_size), 1e-5, f"{family} {name} grad")
+
+
+def grads_and_tied_weights(rank, world, tp, pp):
+    """One step's gradients (every parameter of every stage) equal the single process's; the
+    tied embedding's two copies stay identical over 20 steps (gpt3)."""
+    ps = ParallelState.from_environment(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+    for family, kwargs in CONFIGS.items():
+        cfg = ModelConfig(**kwargs)
+        counts = pipeline_run.pipeline.split_layers(cfg, pp, "uniform")
+        batches = _batches(ACCUM * ps.dp_size, seed=11)
+        # reference: the same micro-batches (all DP ranks' ones), mean loss, one process
+        ref = GPTModel(cfg, None, seed=3)
+        for tokens, (labels, mask) in batches:
+            (ref(tokens, labels=labels, loss_mask=mask) / len(batches)).backward()
+        ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+        total = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
+
+        model, engine = _engine(cfg, ps, counts, lr=0.0)
+        captured = {}
+        clip = engine.clip_fp32_gradients
+
+        def snapshot():
+            names = {id(p): n for n, p in model.named_parameters() if not p.is_meta}
+            for p in engine.module.parameters():
+                if p.grad is not None:
+                    captured[names[id(p)]] = (p, p.grad.detach().clone())
+            clip()
+
+        engine.clip_fp32_gradients = snapshot
+        mine = batches[ps.dp_rank * ACCUM:(ps.dp_rank + 1) * ACCUM]
+        loss = engine.train_batch(data_iter=iter(mine))
+        ref_loss = sum(ref(t, labels=l, loss_mask=m).item() for t, (l, m) in batches) / len(batches)
+        assert abs(float(loss) - ref_loss) <= 1e-6 * abs(ref_loss), (family, float(loss), ref_loss)
+        assert abs(engine.get_global_grad_norm() - total) <= 1e-5 * total, (family, total)
+        expected = set(n for n, p in model.named_parameters() if not p.is_meta)
+        assert set(captured) == expected and expected, (family, set(captured) ^ expected)
+        for name, (p, grad) in captured.items():
+            _compare_grad(name, p, grad, ref_grads[name], cfg, ps, family)
+
+        if cfg.tie_word_embeddings:  # 20 steps with a real learning rate: copies stay equal
+            model, engine = _engine(cfg, ps, counts, lr=0.5)
+            for step in range(20):
+                engine.train_batch(data_iter=iter(_batches(ACCUM, seed=100 + step)))
+            w = model.embed.weight.detach()
+            first = ps.rank - ps.pp_rank * (world // pp)
+            last = first + (pp - 1) * (world // pp)
+            if ps.rank in (first, last):
+                other = torch.empty_like(w)
+                peer = last if ps.rank == first else first
+                reqs = [dist.isend(w.contiguous(), peer), dist.irecv(other, peer)]
+                for r in reqs:
+                    r.wait()
+                assert torch.equal(w, other), f"tied embedding copies differ on rank {ps.rank}"
+        dist.barrier()
