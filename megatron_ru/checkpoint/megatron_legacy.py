@@ -17,6 +17,7 @@ from typing import Optional
 import torch
 
 from ..config import ConfigError, ModelConfig
+from .config_checks import check_bounds
 from .model_io import CheckpointError, merge_shards, read_file, rename_key
 from .rugpts import side_facts, rename as rugpts_rename
 
@@ -126,6 +127,7 @@ def config_from_args(args, vocab_hint: Optional[int], source, *, core: bool = Fa
     if vocab == padded:
         print(f"warning: real vocabulary size of {source} unknown; keeping all {padded} rows "
               "(pass --vocab-size)", flush=True)
+    check_bounds(a, source)  # before any per-layer work (Megatron's args use our names)
     try:
         return ModelConfig(family="llama" if llama else "gpt3", num_layers=a["num_layers"],
                            hidden_size=a["hidden_size"], num_attention_heads=heads,

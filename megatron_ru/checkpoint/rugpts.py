@@ -19,6 +19,7 @@ import torch
 
 from ..config import PRESETS, ConfigError, ModelConfig
 from ..model.sparsity import layout_for_tp_rank, sparse_layer_indices
+from .config_checks import check_bounds, check_layer_count
 from .model_io import CheckpointError, load_module, merge_shards, rename_key
 
 RENAMES = [(r"^word_embeddings\.", "embed."), (r"^position_embeddings\.", "pos_embed."),
@@ -122,6 +123,7 @@ def infer_config(directory: Path, tag_dir: Path, states: list, rank_layouts: lis
             raise CheckpointError(f"{tag_dir}: tensor {name} (ru-gpts name) is missing")
     hidden = s0["embed.weight"].shape[1]
     layers = 1 + max(int(k.split(".")[1]) for k in s0 if k.startswith("blocks."))
+    check_layer_count(layers, s0, r"blocks\.(\d+)\.", tag_dir, "the highest layer number + 1")
     padded = sum(s["embed.weight"].shape[0] for s in states)
     side = side_facts(directory, tag_dir)
     preset = next((p for p in PRESETS.values() if p.get("family") == "gpt3"
@@ -158,6 +160,7 @@ def infer_config(directory: Path, tag_dir: Path, states: list, rank_layouts: lis
                              sparse_attention=sparse, sparse_mode=mode)
     except ConfigError as exc:
         raise CheckpointError(f"{tag_dir}: {exc}") from None
+    check_bounds(config, tag_dir)  # sizes read from side files, or a lying layer name
     if layouts:
         config.sparse_ru_gpts_head_indexing = _head_indexing(config, rank_layouts, tag_dir)
     return config
