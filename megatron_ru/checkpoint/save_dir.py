@@ -7,9 +7,13 @@
 - `remove_leftovers` — `iter_*.tmp` / `iter_*.old` directories of an interrupted save are named
   and removed; the checkpoint `latest` names is never touched.
 - `prune` — keep the K newest complete checkpoints (never the one `latest` names).
+- `save_failure` — what a failed save means, in one line: a full disk (ENOSPC in any form: an
+  OSError, a message, or torch's zip-writer error on a file system with almost nothing free) or a
+  directory that stopped accepting files; other errors pass through unchanged.
 """
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -18,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from ..errors import EXIT_FAILURE, EXIT_USAGE
 from .model_io import CheckpointError
 
 TAG_RE = re.compile(r"^iter_(\d{7,})$")
@@ -171,3 +176,99 @@ def prune(directory: str, keep: int, latest: str) -> list[str]:
     for tag in excess:
         shutil.rmtree(Path(directory) / tag, ignore_errors=True)
     return excess
+
+
+# ---- a save that failed ---------------------------------------------------------------------
+# A write that fails while the file system has less than this free was stopped by the full disk,
+# whatever the writer called it (torch's zip writer: "unexpected pos 15296 vs 15190").
+DISK_FULL_MARGIN = 4 << 20
+_NOT_WRITABLE = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+class SaveFailed(OSError):
+    """A save stopped by its directory (full disk: exit 1; no longer writable: exit 2). str() is
+    the one line itself, without OSError's `[Errno N]`."""
+
+    def __init__(self, code: int, message: str, exit_code: int) -> None:
+        super().__init__(code, message)
+        self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def free_bytes(path: Path) -> Optional[int]:
+    """Bytes this process may still write on `path`'s file system (root may use the reserve)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    blocks = st.f_bfree if hasattr(os, "geteuid") and os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def _says_no_space(exc: BaseException) -> bool:
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "ENOSPC" in text or "Disk quota exceeded" in text:
+            return True
+    return False
+
+
+def _refused(exc: BaseException) -> Optional[OSError]:
+    """The permission / read-only error in `exc`'s chain, or None."""
+    for e in _chain(exc):
+        if isinstance(e, OSError) and e.errno in _NOT_WRITABLE:
+            return e
+    return None
+
+
+def _probe_refused(root: Path) -> Optional[OSError]:
+    """Whether `root` refuses a new file now (DeepSpeed logs and swallows its own makedirs
+    error, and torch then says "Parent directory ... does not exist")."""
+    probe = root / f".write_test.{socket.gethostname()}.{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_WRONLY, 0o644)
+    except OSError as e:
+        return e if e.errno in _NOT_WRITABLE else None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+    return None
+
+
+def _previous(root: Path) -> str:
+    tag = latest_or_newest(str(root))
+    return f"the previous checkpoint {tag} stays latest" if tag else \
+        f"no earlier checkpoint in {root}"
+
+
+def save_failure(exc: BaseException, root: Path, tag: str,
+                 needed_bytes: Optional[int] = None) -> BaseException:
+    """The error to report for `exc`, raised while saving `tag` into `root` (call it before the
+    partial `<tag>.tmp` is removed: its files are what filled the disk): `SaveFailed` for a full
+    disk or a directory that refuses files, else `exc` itself. An explicit errno in the chain
+    decides; otherwise less than DISK_FULL_MARGIN free means a full disk, and a probe file that
+    cannot be created means the directory refuses files."""
+    if isinstance(exc, SaveFailed) or not isinstance(exc, Exception):
+        return exc
+    refused = _refused(exc)
+    free = free_bytes(root)
+    if _says_no_space(exc) or (refused is None and free is not None and free < DISK_FULL_MARGIN):
+        need = f" (one checkpoint needs about {_fmt_bytes(needed_bytes)})" if needed_bytes else ""
+        return SaveFailed(errno.ENOSPC, f"No space left on device while saving {tag} to {root}{need}; "
+                          f"{_previous(root)}", EXIT_FAILURE)
+    refused = refused or _probe_refused(root)
+    if refused is not None:
+        return SaveFailed(refused.errno, f"--save {root} is not writable ({refused.strerror}) while "
+                          f"saving {tag}; {_previous(root)}", EXIT_USAGE)
+    return exc

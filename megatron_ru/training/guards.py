@@ -9,6 +9,14 @@ times the loss of guessing uniformly) counts the same (its update is applied). A
 `--max-skipped-steps` such consecutive steps, or when fp16 loss scaling reaches its minimum, the run stops with one line and exit status
 errors.EXIT_DIVERGED (3), without saving (or rolls back, with --rollback-on-nonfinite).
 
+Diverged state (`unsafe_state`): nothing is saved from it, by any save (periodic, end of run,
+signal, time limit): the last step's loss is not finite; or a step of the current streak of bad
+steps applied an update with a loss above --max-loss; or the last step was a loss spike that was
+not rolled back. A periodic save waits for the next interval (it also waits inside any streak of
+skipped steps); a run that ends or is stopped in that state exits 3 and its last good checkpoint
+stays `latest`. A streak of skipped steps alone (fp16 / bf16 overflows: no update was made) is not
+diverged: the weights are the last good step's.
+
 Spike rollback. A finite loss more than Z standard deviations above the mean of the last W
 iterations (--spike-window W --spike-threshold Z) reloads the last checkpoint of --save in
 process, skips the samples consumed since it (the data position jumps to where the spike
@@ -96,6 +104,9 @@ class Guards:
         self.spikes = SpikeDetector(a.spike_window or 0, a.spike_threshold)
         self.consecutive = 0
         self.last_finite = None  # (iteration, loss)
+        self.exploded = None  # (iteration, loss): an update above --max-loss in the current streak
+        self.nonfinite = False  # the last step's loss was NaN / inf
+        self.spike_kept = None  # (iteration, reason): the last step was a spike not rolled back
         self.rollbacks = 0
         self.skipped_windows: list = []  # [{"start", "end", "iteration", "reason"}] in consumed samples
         self.pending = {"overflow": set(a.debug_inject_overflow_iters),
@@ -148,6 +159,7 @@ class Guards:
         t, a = self.t, self.t.args
         loss, norm = record["loss"], record["grad_norm"]
         finite = math.isfinite(loss) and (norm is None or math.isfinite(norm))
+        self.nonfinite, self.spike_kept = not math.isfinite(loss), None
         exploded = finite and bool(self.max_loss) and loss > self.max_loss
         if finite and not record["skipped"] and self.spikes.is_spike(loss):
             hist = list(self.spikes.history)
@@ -156,10 +168,13 @@ class Guards:
                       f"+ {a.spike_threshold:g} std")
             if self.rollback(reason):
                 return True
-            t.log(f"iteration {t.iteration}: {reason}; not rolled back "
-                  f"({'no checkpoint in --save' if self.rollbacks < a.max_rollbacks else '--max-rollbacks reached'})")
+            why = 'no checkpoint in --save' if self.rollbacks < a.max_rollbacks else '--max-rollbacks reached'
+            t.log(f"iteration {t.iteration}: {reason}; not rolled back ({why})")
+            self.spike_kept = (t.iteration, f"{reason}, not rolled back ({why})")
         if record["skipped"] or not finite or exploded:
             self.consecutive += 1
+            if exploded and not record["skipped"]:  # its update has been applied
+                self.exploded = self.exploded or (t.iteration, loss)
             what = (f"loss {loss:.4g} above --max-loss {self.max_loss:.4g}" if exploded and not record["skipped"]
                     else "step skipped")
             t.log(f"iteration {t.iteration}: {what} (loss {loss:.4g}, grad norm "
@@ -174,19 +189,47 @@ class Guards:
                     return True
                 self.diverged(reason + f" (--max-skipped-steps {self.max_skipped})")
             return False
-        self.consecutive = 0
+        self.consecutive, self.exploded = 0, None
         self.spikes.observe(loss)
         self.last_finite = (t.iteration, loss)
         return False
 
+    def unsafe_state(self):
+        """Why the model as it stands must not be saved (see the module docstring), or None."""
+        if self.nonfinite:
+            return f"the loss of iteration {self.t.iteration} is not finite"
+        if self.exploded:
+            it, loss = self.exploded
+            since = " and no good step since" if self.t.iteration > it else ""
+            return (f"the update of iteration {it} (loss {loss:.4g} above --max-loss "
+                    f"{self.max_loss:.4g}) was applied{since}")
+        if self.spike_kept:
+            return f"iteration {self.spike_kept[0]}: {self.spike_kept[1]}"
+        return None
+
+    def may_save(self) -> bool:
+        """A periodic save happens only outside any streak of bad steps and any diverged state."""
+        return not self.consecutive and self.unsafe_state() is None
+
+    def refuse_unsafe(self, when: str) -> None:
+        """At the end of a run or a stop (`when`): exit 3 instead of saving a diverged state."""
+        reason = self.unsafe_state()
+        if reason is not None:
+            self.diverged(f"{reason} ({when})")
+
     def diverged(self, reason: str) -> None:
-        t = self.t
+        t, a = self.t, self.t.args
         last = (f"last good loss {self.last_finite[1]:.4f} at iteration {self.last_finite[0]}"
                 if self.last_finite else "no finite loss yet")
+        kept = ""
+        if a.save:
+            from ..checkpoint.save_dir import latest_or_newest
+            tag = latest_or_newest(a.save)
+            kept = f" ({tag} stays latest in {a.save})" if tag else f" (no checkpoint in {a.save})"
         t.sink.write({"iteration": t.iteration, "event": "diverged", "reason": reason})
         t.sink.close()
         raise TrainingDiverged(f"training diverged at iteration {t.iteration}: {reason}; {last}; "
-                               f"the diverged state is not saved; {DIVERGED_HINT}")
+                               f"the diverged state is not saved{kept}; {DIVERGED_HINT}")
 
     def rollback(self, reason: str) -> bool:
         """Reload the last checkpoint of --save, skip the data since it; False when impossible."""
@@ -206,7 +249,7 @@ class Guards:
         self.skipped_windows = list(client.get("skipped_data", [])) + [window]
         t.consumed = spike_consumed  # the window [start, end) of the order is skipped
         self.spikes.reset()
-        self.consecutive = 0
+        self.consecutive, self.exploded, self.nonfinite, self.spike_kept = 0, None, False, None
         t.log(f"rollback {self.rollbacks}/{a.max_rollbacks} at iteration {spike_iteration}: {reason}; "
               f"reloaded iteration {t.iteration} from {a.save}, skipping samples [{start}, {spike_consumed})")
         t.sink.write({"iteration": t.iteration, "event": "rollback", "from_iteration": spike_iteration,
