@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import math
+import pickle
 import re
 import warnings
 from pathlib import Path
@@ -117,8 +118,10 @@ def _first_failure(exc: BaseException) -> str:
     failures = getattr(exc, "failures", None)
     if isinstance(failures, dict) and failures:
         exc = next(iter(failures.values()))[0]
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return f"{type(exc).__name__}: {text[:300]}"
+    text = " ".join(str(exc).split()).split(". ")[0][:300] or type(exc).__name__
+    if isinstance(exc, pickle.UnpicklingError):  # torch.load of a stored item's bytes
+        return f"a stored item is corrupt ({type(exc).__name__}: {text})"
+    return f"{type(exc).__name__}: {text}"
 
 
 def check_storage(it_dir: Path, metadata, wanted: dict) -> None:
