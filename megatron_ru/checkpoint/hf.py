@@ -1,10 +1,11 @@
-"""Hugging Face interop: GPT2LMHeadModel / LlamaForCausalLM configs and key maps, streaming safetensors I/O.
+"""Hugging Face interop: GPT2LMHeadModel / LlamaForCausalLM configs and key maps, sharded safetensors directories.
 
 Key map entries are (hf_name, our_name, op): op "id" copies, "T" transposes (GPT-2 Conv1D stores
 [in, out]), ("rows", a, b) says the HF tensor is rows [a, b) of our fused tensor (Llama q/k/v in
 our fused qkv, gate/up in our fused mlp.up). HF Llama uses the same half-split RoPE as we do, so
-q/k weights need no permutation. Safetensors are read through a private memory map (no copy until
-a tensor is used) and written one tensor at a time, sharded by size with an index.
+q/k weights need no permutation. Safetensors files are read and written by safetensors_io.py
+(headers checked first, tensors over a private memory map), sharded by size with an index; the
+config's sizes are checked against the weights' headers before a key map or model is built.
 """
 from __future__ import annotations
 
