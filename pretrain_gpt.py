@@ -11,7 +11,7 @@ from megatron_ru import runtime
 
 
 def main(argv=None) -> int:
-    from megatron_ru.arguments import parse_pretrain_args
+    from megatron_ru.training.arguments import parse_pretrain_args
     from megatron_ru.parallel.state import ParallelState
 
     args = parse_pretrain_args(argv)

@@ -91,7 +91,7 @@ def run_case(case, args):
 
 def run_packing(args):
     """Tokens/s of pad vs packed rows over the same skewed conversations (ours, full FT)."""
-    from megatron_ru.data.sft import pack_rows, sft_batch
+    from megatron_ru.data.sft_examples import pack_rows, sft_batch
     import numpy as np
     rng = np.random.RandomState(0)
     cfg = ModelConfig.from_preset(args.preset, max_position_embeddings=max(args.seq, 256))
