@@ -64,10 +64,14 @@ def _describe(found: set) -> str:
 
 
 def check_layer_count(num_layers: int, names: Iterable[str], pattern: str, source,
-                      key: str = "num_layers") -> None:
-    """`num_layers` equals the layers the weight names hold: indices exactly 0..num_layers-1."""
+                      key: str = "num_layers", *, fewer_ok: bool = False) -> None:
+    """`num_layers` equals the layers the weight names hold: indices exactly 0..num_layers-1.
+    `fewer_ok`: a config with fewer layers than the weights passes (a later tensor-by-tensor check
+    names the first extra tensor; only more layers than the weights would cost memory)."""
     found = layer_indices(names, pattern)
     if len(found) == num_layers and (not found or (min(found) == 0 and max(found) == num_layers - 1)):
+        return
+    if fewer_ok and num_layers < len(found):
         return
     raise ConfigSizeError(f"{source}: {key}={num_layers}, but the weights hold {_describe(found)}: "
                           "the config and the weights disagree")
