@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
 # ruGPT-3 13B recipe: 40 layers x 5120, alternating dense / block-sparse attention (DeepSpeed
 # "fixed" layout), fp16 with dynamic loss scaling, ZeRO-2, activation checkpointing, under mpirun.
-#   DATA=/data/ru_text_document VOCAB=... MERGES=... NP=64 TP=4 HOSTFILE=hosts \
+# With pipeline stages (PP > 1): ZeRO-1 and 16 micro-batches per step (configs/gpt3_13b_sparse_pp.json).
+#   DATA=/data/ru_text_document VOCAB=... MERGES=... NP=64 TP=8 PP=4 HOSTFILE=hosts \
 #   SAVE=/ckpt/rugpt3_13b examples/pretrain_13b.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-8}                       # total ranks (GPUs)
-TP=${TP:-4}                       # tensor-parallel size; data-parallel = NP / TP
+TP=${TP:-4}                       # tensor-parallel size (inside a node)
+PP=${PP:-1}                       # pipeline stages (across nodes); data-parallel = NP / (TP x PP)
+if [[ "$PP" -gt 1 ]]; then DEFAULT_CONFIG=configs/gpt3_13b_sparse_pp.json; else DEFAULT_CONFIG=configs/gpt3_13b_sparse.json; fi
+DS_CONFIG=${DS_CONFIG:-$DEFAULT_CONFIG}
 DATA=${DATA:?set DATA to a preprocessed prefix, e.g. /data/ru_text_document}
 VOCAB=${VOCAB:?set VOCAB to vocab.json}
 MERGES=${MERGES:?set MERGES to merges.txt}
@@ -18,8 +22,9 @@ HOSTS=()
 if [[ -n "${HOSTFILE:-}" ]]; then HOSTS=(--hostfile "$HOSTFILE"); fi
 
 "$MPIRUN" --np "$NP" "${HOSTS[@]}" "$PYTHON" pretrain_gpt.py \
-    --preset rugpt3-13b --tensor-model-parallel-size "$TP" \
-    --deepspeed --deepspeed_config configs/gpt3_13b_sparse.json --sparse-mode alternating \
+    --preset rugpt3-13b --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" \
+    --pipeline-split balanced \
+    --deepspeed --deepspeed_config "$DS_CONFIG" --sparse-mode alternating \
     --seq-length 2048 --max-position-embeddings 2048 --fp16 --checkpoint-activations \
     --data-path "$DATA" --split 949,50,1 --vocab-file "$VOCAB" --merge-file "$MERGES" \
     --train-iters "$ITERS" --lr 1.5e-4 --min-lr 1.5e-5 --lr-decay-style cosine \
