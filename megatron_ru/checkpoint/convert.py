@@ -99,14 +99,41 @@ def write_hf(dst: Path, config: ModelConfig, full: dict, dtype: torch.dtype, tok
                         progress=lambda _name: progress.update())
     for f in tok_files:
         shutil.copyfile(f, dst / f.name)
-    tok_cfg = hf.tokenizer_config((f.name for f in tok_files), eod_token, config.max_position_embeddings)
+    tok_cfg = _hf_tokenizer(dst, tok_files, eod_token, config.max_position_embeddings)
     if tok_cfg and chat_template:  # the model's chat template travels with it
         tok_cfg["chat_template"] = chat_template
     if tok_cfg:
-        (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2) + "\n")
-        if eod_token is not None:
-            (dst / "special_tokens_map.json").write_text(json.dumps(
-                {"bos_token": eod_token, "eos_token": eod_token, "unk_token": eod_token}, indent=2) + "\n")
+        (dst / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, ensure_ascii=False) + "\n")
+        special = {k: tok_cfg[k] for k in ("bos_token", "eos_token", "unk_token", "pad_token") if k in tok_cfg}
+        if special:
+            (dst / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+
+
+def _hf_tokenizer(dst: Path, tok_files: list[Path], eod_token: Optional[str], max_length: int) -> dict:
+    """Write DST/tokenizer.json when the tokenizer has none (GPT-2 BPE, SentencePiece BPE or Unigram),
+    so AutoTokenizer gives our ids with `tokenizers` alone; returns the tokenizer_config.json content.
+    A SentencePiece model with no exact tokenizer.json form is refused in one line."""
+    from ..data import hf_tokenizer_json as tj
+    names = {f.name: f for f in tok_files}
+    if "tokenizer.json" in names:
+        if "tokenizer.model" in names:  # beside a SentencePiece model: its special tokens
+            return tj.sentencepiece_tokenizer_config(names["tokenizer.model"], max_length)
+        return hf.tokenizer_config(names, eod_token, max_length)
+    if "tokenizer.model" in names:
+        try:
+            body = tj.sentencepiece_tokenizer_json(names["tokenizer.model"])
+        except tj.SentencePieceExportError as exc:
+            raise CheckpointError(f"--to hf: {exc}") from None
+        (dst / "tokenizer.json").write_text(json.dumps(body, ensure_ascii=False) + "\n")
+        return tj.sentencepiece_tokenizer_config(names["tokenizer.model"], max_length)
+    if "vocab.json" in names and "merges.txt" in names:
+        from ..data.tokenizers import load_vocab_and_merges
+        vocab, merges = load_vocab_and_merges(names["vocab.json"], names["merges.txt"])
+        specials = [eod_token] if eod_token is not None else []
+        (dst / "tokenizer.json").write_text(json.dumps(tj.tokenizer_json(vocab, merges, specials),
+                                                       ensure_ascii=False) + "\n")
+        return hf.tokenizer_config(["tokenizer.json"], eod_token, max_length)
+    return hf.tokenizer_config(names, eod_token, max_length)
 
 
 def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,

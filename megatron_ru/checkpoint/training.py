@@ -140,6 +140,31 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
             continue
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
+    _sentencepiece_json(tok_dir)
+
+
+def _sentencepiece_json(tok_dir: Path) -> None:
+    """A SentencePiece model gets its exact tokenizer.json beside it, so a tokenizer_config.json copied
+    from the tokenizer's folder never names a file the checkpoint lacks; a model with no exact form
+    keeps no tokenizer_config.json that expects one."""
+    import json
+
+    from ..data.hf_tokenizer_json import SentencePieceExportError, sentencepiece_tokenizer_json
+    model, target = tok_dir / "tokenizer.model", tok_dir / "tokenizer.json"
+    if not model.is_file() or target.is_file():
+        return
+    try:
+        body = sentencepiece_tokenizer_json(model)
+    except SentencePieceExportError:
+        config = tok_dir / "tokenizer_config.json"
+        if config.is_file():
+            data = json.loads(config.read_text(encoding="utf-8"))
+            if data.pop("tokenizer_class", None) == "PreTrainedTokenizerFast":
+                with atomic_path(config) as tmp:
+                    Path(tmp).write_text(json.dumps(data, indent=1, ensure_ascii=False), encoding="utf-8")
+        return
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text(json.dumps(body, ensure_ascii=False), encoding="utf-8")
 
 
 class _HeldWrites:

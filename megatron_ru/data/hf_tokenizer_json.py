@@ -19,7 +19,10 @@ import json
 import os
 
 from ..files import atomic_open
+from . import sentencepiece_json as _sp_json
 from .tokenizers import load_vocab_and_merges
+
+SentencePieceExportError = _sp_json.SentencePieceExportError  # re-exported
 
 BYTE_LEVEL = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
 
@@ -66,69 +69,24 @@ SENTENCEPIECE_HF_OPTIONS = dict(model_type="bpe", normalization_rule_name="ident
                                 byte_fallback=True)
 
 
-class SentencePieceExportError(ValueError):
-    """A SentencePiece model without an exact tokenizer.json form."""
-
-
 def sentencepiece_tokenizer_json(model_file) -> dict:
-    """The tokenizer.json of a SentencePiece BPE model trained with SENTENCEPIECE_HF_OPTIONS."""
-    import sentencepiece
+    """The exact tokenizer.json of a SentencePiece BPE or Unigram model (data/sentencepiece_json.py)."""
+    return _sp_json.sentencepiece_tokenizer_json(model_file)
 
-    sp = sentencepiece.SentencePieceProcessor()
-    sp.Load(str(model_file))
-    n = sp.GetPieceSize()
-    kept = ["ﬁ ① x", "a  b  ", "  lead", "tab\tnew\nline"]  # NFKC / whitespace rules change these
-    if any(sp.DecodeIds(sp.EncodeAsIds(t)) != t for t in kept) or \
-            not sp.EncodeAsPieces("a")[0].startswith("▁"):
-        raise SentencePieceExportError(
-            f"{model_file} was trained with normalisation or whitespace rules that tokenizer.json "
-            "cannot reproduce exactly (train with tools/train_tokenizer.py --format hf)")
-    scores = [sp.GetScore(i) for i in range(n) if not (sp.IsControl(i) or sp.IsUnknown(i) or
-                                                      sp.IsByte(i) or sp.IsUnused(i))]
-    if any(a <= b for a, b in zip(scores, scores[1:])):
-        raise SentencePieceExportError(f"{model_file} is not a SentencePiece BPE model (its piece "
-                                       "scores are not merge ranks)")
-    vocab = {sp.IdToPiece(i): i for i in range(n)}
-    special = [i for i in range(n) if sp.IsControl(i) or sp.IsUnknown(i)]
-    normal = {sp.IdToPiece(i): (sp.GetScore(i), i) for i in range(n)
-              if not (sp.IsControl(i) or sp.IsUnknown(i) or sp.IsByte(i) or sp.IsUnused(i))}
-    ranked = []
-    for piece, (score, i) in normal.items():
-        for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in normal and right in normal:
-                ranked.append((-score, i, left, right))
-    merges = [f"{a} {b}" for _, _, a, b in sorted(ranked)]
-    added = [{"id": i, "content": sp.IdToPiece(i), "single_word": False, "lstrip": False,
-              "rstrip": False, "normalized": False, "special": True} for i in special]
-    unk = sp.IdToPiece(sp.unk_id()) if sp.unk_id() >= 0 else None
-    return {"version": "1.0", "truncation": None, "padding": None, "added_tokens": added,
-            "normalizer": {"type": "Sequence", "normalizers": [
-                {"type": "Prepend", "prepend": "▁"},
-                {"type": "Replace", "pattern": {"String": " "}, "content": "▁"}]},
-            "pre_tokenizer": None, "post_processor": None,
-            "decoder": {"type": "Sequence", "decoders": [
-                {"type": "Replace", "pattern": {"String": "▁"}, "content": " "},
-                {"type": "ByteFallback"}, {"type": "Fuse"},
-                {"type": "Strip", "content": " ", "start": 1, "stop": 0}]},
-            "model": {"type": "BPE", "dropout": None, "unk_token": unk, "continuing_subword_prefix": None,
-                      "end_of_word_suffix": None, "fuse_unk": True, "byte_fallback": True,
-                      "ignore_merges": False, "vocab": vocab, "merges": merges}}
+
+def sentencepiece_tokenizer_config(model_file, max_length: int = 2048) -> dict:
+    """tokenizer_config.json beside the tokenizer.json of a SentencePiece model: bos/eos/unk/pad from
+    the model, no bos/eos added (our SentencePieceTokenizer adds none)."""
+    names = _sp_json.special_tokens(model_file)
+    return {**tokenizer_config(names.get("eos_token"), max_length, special=names),
+            "add_bos_token": False, "add_eos_token": False}
 
 
 def write_sentencepiece_hf_tokenizer(out_dir, model_file):
-    """OUT_DIR/tokenizer.json and tokenizer_config.json of a SentencePiece BPE model (bos <s>,
+    """OUT_DIR/tokenizer.json and tokenizer_config.json of a SentencePiece BPE or Unigram model (bos <s>,
     eos </s>: our SentencePieceTokenizer's end of document)."""
-    import sentencepiece
-
-    sp = sentencepiece.SentencePieceProcessor()
-    sp.Load(str(model_file))
     os.makedirs(out_dir, exist_ok=True)
     paths = [os.path.join(out_dir, "tokenizer.json"), os.path.join(out_dir, "tokenizer_config.json")]
-    names = {key: sp.IdToPiece(i) for key, i in (("bos_token", sp.bos_id()), ("eos_token", sp.eos_id()),
-                                                  ("unk_token", sp.unk_id()), ("pad_token", sp.pad_id()))
-             if i >= 0}
     _write_json(paths[0], sentencepiece_tokenizer_json(model_file))
-    _write_json(paths[1], {**tokenizer_config(names.get("eos_token"), special=names),
-                           "add_bos_token": False, "add_eos_token": False})
+    _write_json(paths[1], sentencepiece_tokenizer_config(model_file))
     return paths
