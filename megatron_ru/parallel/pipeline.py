@@ -208,11 +208,13 @@ class LossFn:
 
     def __init__(self, model) -> None:
         self.model = model
+        self.scale = 1.0  # fault injection in tests (training/guards.py): inf or a spike factor
         self.__name__ = "vocab_parallel_cross_entropy"
 
     def __call__(self, logits, labels):
         target, mask = labels
-        return self.model.loss(logits, target, mask)
+        loss = self.model.loss(logits, target, mask)
+        return loss if self.scale == 1.0 else loss * self.scale
 
 
 # ---- building a stage --------------------------------------------------------------------------

@@ -91,12 +91,13 @@ def _my_groups(ps) -> dict:
     return out
 
 
-def install_clipping(engine, ps) -> None:
+def install_clipping(engine, ps, on_norm=None) -> None:
     """fp32 ZeRO-0 clipping with the right global norm. DeepSpeed's `clip_grad_norm_` counts a
     replicated parameter only on model-parallel rank 0 of the grid's TP x PP slice (so stage > 0
     drops its norms and biases) and counts the tied embedding twice; here: sharded parameters on
     every TP rank, replicated ones on TP rank 0 of each stage, the tied copy once, summed over
-    the slice. The coefficient is DeepSpeed's: min(1, max_norm / (norm + 1e-6))."""
+    the slice. The coefficient is DeepSpeed's: min(1, max_norm / (norm + 1e-6)). `on_norm(norm)`
+    runs before the step on every rank (the guards' skip of a non-finite fp32 step)."""
     import torch
     import torch.distributed as dist
 
@@ -113,6 +114,8 @@ def install_clipping(engine, ps) -> None:
         for p in params:
             p.grad.detach().mul_(coef)
         engine._global_grad_norm = float(total)
+        if on_norm is not None:
+            on_norm(float(total))
 
     engine.clip_fp32_gradients = clip
 
@@ -135,9 +138,15 @@ class PipeBatches:
 
 def train_step(trainer, data_iter) -> dict:
     """One optimizer step over the pipeline; the record the loop logs (loss from the last stage)."""
-    engine = trainer.engine
+    engine, guards, step = trainer.engine, trainer.guards, trainer.iteration + 1
     skipped_before = engine.skipped_steps
-    loss = engine.train_batch(data_iter=data_iter)
+    scale = (float("inf") if guards.inject("overflow", step) else 1.0) * \
+        (30.0 if guards.inject("spike", step) else 1.0)  # fault injection (tests)
+    trainer.pipe.loss_fn.scale = scale
+    try:
+        loss = engine.train_batch(data_iter=data_iter)
+    finally:
+        vars(engine.optimizer).pop("step", None)  # undo a guard's one-step skip (install_clipping)
     trainer.iteration += 1
     trainer.consumed += trainer.ds["train_batch_size"]
     gn = engine.get_global_grad_norm()

@@ -156,7 +156,8 @@ class Trainer:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
                 model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
-            pipeline_run.install_clipping(self.engine, ps)
+            pipeline_run.install_clipping(  # fp32: a non-finite step is skipped (guards)
+                self.engine, ps, on_norm=lambda norm: self.guards.before_update([], norm))
         else:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
@@ -287,6 +288,10 @@ class Trainer:
         elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
                                                                     ps.dp_size)
+            if load_universal and ps.pp_size > 1:
+                raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
+                                  "size; a pipeline-parallel run resumes at the sizes it was saved "
+                                  "at (or start a new one from its weights: --finetune --load)")
             if load_universal:
                 self.ds.setdefault("checkpoint", {})["load_universal"] = True
                 target = Path(args.load) / self.resume_tag

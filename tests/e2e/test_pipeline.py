@@ -161,3 +161,15 @@ def test_one_failing_stage_ends_the_job(tmp_path):
     assert "Traceback" not in err
     # the other ranks were waiting in the pipeline's sends / receives: they end with the job
     assert "iter      1/20" in out, out[-2000:]
+
+
+@pytest.mark.parametrize("precision", [[], ["--fp16"]], ids=["fp32", "fp16"])
+def test_pipeline_nonfinite_step_is_skipped(tmp_path, precision):
+    """An inf loss on the last stage: fp32 (the guards' skip, agreed by all stages) and fp16
+    (loss scaling) both skip that step on every stage and go on."""
+    proc, rows = pretrain(tmp_path, "inf", *COMMON, "--train-iters", "3", "--pipeline-model-parallel-size",
+                          "2", "--debug-inject-overflow-iters", "2", *precision, np_=2)
+    assert "iteration 2: step skipped" in proc.stdout, proc.stdout[-2000:]
+    rows = [r for r in rows if "skipped_iters" in r]
+    skipped = [r["skipped_iters"] for r in rows]
+    assert skipped == [0, 1, 0] and rows[-1]["loss"] == rows[-1]["loss"], rows
