@@ -51,3 +51,19 @@ def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
         return LaunchInfo("slurm", _int(env, "SLURM_PROCID"), _int(env, "SLURM_NTASKS"),
                           _int(env, "SLURM_LOCALID", 0))
     return LaunchInfo("single", 0, 1, 0)
+
+
+def local_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
+    """How many ranks of this job run on this node, as the launcher published it (1 when unknown)."""
+    env = os.environ if environ is None else environ
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        if key in env:
+            return max(1, _int(env, key))
+    if "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # e.g. "4" or "4(x2)" or "3,2"
+        node = env.get("SLURM_NODEID", "0")
+        counts = []
+        for part in env["SLURM_STEP_TASKS_PER_NODE"].split(","):
+            n, _, rep = part.partition("(x")
+            counts += [int(n)] * (int(rep.rstrip(")")) if rep else 1)
+        return max(1, counts[min(int(node), len(counts) - 1)]) if counts else 1
+    return 1

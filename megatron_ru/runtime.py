@@ -43,6 +43,7 @@ from typing import Callable, Optional
 
 from .errors import (EXIT_ABORTED, EXIT_DIVERGED, EXIT_FAILURE, EXIT_HANG, EXIT_OK,  # noqa: F401 (re-exported)
                      EXIT_USAGE, InjectedFault, JobFailure, UsageError, describe, exit_code_of)
+from . import threads
 from .launch import discover_launch
 
 
@@ -364,6 +365,7 @@ def add_arguments(parser, *, hang_default: Optional[float] = None) -> None:
                                                  else "; default off"))
     g.add_argument("--debug", action="store_true",
                    help="print full tracebacks on errors (otherwise one line plus a log file)")
+    threads.add_argument(g)
 
 
 # ---- the entry-point wrapper --------------------------------------------------------------------
@@ -380,6 +382,8 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
     except Exception:  # noqa: BLE001 - a malformed launcher environment is reported by main
         pass
     try:
+        if "-h" not in words and "--help" not in words:
+            threads.apply(words, rank=_state.rank)
         code = main(argv)
     except SystemExit as exc:  # argparse: it printed its own message (every rank alike)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)

@@ -12,6 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "megatron_ru"
 ROOT_MODULE = "megatron_ru"
 LAYERS = {  # module or package -> layer
     "megatron_ru.errors": 0, "megatron_ru.launch": 0, "megatron_ru.sparse_config": 0, "megatron_ru.files": 0,
+    "megatron_ru.threads": 0,
     "megatron_ru.config": 1, "megatron_ru.runtime": 1,
     "megatron_ru.data": 2, "megatron_ru.parallel": 2,
     "megatron_ru.model": 3,
