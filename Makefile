@@ -21,7 +21,7 @@ $(STAMP): setup.py
 	@test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install "$(TORCH)"
-	$(PY) -m pip install -e ".[test]"
+	$(PY) -m pip install -e ".[test]" --config-settings editable_mode=compat  # a path entry: a same-named folder in the CWD cannot shadow it
 	@touch $(STAMP)
 
 # The main job: train a tiny alternating-sparse ruGPT-3 on generated Russian stories (mpirun,
