@@ -445,6 +445,8 @@ class Trainer:
         self.guards.refuse_unsafe(f"end of the run, --train-iters {a.train_iters}")
         if a.save and saved_at != self.iteration:  # a resumed run that had nothing to do
             self.save()
+        self.log(f"finished: iteration {self.iteration}/{a.train_iters} reached"
+                 + (f"; final checkpoint in {a.save}" if a.save else "; nothing saved (no --save)"))
         self.sink.close()
         return history
 
