@@ -383,7 +383,7 @@ def run(main: Callable, prog: str, argv=None, *, graceful: bool = False) -> int:
         pass
     try:
         if "-h" not in words and "--help" not in words:
-            threads.apply(words, rank=_state.rank)
+            threads.apply(words, rank=_state.rank, follow_load=not graceful)  # training: a fixed share
         code = main(argv)
     except SystemExit as exc:  # argparse: it printed its own message (every rank alike)
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else EXIT_FAILURE)

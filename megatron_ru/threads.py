@@ -1,7 +1,8 @@
 """How many intra-op threads a process takes: its usable cores divided by the ranks on its node.
 
 Like torchrun: the cores this process may run on (os.sched_getaffinity) divided by the ranks of the job on
-this node (megatron_ru/launch.py), and no more than the cores the load average leaves free; at least 1. `--threads N` overrides; OMP_NUM_THREADS set by the user is
+this node (megatron_ru/launch.py), and (except for training) no more than the cores the load average leaves
+free; at least 1. `--threads N` overrides; OMP_NUM_THREADS set by the user is
 respected (and said so). Without this every rank of an mpirun job, or a sampler next to another busy job,
 takes every core and decoding runs tens of times slower. A bottom module: the runtime calls `apply`
 before an entry point's main runs, and prints the choice once.
@@ -44,15 +45,18 @@ def threads_flag(words: Sequence[str]) -> Optional[int]:
     return n
 
 
-def choose(words: Sequence[str], environ: Optional[Mapping[str, str]] = None) -> tuple[Optional[int], str]:
-    """(threads to set or None to leave as is, the reason in words)."""
+def choose(words: Sequence[str], environ: Optional[Mapping[str, str]] = None, *,
+           follow_load: bool = True) -> tuple[Optional[int], str]:
+    """(threads to set or None to leave as is, the reason in words). `follow_load`: also leave the cores the
+    load average says are busy (sampling, serving, evaluation); training keeps the fixed share so that a
+    resumed run uses the same thread count as the straight run (CPU reductions depend on it, bit for bit)."""
     env = os.environ if environ is None else environ
     flag = threads_flag(words)
     if flag is not None:
         return flag, f"{flag} (--threads)"
     if env.get("OMP_NUM_THREADS", "").strip():
         return None, f"{env['OMP_NUM_THREADS']} (OMP_NUM_THREADS set in the environment)"
-    cores, ranks, busy = usable_cores(), local_world_size(env), busy_cores()
+    cores, ranks, busy = usable_cores(), local_world_size(env), (busy_cores() if follow_load else 0)
     n = max(1, min(cores // ranks, cores - busy))
     share = f"{cores} usable cores / {ranks} ranks on this node" if ranks > 1 else f"{cores} usable cores"
     if busy:
@@ -70,11 +74,11 @@ def busy_cores() -> int:
         return 0
 
 
-def apply(words: Sequence[str], *, rank: int = 0, stream=None) -> Optional[int]:
+def apply(words: Sequence[str], *, rank: int = 0, stream=None, follow_load: bool = True) -> Optional[int]:
     """Set torch's intra-op threads as `choose` says; rank 0 prints the choice once per process on a
     terminal (in logs and pipes the one-line error contract keeps stderr to the error alone)."""
     global _printed
-    n, reason = choose(words)
+    n, reason = choose(words, follow_load=follow_load)
     if n is not None:
         import torch
         torch.set_num_threads(n)
