@@ -325,7 +325,8 @@ def test_python_blocks_import_what_exists(doc):
                 module = importlib.import_module(node.module)
                 errors += [f"{block.where}: {node.module} has no {a.name}" for a in node.names
                            if not hasattr(module, a.name)
-                           and importlib.util.find_spec(f"{node.module}.{a.name}") is None]
+                           and not (hasattr(module, "__path__")
+                                    and importlib.util.find_spec(f"{node.module}.{a.name}"))]
     assert not errors, "\n".join(errors)
 
 
