@@ -2,7 +2,8 @@
 
 Rules: the JSON is read with errors that show the position; keys that look like misspellings
 of keys we rely on are rejected; batch sizes must satisfy train_batch_size = micro ×
-accumulation × data-parallel size; flags fill what the JSON leaves out; where both give a
+accumulation × data-parallel size; flags fill what the JSON leaves out or sets to "auto"
+(DeepSpeed's and transformers' convention for the batch keys); where both give a
 value they must agree, except `optimizer` / `scheduler` / `gradient_clipping`, where the JSON
 wins and the log says so. The `sparse_attention` section (ru-gpts style) is taken out for the
 model and not passed to DeepSpeed.
@@ -80,8 +81,15 @@ _CHECKS = {INT: lambda v: isinstance(v, int) and not isinstance(v, bool),
 POSITIVE = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
 
 
+def drop_auto(data: dict) -> dict:
+    """The JSON without the batch keys set to "auto": the flags (or their defaults) fill those."""
+    return {k: v for k, v in data.items() if not (k in POSITIVE and v == "auto")}
+
+
 def check_types(data: dict, path: str) -> None:
-    """Refuse a value of the wrong JSON type, naming the key (instead of a TypeError later)."""
+    """Refuse a value of the wrong JSON type, naming the key (instead of a TypeError later).
+    The batch keys may also be "auto" (read `drop_auto(data)` to get the values to check)."""
+    data = drop_auto(data)
     for section, types in TYPES.items():
         values = data if not section else data.get(section)
         if not isinstance(values, dict):
@@ -137,7 +145,7 @@ def build(args, dp_size: int, log) -> tuple[dict, Optional[dict], str]:
         if isinstance(data.get(section), dict):
             _check_keys(data[section], known, f"{section}.", path)
     check_types(data, path)
-    ds = copy.deepcopy(data)
+    ds = copy.deepcopy(drop_auto(data))
     sparse = ds.pop("sparse_attention", None)
 
     # batch sizes: train_batch_size = micro x accumulation x data-parallel size
