@@ -57,12 +57,12 @@ def _compare_grad(name, p, grad, ref_grad, cfg, ps, family):
     assert_rel_close(grad, shard(ref_grad, spec, ps.tp_rank, ps.tp_size), 1e-5, f"{family} {name} grad")
 
 
-def grads_and_tied_weights(rank, world, tp, pp):
+def grads_and_tied_weights(rank, world, tp, pp, families):
     """One step's gradients (every parameter of every stage) equal the single process's; the
     tied embedding's two copies stay identical over 20 steps (gpt3)."""
     ps = ParallelState.from_environment(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    for family, kwargs in CONFIGS.items():
-        cfg = ModelConfig(**kwargs)
+    for family in families:
+        cfg = ModelConfig(**CONFIGS[family])
         counts = pipeline_run.pipeline.split_layers(cfg, pp, "uniform")
         batches = _batches(ACCUM * ps.dp_size, seed=11)
         # reference: the same micro-batches (all DP ranks' ones), mean loss, one process
