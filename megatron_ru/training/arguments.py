@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 from .. import runtime
 from ..checkpoint.safe_pickle import add_trust_argument
 from ..data.tokenizers import add_tokenizer_arguments
 from ..config import PRESETS, SPARSE_MODES, ConfigError, ModelConfig
 
+DEFAULT_SEQ_LENGTH = 1024  # without a preset, --max-position-embeddings or --seq-length
 MFU_HELP = ("MFU = achieved model FLOP/s per device / peak. Model FLOPs per token = 6*N + "
             "12*L*h*s (N parameters incl. embeddings, L layers, h hidden, s sequence; the "
             "attention term of block-sparse layers scaled by the fraction of causal blocks kept). "
@@ -26,7 +27,7 @@ class TrainArgs:
     # model
     preset: Optional[str] = None
     model_overrides: dict = field(default_factory=dict)
-    seq_length: int = 1024
+    seq_length: Optional[int] = None  # None: the model's max_position_embeddings (model_config)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_split: str = "uniform"
@@ -127,7 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-attention-heads", type=int)
     m.add_argument("--num-key-value-heads", "--num-query-groups", dest="num_key_value_heads", type=int)
     m.add_argument("--ffn-hidden-size", type=int)
-    m.add_argument("--seq-length", type=int, default=1024, help="training sequence length")
+    m.add_argument("--seq-length", type=int,
+                   help="training sequence length (default: the model's max_position_embeddings, "
+                        f"from the preset, --max-position-embeddings or the checkpoint; else {DEFAULT_SEQ_LENGTH})")
     m.add_argument("--max-position-embeddings", type=int)
     m.add_argument("--make-vocab-size-divisible-by", type=int)
     m.add_argument("--rope-theta", type=float)
@@ -313,8 +316,11 @@ def validate(args: TrainArgs) -> None:
     finetune.validate(args)
 
 
-def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict]) -> ModelConfig:
-    """The model for this run: preset (if any) + flags + tokenizer vocabulary + JSON sparsity."""
+def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict],
+                 log: Optional[Callable] = None) -> ModelConfig:
+    """The model for this run: preset (if any) + flags + tokenizer vocabulary + JSON sparsity.
+    Without --seq-length, the sequence length becomes the model's max_position_embeddings
+    (args.seq_length is set here, and `log` says so)."""
     overrides = dict(args.model_overrides)
     overrides["vocab_size"] = vocab_size
     if sparse_attention is not None:
@@ -322,8 +328,13 @@ def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[di
     if args.preset:
         cfg = ModelConfig.from_preset(args.preset, **overrides)
     else:
-        overrides.setdefault("max_position_embeddings", args.seq_length)
+        overrides.setdefault("max_position_embeddings", args.seq_length or DEFAULT_SEQ_LENGTH)
         cfg = ModelConfig(**overrides)
+    if args.seq_length is None:
+        args.seq_length = cfg.max_position_embeddings
+        if log is not None:
+            log(f"--seq-length {args.seq_length} (the model's max_position_embeddings; "
+                "give --seq-length to train on shorter sequences)")
     if args.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-length={args.seq_length} is longer than the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")

@@ -152,7 +152,7 @@ def _apply_settings(args: TrainArgs, log: Callable) -> None:
     args.preset = None
     args.model_overrides = {**taken, **{k: v for k, v in args.model_overrides.items()
                                         if k in RUNTIME_FIELDS}}
-    if args.seq_length > config.max_position_embeddings:
+    if args.seq_length is not None and args.seq_length > config.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds the checkpoint's "
                           f"max_position_embeddings={config.max_position_embeddings}")
     recorded = meta.get("tokenizer") or {}

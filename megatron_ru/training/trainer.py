@@ -236,7 +236,7 @@ class Trainer:
                                          tokenizer_model=args.tokenizer_model,
                                          eod_token=args.eod_token)
         self.ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
-        self.config = model_config(args, self.tokenizer.vocab_size, sparse)
+        self.config = model_config(args, self.tokenizer.vocab_size, sparse, self.log)
         self.config.validate_parallel(ps.tp_size)
         self.pp_counts = None
         if ps.pp_size > 1:
