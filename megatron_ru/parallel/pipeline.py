@@ -299,16 +299,3 @@ def _fixed_split_class():
 
 def _FixedSplitPipeline(**kwargs):  # noqa: N802 - a class made on first use (DeepSpeed is heavy)
     return _fixed_split_class()(**kwargs)
-
-
-# ---- names in checkpoints ----------------------------------------------------------------------
-def layer_file_names(num_layers: int, layer: int, key: str) -> Optional[str]:
-    """GPTModel name of `key` in the state dict of pipeline layer `layer` (DeepSpeed's
-    layer_XX files); None for the tied head's copy of the embedding (the first stage has it)."""
-    if layer == 0 or layer == num_layers + 1:
-        return key
-    if 1 <= layer <= num_layers:
-        return f"blocks.{layer - 1}.{key[len('block.'):]}" if key.startswith("block.") else None
-    if key.startswith("lm_head."):
-        return key
-    return None
