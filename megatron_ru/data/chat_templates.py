@@ -9,9 +9,12 @@ loop controls, `raise_exception`, a non-escaping `tojson`), so the rendered text
 
 Assistant spans are found by rendering, never by searching the output: turn i spans
 [len(render(m[:i], add_generation_prompt=True)), len(render(m[:i+1]))), i.e. the reply and its
-end-of-turn marker. Token ids come from tokenizing the whole rendered text once (special tokens
-such as `<|eot_id|>` are split out first, as `transformers` does); a token is in the loss when its
-first character lies inside an assistant span.
+end-of-turn marker. Token ids come from tokenizing the rendered text cut at the assistant spans'
+edges (special tokens such as `<|eot_id|>` are split out first, as `transformers` does), and a
+generation prompt is cut the same way (`prompt_text`), so the ids of a training conversation
+start with exactly the ids generation gives for its prompt, whatever whitespace the template puts
+before a reply: the model never learns a token that the prompt would already hold (a reply that
+starts with a space). A token is in the loss when its first character lies inside an assistant span.
 """
 from __future__ import annotations
 
@@ -35,8 +38,8 @@ LLAMA3 = (
     "{{ content }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 
-# Plain dialogue lines as in the ruGPT-3 card; the reply follows "bot:" after a space that the
-# BPE attaches to the reply's first word, and ends with the end-of-text token.
+# Plain dialogue lines as in the ruGPT-3 card; the reply follows "bot: " (the space belongs to the
+# prompt, which is tokenized apart from the reply) and ends with the end-of-text token.
 RUGPT3 = (
     "{% for message in messages %}"
     "{% if not loop.first %}{{ '\n' }}{% endif %}"
@@ -45,7 +48,7 @@ RUGPT3 = (
     "{% elif message['role'] == 'assistant' %}{{ 'bot: ' + message['content'] + eos_token }}"
     "{% else %}{{ raise_exception('unknown role ' + message['role']) }}{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '\nbot:' }}{% endif %}")
+    "{% if add_generation_prompt %}{{ '\nbot: ' }}{% endif %}")
 
 BUILTINS = {"llama3": LLAMA3, "rugpt3": RUGPT3}
 BUILTIN_EOT = {"llama3": "<|eot_id|>", "rugpt3": None}  # None: the tokenizer's end of text
@@ -189,6 +192,17 @@ def tokenize_with_offsets(tokenizer, text: str, specials: list[str]) -> tuple[li
     return ids, starts
 
 
+def tokenize_cut(tokenizer, text: str, cuts, specials: list[str]) -> tuple[list[int], list[int]]:
+    """tokenize_with_offsets of `text` cut at the character positions `cuts` (no token spans a cut)."""
+    edges = sorted({0, len(text), *(c for c in cuts if 0 < c < len(text))})
+    ids, starts = [], []
+    for a, b in zip(edges, edges[1:]):
+        part_ids, part_starts = tokenize_with_offsets(tokenizer, text[a:b], specials)
+        ids += part_ids
+        starts += [a + s for s in part_starts]
+    return ids, starts
+
+
 def _piece_offsets(tokenizer, text: str) -> tuple[list[int], list[int]]:
     if hasattr(tokenizer, "tok"):  # tokenizers.Tokenizer gives character offsets
         enc = tokenizer.tok.encode(text, add_special_tokens=False)
@@ -260,18 +274,19 @@ class ChatTemplate:
             if time_limit_s is not None:
                 sys.settrace(previous)
 
-    def assistant_spans(self, messages: list[dict], where: str = "conversation") -> tuple[str, list]:
+    def assistant_spans(self, messages: list[dict], where: str = "conversation", *,
+                        time_limit_s: Optional[float] = None) -> tuple[str, list]:
         """(rendered text, [(start, end) character span of each assistant turn])."""
-        full = self.render(messages)
+        full = self.render(messages, time_limit_s=time_limit_s)
         spans = []
         for i, m in enumerate(messages):
             if m["role"] != "assistant":
                 continue
-            before = self.render(messages[:i], add_generation_prompt=True)
-            if before == self.render(messages[:i]):
+            before = self.render(messages[:i], add_generation_prompt=True, time_limit_s=time_limit_s)
+            if before == self.render(messages[:i], time_limit_s=time_limit_s):
                 raise ChatError(f"{self.name} has no assistant marker: add_generation_prompt renders "
                                 "nothing, so replies cannot be told from prompts")
-            upto = self.render(messages[:i + 1])
+            upto = self.render(messages[:i + 1], time_limit_s=time_limit_s)
             if not upto.startswith(before) or not full.startswith(upto):
                 raise ChatError(f"{where}: {self.name} does not render turn {i} as an extension of "
                                 "the turns before it; assistant spans cannot be located")
@@ -288,16 +303,36 @@ class ChatTemplate:
             if m["role"] == "assistant" and not m["content"].strip():
                 raise ChatError(f"{where}: assistant message {i} is empty")
         text, spans = self.assistant_spans(messages, where)
-        ids, starts = tokenize_with_offsets(tokenizer, text, special_token_strings(tokenizer))
+        ids, starts = tokenize_cut(tokenizer, text, [c for span in spans for c in span],
+                                   special_token_strings(tokenizer))
         if train_on_prompt:
             return Encoded(ids, [1] * len(ids), text)
         mask = [int(any(a <= s < b for a, b in spans)) for s in starts]
         return Encoded(ids, mask, text)
 
+    def prompt_text(self, messages: list[dict], *, time_limit_s: Optional[float] = None
+                    ) -> tuple[str, list[int]]:
+        """(the conversation so far plus the generation prompt, the cuts `encode` makes in it:
+        the edges of earlier replies). Tokenized with `tokenize_cut`, it gives the ids a training
+        conversation continuing it starts with. A template that does not render earlier turns as
+        a prefix (no spans to find) is tokenized whole."""
+        text = self.render(messages, add_generation_prompt=True, time_limit_s=time_limit_s)
+        cuts = []
+        if any(m["role"] == "assistant" for m in messages):
+            try:
+                full, spans = self.assistant_spans(messages, time_limit_s=time_limit_s)
+            except ChatError as exc:
+                if "took too long" in str(exc):
+                    raise
+                full, spans = "", []
+            if text.startswith(full):
+                cuts = [c for span in spans for c in span]
+        return text, cuts
+
     def prompt_ids(self, tokenizer, messages: list[dict]) -> list[int]:
         """Ids of the conversation so far plus the generation prompt (for sampling)."""
-        text = self.render(check_messages(messages, "chat"), add_generation_prompt=True)
-        return tokenize_with_offsets(tokenizer, text, special_token_strings(tokenizer))[0]
+        text, cuts = self.prompt_text(check_messages(messages, "chat"))
+        return tokenize_cut(tokenizer, text, cuts, special_token_strings(tokenizer))[0]
 
     def eot_id(self, tokenizer) -> int:
         """Id of the token that ends an assistant turn (the stop token when sampling)."""

@@ -3,8 +3,8 @@
 The same templates fine-tuning trains with (data/chat_templates.py): `--chat-template llama3|rugpt3|FILE`,
 by default the `chat_template` of the tokenizer's tokenizer_config.json, and without one the
 built-in `rugpt3` dialogue style (`user: ...` / `bot: ...`). Rendering with the generation
-prompt and tokenizing (special tokens split out first) is exactly what `generate.py --chat`
-does, so a greedy chat reply from the server equals generate.py's. The template's end-of-turn
+prompt and tokenizing (special tokens split out first, cut at earlier replies' edges as training
+is) is exactly what `generate.py --chat` does, so a greedy chat reply from the server equals generate.py's. The template's end-of-turn
 token (e.g. `<|eot_id|>`) ends a reply like the end of text does; with the `rugpt3` style the
 reply also ends where the model starts the user's next line ("\\nuser:"), as an untuned model
 tends to.
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..data.chat_templates import (ChatError, ChatTemplate, check_messages, has_template,
-                                   load_template, special_token_strings, tokenize_with_offsets)
+                                   load_template, special_token_strings, tokenize_cut)
 from .protocol import ApiError
 
 _DIRS = re.compile(r"(?<![\w.])(?:[A-Za-z]:)?[\\/](?:[^\s\\/'\":]+[\\/])+")  # a path's folders
@@ -37,8 +37,8 @@ class ChatFormat:
         past `time_limit_s` or renders more than `max_bytes` (surely beyond the context). The
         message never names the server's files."""
         try:
-            text = self.template.render(check_messages(messages, "chat"), add_generation_prompt=True,
-                                        time_limit_s=time_limit_s)
+            text, cuts = self.template.prompt_text(check_messages(messages, "chat"),
+                                                   time_limit_s=time_limit_s)
         except ChatError as exc:
             message = _DIRS.sub("", str(exc).replace(self.template.name, "the chat template"))
             slow = "took too long" in message
@@ -51,7 +51,7 @@ class ChatFormat:
                            code="context_length_exceeded")
         if "s" not in self.specials:
             self.specials["s"] = special_token_strings(tokenizer)
-        return tokenize_with_offsets(tokenizer, text, self.specials["s"])[0]
+        return tokenize_cut(tokenizer, text, cuts, self.specials["s"])[0]
 
 
 def load_chat_format(spec: Optional[str], tokenizer, tokenizer_dir: Optional[str]) -> ChatFormat:

@@ -35,7 +35,7 @@ def test_without_a_template_the_rugpt3_dialogue_style(bpe):
     assert "rugpt3" in fmt.name and "has no chat template" in fmt.name
     ref = load_template("rugpt3", bpe)
     assert fmt.prompt_ids(bpe, MESSAGES) == ref.prompt_ids(bpe, MESSAGES)
-    assert bpe.detokenize(fmt.prompt_ids(bpe, MESSAGES)) == "system: Ты помощник.\nuser: Привет!\nbot:"
+    assert bpe.detokenize(fmt.prompt_ids(bpe, MESSAGES)) == "system: Ты помощник.\nuser: Привет!\nbot: "
     assert fmt.stops == ("\nuser:",) and fmt.stop_ids == ()  # the reply ends at the end of text
     assert load_chat_format("rugpt3", bpe, None).name == "--chat-template rugpt3"
 

@@ -45,9 +45,9 @@ def pieces_mask(tok, pieces):
 def test_masks_by_hand_multi_turn_system(bpe):
     template = load_template("rugpt3", bpe)
     ids, mask = record_to_example({"messages": CONVERSATION}, template=template, tokenizer=bpe)
-    expected = pieces_mask(bpe, [("system: Ты помощник.\nuser: Сколько будет 2+2?\nbot:", 0),
-                                 (" Четыре.", 1), (None, 1), ("\nuser: А 3+3?\nbot:", 0),
-                                 (" Шесть.", 1), (None, 1)])
+    expected = pieces_mask(bpe, [("system: Ты помощник.\nuser: Сколько будет 2+2?\nbot: ", 0),
+                                 ("Четыре.", 1), (None, 1), ("\nuser: А 3+3?\nbot: ", 0),
+                                 ("Шесть.", 1), (None, 1)])
     assert (ids, mask) == expected
     ids2, mask2 = record_to_example({"messages": CONVERSATION}, template=template, tokenizer=bpe,
                                     train_on_prompt=True)
@@ -58,8 +58,8 @@ def test_masks_by_hand_prompt_response_and_text(bpe):
     template = load_template("rugpt3", bpe)
     rec = {"q": "Привет", "a": "Здравствуй", "system": "Будь краток."}
     ids, mask = record_to_example(rec, template=template, tokenizer=bpe, prompt_key="q", response_key="a")
-    assert (ids, mask) == pieces_mask(bpe, [("system: Будь краток.\nuser: Привет\nbot:", 0),
-                                            (" Здравствуй", 1), (None, 1)])
+    assert (ids, mask) == pieces_mask(bpe, [("system: Будь краток.\nuser: Привет\nbot: ", 0),
+                                            ("Здравствуй", 1), (None, 1)])
     ids, mask = record_to_example({"text": "Просто текст."}, template=template, tokenizer=bpe)
     assert ids == bpe.tokenize("Просто текст.") + [bpe.eod] and mask == [1] * len(ids)
 
@@ -99,14 +99,21 @@ def test_rugpt3_equals_transformers(bpe):
     from transformers import GPT2Tokenizer
     hf = GPT2Tokenizer(f"{TOK_DIR}/vocab.json", f"{TOK_DIR}/merges.txt")
     template = load_template("rugpt3", bpe)
-    for messages, gen in ((CONVERSATION, False), (CONVERSATION[:4], True)):
+    for messages, gen in ((CONVERSATION, False), (CONVERSATION[:4], True), (CONVERSATION[:2], True)):
         text = hf.apply_chat_template(messages, chat_template=BUILTINS["rugpt3"], tokenize=False,
                                       add_generation_prompt=gen)
-        ids = hf.apply_chat_template(messages, chat_template=BUILTINS["rugpt3"], tokenize=True,
-                                     add_generation_prompt=gen, return_dict=False)
         assert template.render(messages, gen) == text
-        ours = template.prompt_ids(bpe, messages) if gen else template.encode(bpe, messages).ids
-        assert ours == list(ids)
+    # a first prompt: the same ids; with replies, ours are cut at the replies' edges ("bot: " |
+    # "Четыре.", so that training and generation agree on the space before a reply)
+    ids = hf.apply_chat_template(CONVERSATION[:2], chat_template=BUILTINS["rugpt3"], tokenize=True,
+                                 add_generation_prompt=True, return_dict=False)
+    assert template.prompt_ids(bpe, CONVERSATION[:2]) == list(ids)
+    text, spans = template.assistant_spans(CONVERSATION)
+    edges = [0, *[c for span in spans for c in span]]
+    pieces = [text[a:b] for a, b in zip(edges, edges[1:])]
+    assert template.encode(bpe, CONVERSATION).ids == [
+        i for piece in pieces for i in hf(piece.replace("<|endoftext|>", ""))["input_ids"] +
+        ([bpe.eod] if piece.endswith("<|endoftext|>") else [])]
 
 
 def test_llama3_and_tokenizer_config_equal_transformers(llama_tok_dir):
