@@ -1,7 +1,7 @@
 r"""Converts a checkpoint between formats (source detected) and tensor-parallel sizes.
 
     python tools/convert_checkpoint.py --load SRC --save DST --to {hf,megatron_ru,megatron_core} \
-        [--target-tensor-parallel-size M] [--dtype fp16|bf16|fp32]
+        [--target-tensor-parallel-size M] [--target-pipeline-parallel-size P] [--dtype fp16|bf16|fp32]
         [--quantize int8|int4 [--group-size G] [--quantize-head]]   # megatron_ru, weight-only
 
 SRC may be one of our checkpoints (any TP, ZeRO stages included), a Hugging Face directory
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_ru.checkpoint.convert import convert  # noqa: E402
 from megatron_ru.checkpoint.model_io import CheckpointError  # noqa: E402
 from megatron_ru.checkpoint.safe_pickle import add_trust_argument  # noqa: E402
+from megatron_ru.data.progress import progress_wanted  # noqa: E402
 from megatron_ru import runtime  # noqa: E402
 from megatron_ru.inference.quantize import spec_from_args  # noqa: E402
 from megatron_ru.inference.quantize_io import convert_quantized  # noqa: E402
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                    help="--to megatron_core: layer names of Megatron-Core's local spec or its "
                         "Transformer Engine spec (norms fused into linear_qkv / linear_fc1)")
     p.add_argument("--base", help="base checkpoint of a LoRA --load (default: the one it records)")
+    p.add_argument("--target-pipeline-parallel-size", type=int, default=1, metavar="P",
+                   help="--to megatron_core: pipeline stages of the output (mp_rank_XX_YYY; num_layers / P "
+                        "layers each)")
     p.add_argument("--target-tensor-parallel-size", type=int, default=None,
                    help="TP size of a megatron_ru / megatron_core output (default 1)")
     p.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default=None,
@@ -65,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--quantize-head", action="store_true", help="also quantize the output head")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--progress", action="store_true",
+                   help="bars for the universal conversion and the adapter merge even when stderr "
+                        "is not a terminal (on a terminal they are shown anyway)")
     add_trust_argument(p)
     runtime.add_arguments(p)
     return p.parse_args(argv)
@@ -79,7 +86,8 @@ def main(argv=None) -> int:
     if args.to == "universal":
         from megatron_ru.checkpoint.universal import convert_directory
         dst = convert_directory(args.load, args.save, tag=args.tag, overwrite=args.overwrite,
-                                trust=args.trust_checkpoint)
+                                trust=args.trust_checkpoint,
+                                progress=progress_wanted(args.progress, args.quiet))
         print(f"wrote {dst}", file=sys.stderr)
         return 0
     if args.sparse_config:
@@ -120,9 +128,11 @@ def main(argv=None) -> int:
             print(f"wrote {dst}", file=sys.stderr)
             return 0
         dst = convert(args.load, args.save, args.to, target_tp=args.target_tensor_parallel_size,
+                      target_pp=args.target_pipeline_parallel_size,
                       dtype=args.dtype, tag=args.tag, overwrite=args.overwrite, quiet=args.quiet,
                       max_shard_bytes=int(args.max_shard_size_gb * 2**30), megatron_spec=args.megatron_spec,
                       adapters=adapters, trust=args.trust_checkpoint,
+                      progress=progress_wanted(args.progress, args.quiet),
                       **{k: v for k, v in hints.items() if v is not None})
     print(f"wrote {dst}", file=sys.stderr)
     return 0

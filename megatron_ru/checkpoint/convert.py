@@ -136,13 +136,15 @@ def _hf_tokenizer(dst: Path, tok_files: list[Path], eod_token: Optional[str], ma
     return hf.tokenizer_config(names, eod_token, max_length)
 
 
-def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Optional[str] = None,
+def convert(src, dst, to: str, *, target_tp: Optional[int] = None, target_pp: int = 1,
+            dtype: Optional[str] = None,
             tag: Optional[str] = None, overwrite: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES,
             quiet: bool = False, megatron_spec: str = "local", adapters: Optional[str] = None,
-            trust: bool = False, **hints) -> Path:
+            trust: bool = False, progress: bool = False, **hints) -> Path:
     """Convert the checkpoint at `src` into `to` (one of TARGETS) at `dst`; returns dst.
     `adapters`: a LoRA adapter directory merged into the weights on the way (checkpoint/lora_files.py);
-    `trust`: the source's pickles may name any global (--trust-checkpoint, checkpoint/safe_pickle.py)."""
+    `trust`: the source's pickles may name any global (--trust-checkpoint, checkpoint/safe_pickle.py);
+    `progress`: a bar for the adapter merge (the conversion's own bar shows unless `quiet`)."""
     src, dst = Path(src), Path(dst)
     if to not in TARGETS:
         raise CheckpointError(f"--to {to!r} is unknown; expected one of {', '.join(TARGETS)}")
@@ -154,6 +156,9 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
         raise CheckpointError("--load and --save name the same directory")
     if to == "hf" and target_tp not in (None, 1):
         raise CheckpointError("--target-tensor-parallel-size applies to --to megatron_ru / megatron_core")
+    if target_pp != 1 and to != "megatron_core":
+        raise CheckpointError("--target-pipeline-parallel-size applies to --to megatron_core (our own "
+                              "checkpoints open at any pipeline size)")
     config, meta = read_any_config(src, trust=trust, **hints)
     tp = target_tp or 1
     try:
@@ -165,7 +170,11 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
     if adapters is not None:
         lora_meta, lora_tensors = read_adapters(adapters)
         check_base_shape(lora_meta, config, adapters)
-        full = merge_into(dict(full), lora_meta, lora_tensors, config)
+        pairs = sum(1 for k in lora_tensors if k.endswith(".lora.A") or k == "lora_head.A")
+        bar = Progress(f"merging adapters {adapters}", total=pairs, unit="tensors",
+                       enabled=progress and not quiet)
+        full = merge_into(dict(full), lora_meta, lora_tensors, config, on_tensor=bar.update)
+        bar.close()
     dst.parent.mkdir(parents=True, exist_ok=True)
     total = len(hf.key_map(config)) if to == "hf" else len(full) * tp
     sink = open(os.devnull, "w") if quiet else None
@@ -173,7 +182,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
                         stream=sink)
     try:
         with atomic_directory(dst) as tmp:
-            _write(tmp, to, config, full, tp, out_dtype, meta, progress, max_shard_bytes, megatron_spec)
+            _write(tmp, to, config, full, tp, out_dtype, meta, progress, max_shard_bytes, megatron_spec, target_pp)
             progress.close()
     finally:
         if sink is not None:
@@ -182,7 +191,7 @@ def convert(src, dst, to: str, *, target_tp: Optional[int] = None, dtype: Option
 
 
 def _write(tmp: Path, to: str, config: ModelConfig, full: dict, tp: int, out_dtype: torch.dtype, meta: dict,
-           progress: Progress, max_shard_bytes: int, megatron_spec: str) -> None:
+           progress: Progress, max_shard_bytes: int, megatron_spec: str, pp: int = 1) -> None:
     """Fill the temporary output directory `tmp` in the format `to`."""
     tok_files = _tokenizer_files(meta.get("tokenizer_dir"))
     if to == "hf":
@@ -195,7 +204,7 @@ def _write(tmp: Path, to: str, config: ModelConfig, full: dict, tp: int, out_dty
         for f in tok_files + _chat_files(meta.get("tokenizer_dir")):
             shutil.copyfile(f, tmp / "tokenizer" / f.name)
     if to == "megatron_core":
-        megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec)
+        megatron_core.write_torch(tmp, config, full, tp, out_dtype, progress, megatron_spec, pp=pp)
     else:
         tokenizer = _tokenizer_entry(meta, tok_files) if tok_files else None
         save_state_dict(tmp, config, full, tp, out_dtype, on_tensor=progress.update, tokenizer=tokenizer)

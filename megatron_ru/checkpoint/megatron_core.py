@@ -242,9 +242,12 @@ def to_core_rank(config: ModelConfig, local: dict, tp: int, spec: str = "local")
 
 
 def write_torch(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torch.dtype, progress,
-                spec: str = "local") -> None:
-    """DST/latest_checkpointed_iteration.txt = release, DST/release/mp_rank_XX/model_optim_rng.pt
-    (Megatron-Core GPTModel names, checkpoint_version 3.0, args for --use-checkpoint-args)."""
+                spec: str = "local", pp: int = 1) -> None:
+    """DST/latest_checkpointed_iteration.txt = release, DST/release/mp_rank_XX/model_optim_rng.pt, or with
+    `pp` > 1 mp_rank_XX_YYY per (TP rank, stage): Megatron-Core GPTModel names, checkpoint_version 3.0,
+    args for --use-checkpoint-args. Stages hold num_layers / pp consecutive layers numbered from 0 (as
+    Megatron-Core saves them), the embeddings on the first, the final norm and output layer on the last;
+    with tied embeddings the last stage also holds its copy of the word embeddings as output_layer."""
     from ..parallel.sharding import shard
     from .model_io import VOCAB_PARAMS, atomic_torch_save, shard_specs
     if spec not in ("local", "te"):
@@ -252,9 +255,14 @@ def write_torch(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torc
     if any(config.sparse_layers()):
         raise CheckpointError("Megatron-Core has no block-sparse attention: this model's sparse "
                               "layers cannot be exported (convert a --sparse-mode dense copy)")
+    if pp < 1 or config.num_layers % pp:
+        raise CheckpointError(f"--target-pipeline-parallel-size {pp}: must divide num_layers="
+                              f"{config.num_layers} (Megatron-Core splits layers evenly)")
     specs, padded = shard_specs(config, tp), config.padded_vocab_size(tp)
     args = core_args(config, tp)
+    args.pipeline_model_parallel_size = pp
     args.transformer_impl = "transformer_engine" if spec == "te" else "local"
+    per_stage = config.num_layers // pp
     for r in range(tp):
         local = {}
         for name, sp in specs.items():
@@ -263,11 +271,36 @@ def write_torch(dst: Path, config: ModelConfig, full: dict, tp: int, dtype: torc
                 t = torch.cat([t, t.new_zeros(padded - t.shape[0], *t.shape[1:])])
             local[name] = shard(t, sp, r, tp)
             progress.update()
-        state = {k: v.clone().contiguous() for k, v in to_core_rank(config, local, tp, spec).items()}
-        (dst / "release" / f"mp_rank_{r:02d}").mkdir(parents=True)
-        atomic_torch_save({"model": state, "args": args, "checkpoint_version": 3.0, "iteration": 0},
-                          dst / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt")
+        for stage in range(pp):
+            part = _stage_part(config, local, stage, pp, per_stage)
+            state = {k: v.clone().contiguous() for k, v in to_core_rank(config, part, tp, spec).items()}
+            rank_dir = dst / "release" / (f"mp_rank_{r:02d}" if pp == 1 else f"mp_rank_{r:02d}_{stage:03d}")
+            rank_dir.mkdir(parents=True)
+            atomic_torch_save({"model": state, "args": args, "checkpoint_version": 3.0, "iteration": 0},
+                              rank_dir / "model_optim_rng.pt")
     (dst / "latest_checkpointed_iteration.txt").write_text("release")
+
+
+def _stage_part(config: ModelConfig, local: dict, stage: int, pp: int, per_stage: int) -> dict:
+    """One pipeline stage's tensors of a TP rank's state dict (our names), layers renumbered from 0."""
+    if pp == 1:
+        return local
+    first, last, lo = stage == 0, stage == pp - 1, stage * per_stage
+    part = {}
+    for name, t in local.items():
+        m = re.match(r"blocks\.(\d+)\.(.*)$", name)
+        if m:
+            i = int(m.group(1))
+            if lo <= i < lo + per_stage:
+                part[f"blocks.{i - lo}.{m.group(2)}"] = t
+        elif name.startswith(("embed.", "pos_embed.")):
+            if first:
+                part[name] = t
+            if last and name == "embed.weight" and config.tie_word_embeddings:
+                part["lm_head.weight"] = t  # the last stage's copy of the tied embedding
+        elif last:
+            part[name] = t
+    return part
 
 
 __all__ = ["write_torch", "core_args", "is_core_model", "read_torch", "to_core_rank"]
