@@ -26,6 +26,7 @@ import types
 from pathlib import Path
 from typing import Optional
 
+from ..data.progress import Progress, progress_wanted
 from ..files import atomic_directory, atomic_write_text
 from . import safe_pickle
 from .model_io import CheckpointError
@@ -61,9 +62,41 @@ def is_universal(tag_dir: Path) -> bool:
     return (tag_dir / "zero").is_dir()
 
 
-def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False) -> Path:
+class _Steps(io.TextIOBase):
+    """DeepSpeed's converter's stdout: its "*** N. step" lines name the progress bars that
+    replace its tqdm bars; everything else is dropped."""
+
+    def __init__(self) -> None:
+        self.step = "converting"
+        self._line = ""
+
+    def write(self, text: str) -> int:
+        self._line += text
+        *lines, self._line = self._line.split("\n")
+        for line in lines:
+            if line.startswith("***"):
+                self.step = line.strip("* .").strip()
+        return len(text)
+
+
+def _bars(steps: _Steps, enabled: bool):
+    """A stand-in for the `tqdm` module inside ds_to_universal: our Progress (or nothing)."""
+    def bar(iterable, *args, **kwargs):
+        items = list(iterable)
+        progress = Progress(f"universal checkpoint: {steps.step}", total=len(items), unit="items",
+                            enabled=enabled)
+        for item in items:
+            yield item
+            progress.update()
+        progress.close()
+    return types.SimpleNamespace(tqdm=bar)
+
+
+def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False,
+            progress: Optional[bool] = None) -> Path:
     """Write the universal form of the DeepSpeed checkpoint `tag_dir` to `out_dir` (atomic).
-    DeepSpeed's converter unpickles the files: they are scanned first (`trust`: not)."""
+    DeepSpeed's converter unpickles the files: they are scanned first (`trust`: not).
+    `progress`: bars per step on stderr (None: when stderr is a terminal)."""
     from deepspeed.checkpoint import ds_to_universal
 
     if not tag_dir.is_dir():
@@ -77,12 +110,17 @@ def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False) -> Path:
     args = types.SimpleNamespace(input_folder=str(tag_dir), output_folder=str(tmp),
                                  num_extract_workers=1, num_merge_workers=1,
                                  keep_temp_folder=False, strict=True, inject_missing_state=True)
+    steps = _Steps()
+    real_tqdm = ds_to_universal.tqdm
+    ds_to_universal.tqdm = _bars(steps, progress_wanted() if progress is None else progress)
     try:
-        with contextlib.redirect_stdout(io.StringIO()):  # its progress chatter; errors still raise
+        with contextlib.redirect_stdout(steps):  # its chatter names the steps; errors still raise
             ds_to_universal.main(args)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        ds_to_universal.tqdm = real_tqdm
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
@@ -101,7 +139,7 @@ def plan_resume(load_dir: str, tag: str, dp_size: int) -> tuple[str, bool]:
 
 
 def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False,
-                      trust: bool = False) -> Path:
+                      trust: bool = False, progress: Optional[bool] = None) -> Path:
     """`convert_checkpoint.py --to universal`: DST = SRC's config.json + tokenizer + the universal
     form of SRC/<tag> (default: latest) under the same tag, and a `latest` naming it."""
     from .model_io import is_own_checkpoint, latest_tag
@@ -118,6 +156,6 @@ def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrit
         shutil.copy2(source / "config.json", tmp / "config.json")
         if (source / "tokenizer").is_dir():
             shutil.copytree(source / "tokenizer", tmp / "tokenizer")
-        convert(source / tag, tmp / tag, trust=trust)
+        convert(source / tag, tmp / tag, trust=trust, progress=progress)
         atomic_write_text(tmp / "latest", tag + "\n")
     return target

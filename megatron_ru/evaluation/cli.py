@@ -12,7 +12,8 @@ from .. import runtime
 from ..data.indexed_dataset import IndexedDataset, dataset_exists
 from ..inference.loading import ModelOptions, add_inference_arguments
 from .loading import open_for_scoring, parallel_state
-from .perplexity import Corpus, EvalInputError, check_ids, evaluate_corpora
+from ..data.progress import Progress, progress_wanted
+from .perplexity import Corpus, EvalInputError, check_ids, count_windows, evaluate_corpora
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "--seed as pretrain_gpt.py draws them): the baseline training improves on")
     e.add_argument("--seed", type=int, default=1234, help="initialisation seed for --untrained")
     e.add_argument("--output", metavar="FILE", help="write the results as JSON (atomically)")
+    e.add_argument("--progress", action="store_true",
+                   help="show progress (windows, tokens/s, ETA) on stderr even when it is not a "
+                        "terminal (on a terminal it is shown anyway)")
+    e.add_argument("--quiet", action="store_true", help="no progress")
     runtime.add_arguments(p)
     return p
 
@@ -136,8 +141,16 @@ def main(argv=None) -> int:
     opened, corpora, seq, stride = runtime.checked(ps if ps.world_size > 1 else None, prepare)
     model, tok = opened.model, opened.tokenizer
     t0 = time.perf_counter()
+    bar = None
+    if ps.rank == 0 and progress_wanted(args.progress, args.quiet):  # rank 0 counts its own windows
+        bar = Progress("evaluating", total=count_windows(corpora, tok.eod, seq_length=seq, stride=stride,
+                                                         dp_rank=ps.dp_rank, dp_size=ps.dp_size),
+                       unit="windows", extra_unit="tokens", interval=1.0, log_interval=10.0)
     per, total = evaluate_corpora(model, corpora, tok.eod, seq_length=seq, stride=stride,
-                                  batch_size=args.batch_size, ps=ps)
+                                  batch_size=args.batch_size, ps=ps,
+                                  on_batch=(lambda w, t: bar.update(w, extra=t)) if bar else None)
+    if bar is not None:
+        bar.close()
     elapsed = time.perf_counter() - t0
     if ps.rank == 0:
         print(format_table(per, total, seq, stride), flush=True)

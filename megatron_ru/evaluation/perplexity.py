@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -100,10 +100,12 @@ def _batches(items: list, size: int) -> Iterator[list]:
 
 @torch.inference_mode()
 def score_stream(model, stream: Sequence[int], *, seq_length: int, stride: int,
-                 batch_size: int = 8, dp_rank: int = 0, dp_size: int = 1) -> Score:
+                 batch_size: int = 8, dp_rank: int = 0, dp_size: int = 1,
+                 on_batch: Optional[Callable[[int, int], None]] = None) -> Score:
     """NLL sum and token count of `stream` under `model` (a GPTModel at any TP size; every TP
     rank calls this with the same arguments). Windows are dealt round-robin over `dp_size`
-    replicas; the caller sums the replicas' scores (`reduce_score`)."""
+    replicas; the caller sums the replicas' scores (`reduce_score`). `on_batch(windows, tokens)`
+    is called after every forward (progress)."""
     limit = model.config.max_position_embeddings
     if seq_length > limit:
         raise EvalInputError(f"--seq-length {seq_length} exceeds the model's "
@@ -127,6 +129,8 @@ def score_stream(model, stream: Sequence[int], *, seq_length: int, stride: int,
             score.nll += float(nll.double().sum())
             score.tokens += sum(w.scored for w in batch)
             score.windows += len(batch)
+            if on_batch is not None:
+                on_batch(len(batch), sum(w.scored for w in batch))
     return score
 
 
@@ -151,14 +155,26 @@ class Corpus:
     bytes: int = 0
 
 
+def count_windows(corpora: Sequence[Corpus], eod: int, *, seq_length: int, stride: int,
+                  dp_rank: int = 0, dp_size: int = 1) -> int:
+    """How many windows this replica scores in `evaluate_corpora` (the progress total)."""
+    total = 0
+    for c in corpora:
+        n = 1 + sum(len(d) + (0 if len(d) and d[-1] == eod else 1) for d in c.documents)  # build_stream's
+        total += len(sliding_windows(n, seq_length, stride)[dp_rank::dp_size])
+    return total
+
+
 def evaluate_corpora(model, corpora: Sequence[Corpus], eod: int, *, seq_length: int, stride: int,
-                     batch_size: int = 8, ps=None) -> tuple[dict[str, Score], Score]:
+                     batch_size: int = 8, ps=None,
+                     on_batch: Optional[Callable[[int, int], None]] = None) -> tuple[dict[str, Score], Score]:
     """Per-corpus scores and the overall score (sums over corpora)."""
     dp_rank, dp_size = (ps.dp_rank, ps.dp_size) if ps is not None else (0, 1)
     per, total = {}, Score()
     for corpus in corpora:
         s = score_stream(model, build_stream(corpus.documents, eod), seq_length=seq_length,
-                         stride=stride, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size)
+                         stride=stride, batch_size=batch_size, dp_rank=dp_rank, dp_size=dp_size,
+                         on_batch=on_batch)
         s = reduce_score(s, ps)
         s.bytes = corpus.bytes
         per[corpus.name] = s

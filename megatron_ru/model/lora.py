@@ -18,6 +18,7 @@ Adapter directories (adapter_config.json + adapter_model.safetensors) are checkp
 from __future__ import annotations
 
 import math
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -219,8 +220,10 @@ def set_adapter_state(model, tensors: dict, source) -> None:
         p.copy_(local)
 
 
-def merge_into(full: dict, meta: dict, tensors: dict, config: ModelConfig) -> dict:
-    """Full base state dict (our names, real vocabulary) + adapters → merged full state dict."""
+def merge_into(full: dict, meta: dict, tensors: dict, config: ModelConfig,
+               on_tensor: Optional[Callable[[], None]] = None) -> dict:
+    """Full base state dict (our names, real vocabulary) + adapters → merged full state dict.
+    `on_tensor()` is called after each merged weight (progress)."""
     scale = float(meta["alpha"]) / int(meta["rank"])
     out = dict(full)
     for name in tensors:
@@ -238,4 +241,6 @@ def merge_into(full: dict, meta: dict, tensors: dict, config: ModelConfig) -> di
         base = out[key]
         delta = delta[: base.shape[0]]  # vocabulary rows: the real ones
         out[key] = (base.float() + delta).to(base.dtype)
+        if on_tensor is not None:
+            on_tensor()
     return out
