@@ -135,6 +135,8 @@ def _copy_tokenizer(root: Path, tokenizer_files: dict) -> None:
     sources = {Path(src).parent for src, _ in copies}
     copies += [(d / name, tok_dir / name) for d in sorted(sources) for name in CHAT_FILES
                if (d / name).is_file()]
+    if tokenizer_files.get("chat_template"):  # the template the SFT data was rendered with wins
+        copies.append((Path(tokenizer_files["chat_template"]), tok_dir / "chat_template.jinja"))
     for src, dst in copies:
         if dst.exists() and os.path.samefile(src, dst):  # --vocab-file DIR/tokenizer/vocab.json
             continue
@@ -247,7 +249,7 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
         tokenizer = None
         if tokenizer_files:
             tokenizer = {k: (f"tokenizer/{canonical_name(k, v)}" if k in CANONICAL else v)
-                         for k, v in tokenizer_files.items()}
+                         for k, v in tokenizer_files.items() if k != "chat_template"}
         runtime.fault_point("save_config", iteration)
         if not trainable_only:
             write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer,

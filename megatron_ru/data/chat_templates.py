@@ -422,8 +422,11 @@ def load_template(spec: Optional[str], tokenizer=None, tokenizer_dir: Optional[s
             with open(spec, encoding="utf-8") as f:
                 source = f.read()
         name = f"--chat-template {spec}"
-    return ChatTemplate(source, name=name, bos_token=_token_name(config, "bos_token"),
-                        eos_token=_token_name(config, "eos_token") or eod or "")
+    builtin = next((k for k, v in BUILTINS.items() if v == source), None)  # e.g. recorded by SFT
+    return ChatTemplate(source, name=f"{name} (the built-in {builtin})" if builtin else name,
+                        bos_token=_token_name(config, "bos_token"),
+                        eos_token=_token_name(config, "eos_token") or eod or "",
+                        eot_token=BUILTIN_EOT[builtin] if builtin else None)
 
 
 def _is_single(tokenizer, token: str) -> bool:

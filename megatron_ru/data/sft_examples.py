@@ -31,6 +31,12 @@ def mask_prefix(prefix: str) -> str:
     return prefix + "_loss_mask"
 
 
+def template_record(prefix: str) -> str:
+    """Where preprocessing records the chat template it rendered PREFIX with (Jinja source);
+    training copies it into its checkpoints as tokenizer/chat_template.jinja."""
+    return prefix + "_chat_template.jinja"
+
+
 # ---- preprocessing --------------------------------------------------------------------------
 def record_to_example(record, *, template: ChatTemplate, tokenizer, prompt_key: str = "prompt",
                       response_key: str = "response", system_key: str = "system",
@@ -259,7 +265,8 @@ def sft_batch(batch: dict, *, packed: bool) -> dict:
 
 def run_sft(args, files: list, stream) -> list:
     """tools/preprocess_data.py --dataset-type sft: all input files → one SFT pair at
-    --output-prefix (PREFIX.bin/.idx + PREFIX_loss_mask.bin/.idx)."""
+    --output-prefix (PREFIX.bin/.idx + PREFIX_loss_mask.bin/.idx) and the chat template used
+    (PREFIX_chat_template.jinja)."""
     import itertools
     import os
 
@@ -276,7 +283,9 @@ def run_sft(args, files: list, stream) -> list:
     counts = write_sft_dataset(records, args.output_prefix, best_fitting_dtype(tokenizer.vocab_size),
                                template=template, tokenizer=tokenizer, prompt_key=args.prompt_key,
                                response_key=args.response_key, train_on_prompt=args.train_on_prompt)
+    from ..files import atomic_write_text
     from .validate import tokenizer_files, write_tokenizer_record
+    atomic_write_text(template_record(args.output_prefix), template.source)  # carried into checkpoints
     write_tokenizer_record(args.output_prefix, tokenizer_type=args.tokenizer_type,  # read by training
                            vocab_size=tokenizer.vocab_size,
                            files=tokenizer_files(args.vocab_file, args.merge_file, args.tokenizer_model))

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-from ..data.chat_templates import (ChatError, ChatTemplate, check_messages, has_template,
+from ..data.chat_templates import (BUILTINS, ChatError, ChatTemplate, check_messages, has_template,
                                    load_template, special_token_strings, tokenize_cut)
 from .protocol import ApiError
 
@@ -62,7 +62,8 @@ def load_chat_format(spec: Optional[str], tokenizer, tokenizer_dir: Optional[str
         spec = "rugpt3"
     template = load_template(spec, tokenizer, tokenizer_dir)
     eot = template.eot_id(tokenizer)
-    return ChatFormat(template, ("\nuser:",) if spec == "rugpt3" else (),
+    rugpt3 = spec == "rugpt3" or template.source == BUILTINS["rugpt3"]
+    return ChatFormat(template, ("\nuser:",) if rugpt3 else (),
                       () if eot == tokenizer.eod else (eot,),
                       "the built-in rugpt3 dialogue style (the tokenizer has no chat template)"
                       if fallback else template.name)

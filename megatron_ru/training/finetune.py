@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
 from ..config import ConfigError
-from ..data.sft_examples import PACKING, build_sft_datasets, sft_batch
+from ..data.sft_examples import PACKING, build_sft_datasets, sft_batch, template_record
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -46,6 +47,18 @@ def validate(args) -> None:
                           "--pretrained-checkpoint BASE --load RUN --save RUN (resumable)")
     if args.dataset_type != "sft" and args.sft_packing != "pad":
         raise ConfigError("--sft-packing needs --dataset-type sft")
+
+
+def recorded_template(data_path) -> Optional[str]:
+    """The chat template file preprocessing recorded with the SFT data (one for all prefixes of
+    --data-path; None when none is recorded or the prefixes were rendered with different ones)."""
+    from ..data.blended import parse_data_path
+    found = {}
+    for _, prefix in parse_data_path(data_path):
+        path = Path(template_record(prefix))
+        if path.is_file():
+            found.setdefault(path.read_text(encoding="utf-8"), str(path))
+    return next(iter(found.values())) if len(found) == 1 else None
 
 
 def build_datasets(args, counts, pad_id: int, **validation):

@@ -512,6 +512,8 @@ class Trainer:
         for key in ("vocab_file", "merge_file", "tokenizer_model"):
             if getattr(a, key):
                 files[key] = getattr(a, key)
+        if a.dataset_type == "sft" and (template := finetune.recorded_template(a.data_path)):
+            files["chat_template"] = template  # the SFT data's chat template goes with the model
         runtime.heartbeat(f"saving iteration {self.iteration}")
         if a.lora_rank:  # the adapters, then their training state (the frozen base: never), latest last
             lora_run.save_lora(self)
