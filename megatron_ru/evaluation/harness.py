@@ -66,7 +66,8 @@ class MegatronRuLM(TemplateLM):
     _open: list = []
 
     def __init__(self, batch_size=8, max_length=None, max_gen_toks=256, seed=1234, *, model=None,
-                 tokenizer=None, device=None, max_batch_size=None, **model_args) -> None:  # noqa: ARG002
+                 tokenizer=None, device=None, max_batch_size=None, template_dir=None,
+                 **model_args) -> None:  # noqa: ARG002
         super().__init__()
         unknown = set(model_args) - option_names()
         if unknown:
@@ -81,10 +82,11 @@ class MegatronRuLM(TemplateLM):
                 raise EvalInputError(f"{ps.world_size} processes at TP={ps.tp_size}: launch "
                                      "exactly TP processes for lm-eval")
             opened = runtime.checked(ps, open_for_scoring, options, ps)
-            model, tokenizer = opened.model, opened.tokenizer
+            model, tokenizer, template_dir = opened.model, opened.tokenizer, opened.template_dir
         elif tokenizer is None:
             raise EvalInputError("MegatronRuLM(model=...) needs tokenizer=...")
         self.model, self.tokenizer_ = model, tokenizer
+        self.template_dir, self._template = template_dir, None  # the model's own chat template, read on use
         self.ps = model.ps
         limit = model.config.max_position_embeddings
         self._max_length = min(_int(max_length, "max_length", limit), limit)
@@ -156,7 +158,24 @@ class MegatronRuLM(TemplateLM):
 
     @property
     def tokenizer_name(self) -> str:
-        return NAME
+        """Fingerprints lm-eval's request cache: the chat template is part of the prompt."""
+        from ..data.chat_templates import has_template
+        return f"{NAME}:{self.chat_template().name}" if has_template(self.template_dir) else NAME
+
+    def chat_template(self):
+        """The chat template saved with the model (tokenizer/chat_template.jinja or the
+        tokenizer_config.json `chat_template`), as generate.py --chat and the server use it."""
+        if self._template is None:
+            from ..data.chat_templates import has_template, load_template
+            if not has_template(self.template_dir):
+                raise EvalInputError(f"--apply_chat_template: the model in {self.template_dir or 'memory'} "
+                                     "has no chat template (fine-tune with one, or evaluate without it)")
+            self._template = load_template(None, self.tokenizer_, self.template_dir)
+        return self._template
+
+    def apply_chat_template(self, chat_history: list, add_generation_prompt: bool = True) -> str:
+        """lm-eval's --apply_chat_template: the conversation rendered by the model's own template."""
+        return self.chat_template().render(chat_history, add_generation_prompt=add_generation_prompt)
 
     def tok_encode(self, string: str, add_special_tokens=None, left_truncate_len=None,
                    **kwargs) -> list[int]:  # noqa: ARG002

@@ -106,3 +106,29 @@ def test_unknown_task_is_one_line_exit_2(setup, capsys):
     assert code == 2
     err = [line for line in capsys.readouterr().err.splitlines() if "error" in line]
     assert len(err) == 1 and "ru_choise" in err[0] and "ru_choice, ru_yesno" in err[0], err
+
+
+def test_chat_template_of_the_model_is_applied_like_hf(setup):
+    """lm-eval's --apply_chat_template renders with the template saved with the model, as transformers'
+    apply_chat_template does with the HF export; a model without one is refused with one line."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from megatron_ru.data.chat_templates import load_template
+    from megatron_ru.evaluation.harness import MegatronRuLM
+    from megatron_ru.evaluation.perplexity import EvalInputError
+
+    chat = setup["base"] / "ours_chat"
+    shutil.copytree(setup["ours"], chat)
+    (chat / "tokenizer" / "chat_template.jinja").write_text(load_template("rugpt3").source, encoding="utf-8")
+    messages = [{"role": "system", "content": "Отвечай кратко."}, {"role": "user", "content": "Столица Франции?"},
+                {"role": "assistant", "content": "Париж."}, {"role": "user", "content": "А Италии?"}]
+    lm = MegatronRuLM(load=str(chat))
+    ours = lm.apply_chat_template(messages)
+    hf = AutoTokenizer.from_pretrained(evalkit.export_hf(chat, setup["base"] / "hf_chat"))
+    assert ours == hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert "А Италии?" in ours and ours != hf.apply_chat_template(messages, tokenize=False)
+    assert lm.tokenizer_name != MegatronRuLM(load=str(setup["ours"])).tokenizer_name
+    with pytest.raises(EvalInputError, match="has no chat template"):
+        MegatronRuLM(load=str(setup["ours"])).apply_chat_template(messages)
