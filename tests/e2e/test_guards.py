@@ -32,17 +32,6 @@ BASE = ["--preset", "tiny-gpt3", "--seq-length", "128", "--micro-batch-size", "1
 
 
 @pytest.fixture(scope="module")
-def ps():
-    from megatron_ru.parallel.state import ParallelState
-    torch.set_num_threads(2)
-    state = ParallelState.from_environment()
-    yield state
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp("guards")
 

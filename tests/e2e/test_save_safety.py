@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from megatron_ru import runtime
 from megatron_ru.checkpoint.load import read_config
@@ -29,17 +28,6 @@ from tests.helpers import BASE, DATA, ROOT, VOCAB
 pytestmark = pytest.mark.slow
 
 SPIKES = [str(i) for i in range(3, 400)]  # every step after the good checkpoint explodes
-
-
-@pytest.fixture(scope="module")
-def ps():
-    from megatron_ru.parallel.state import ParallelState
-    torch.set_num_threads(2)
-    state = ParallelState.from_environment()
-    yield state
-    import torch.distributed as dist
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,9 @@ from megatron_ru.data.chat_templates import ChatError, load_template  # noqa: E4
 from megatron_ru.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_ru.serving.chat_prompt import load_chat_format  # noqa: E402
 from megatron_ru.serving.protocol import ApiError  # noqa: E402
-from tests.helpers import TOKENIZER, demo_bpe, llama_tokenizer_dir  # noqa: E402
+from tests.helpers import TOKENIZER  # noqa: E402
 
 TOK_DIR = str(TOKENIZER)
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return demo_bpe()
-
-
-@pytest.fixture(scope="module")
-def llama_tok_dir(tmp_path_factory):
-    return llama_tokenizer_dir(tmp_path_factory.mktemp("llama_tok"))
 
 
 MESSAGES = [{"role": "system", "content": "Ты помощник."}, {"role": "user", "content": "Привет!"}]

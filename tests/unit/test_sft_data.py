@@ -11,7 +11,7 @@ from megatron_ru.data.sft_examples import SFTDataset, mask_prefix, record_to_exa
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 from megatron_ru.data.order import DatasetConfigError
 from megatron_ru.data.tokenizers import build_tokenizer
-from tests.helpers import TOKENIZER, demo_bpe, llama_tokenizer_dir
+from tests.helpers import TOKENIZER
 
 TOK_DIR = str(TOKENIZER)
 CONVERSATION = [{"role": "system", "content": "Ты помощник."},
@@ -19,16 +19,6 @@ CONVERSATION = [{"role": "system", "content": "Ты помощник."},
                 {"role": "assistant", "content": "Четыре."},
                 {"role": "user", "content": "А 3+3?"},
                 {"role": "assistant", "content": "Шесть."}]
-
-
-@pytest.fixture(scope="module")
-def bpe():
-    return demo_bpe()
-
-
-@pytest.fixture(scope="module")
-def llama_tok_dir(tmp_path_factory):
-    return llama_tokenizer_dir(tmp_path_factory.mktemp("llama_tok"))
 
 
 def pieces_mask(tok, pieces):
