@@ -42,6 +42,20 @@ def checkpoint(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def slow_checkpoint(tmp_path_factory):
+    """A model whose 2,000-token stream outlasts --shutdown-timeout on any CPU (the tiny one streams
+    2,000 tokens in under 3 s on an idle 2-core machine, so nothing would be left to cut)."""
+    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(TOKENIZER / "vocab.json"),
+                          merge_file=str(TOKENIZER / "merges.txt"))
+    cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=tok.vocab_size, init_method_std=0.2,
+                                  max_position_embeddings=2048, hidden_size=512, num_layers=8,
+                                  num_attention_heads=8)
+    path = tmp_path_factory.mktemp("abuse_slow_ckpt") / "slow"
+    save_model(path, GPTModel(cfg, None, seed=3), tag="iter_0000010")
+    return path
+
+
+@pytest.fixture(scope="module")
 def slow_template(tmp_path_factory):
     path = tmp_path_factory.mktemp("secret_templates") / "loops.jinja"
     path.write_text("{% if messages[0]['content'] == 'spin' %}{% for i in range(100000) %}"
@@ -220,8 +234,8 @@ def test_half_open_connections_are_capped_and_timed_out(checkpoint):
         assert len(srv.lines) < 60, srv.log[-3000:]  # no line per connection
 
 
-def test_sigterm_drains_then_cuts_streams_with_an_error_event(checkpoint):
-    with ServerProcess(["--load", str(checkpoint), *TOK_FLAGS, "--seq-length", "2048",
+def test_sigterm_drains_then_cuts_streams_with_an_error_event(slow_checkpoint):
+    with ServerProcess(["--load", str(slow_checkpoint), *TOK_FLAGS, "--seq-length", "2048",
                         "--max-tokens-limit", "2000", "--drain-seconds", "1.5",
                         "--shutdown-timeout", "3"]) as srv, srv.http() as http:
         body = {"prompt": "Привет", "max_tokens": 2000, "min_tokens": 2000, "stream": True}
