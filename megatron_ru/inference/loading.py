@@ -312,8 +312,11 @@ def open_model(options: ModelOptions, ps: Optional[ParallelState] = None, *, tok
     if options.lora:  # adapters on top of the base, not merged (model/lora.py)
         from ..checkpoint.lora_files import attach_adapters
         attach_adapters(model, options.lora)
+    template_dir = choice.template_dir if choice else None
+    if options.lora and (Path(options.lora) / "chat_template.jinja").is_file():
+        template_dir = options.lora  # adapters fine-tuned on chat data carry the template they learnt
     return OpenedModel(model.eval(), tokenizer, ps, options, meta,
-                       choice.path if choice else None, choice.template_dir if choice else None)
+                       choice.path if choice else None, template_dir)
 
 
 def open_draft(path: str, target: OpenedModel, *, quantize: Optional[str] = None):

@@ -82,6 +82,13 @@ def save_lora(trainer) -> str:
     path = save_adapters(trainer.model, trainer.args.save, base=trainer.base,
                          write=ps.rank == 0, iteration=trainer.iteration,
                          tensor_model_parallel_size=ps.tp_size)
+    args = trainer.args
+    if path is not None and args.dataset_type == "sft":  # the SFT data's chat template goes with the adapters
+        from ..files import atomic_write_text
+        from .finetune import recorded_template
+        template = recorded_template(args.data_path)
+        if template:
+            atomic_write_text(Path(path) / "chat_template.jinja", Path(template).read_text(encoding="utf-8"))
     if ps.world_size > 1:
         dist.barrier()
     return str(path or trainer.args.save)

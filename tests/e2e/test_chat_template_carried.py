@@ -38,6 +38,15 @@ def test_sft_template_recorded_saved_exported_and_served(tmp_path):
     config = json.loads((hf_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
     recorded = config.get("chat_template") or (hf_dir / "chat_template.jinja").read_text(encoding="utf-8")
     assert recorded == BUILTINS["rugpt3"]
+    # a LoRA run on the same data: its adapter directory carries the template, and opening it uses it
+    pretrain(tmp_path, "lora", "--train-iters", "1", "--micro-batch-size", "2", "--dataset-type", "sft",
+             "--data-path", str(prefix), "--split", "90,10,0", "--finetune", "--load", str(tmp_path / "ckpt"),
+             "--lora-rank", "2", "--save", str(tmp_path / "adapters"), "--save-interval", "1")
+    assert (tmp_path / "adapters" / "chat_template.jinja").read_text(encoding="utf-8") == BUILTINS["rugpt3"]
+    from megatron_ru.inference.loading import ModelOptions, open_model
+    opened = open_model(ModelOptions(load=str(tmp_path / "adapters")))
+    assert opened.template_dir == str(tmp_path / "adapters")
+    assert "the built-in rugpt3" in load_template(None, opened.tokenizer, opened.template_dir).name
 
 
 def test_a_recorded_builtin_keeps_its_end_of_turn_token(tmp_path):
