@@ -13,6 +13,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+TOKENIZER = ROOT / "examples" / "data" / "tokenizer"  # the demo GPT-2 BPE
+TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
 READY = re.compile(r"serving \S+ on http://([\d.]+):(\d+)")
 
 

@@ -4,7 +4,6 @@ errors as OpenAI JSON, API key, full queue, disconnect, SIGTERM) and TP=2 under 
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -17,13 +16,10 @@ from megatron_ru.checkpoint.model_io import save_model  # noqa: E402
 from megatron_ru.data.tokenizers import build_tokenizer  # noqa: E402
 from megatron_ru.inference import runner  # noqa: E402
 from tests.helpers import mpirun  # noqa: E402
-from tests.serve_helpers import ServerProcess, metric, wait_until  # noqa: E402
+from tests.serve_helpers import TOK_FLAGS, TOKENIZER, ServerProcess, metric, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
-TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
 KEY = "test-key"
 PROMPTS = ["Москва — столица", "В начале было слово", "Привет", "Жили-были дед да баба, и была у них"]
 

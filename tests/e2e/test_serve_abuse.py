@@ -8,7 +8,6 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
@@ -19,40 +18,35 @@ pytest.importorskip("uvicorn")
 from megatron_ru import GPTModel, ModelConfig  # noqa: E402
 from megatron_ru.checkpoint.model_io import save_model  # noqa: E402
 from megatron_ru.data.tokenizers import build_tokenizer  # noqa: E402
-from tests.serve_helpers import ServerProcess, metric  # noqa: E402
+from tests.serve_helpers import TOK_FLAGS, TOKENIZER, ServerProcess, metric  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
-TOKENIZER = ROOT / "examples" / "data" / "tokenizer"
-TOK_FLAGS = ["--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]
 LETTERS = "абвгдеёжзийклмнопрстуфхцчшщъыьэюя"
 JSON = {"Content-Type": "application/json"}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def random_checkpoint(path, **shape):
+    """A randomly initialised tiny-gpt3 (2,048 positions) over the demo tokenizer, saved at `path`."""
     tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(TOKENIZER / "vocab.json"),
                           merge_file=str(TOKENIZER / "merges.txt"))
     cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=tok.vocab_size, init_method_std=0.2,
-                                  max_position_embeddings=2048)
-    path = tmp_path_factory.mktemp("abuse_ckpt") / "tiny"
+                                  max_position_embeddings=2048, **shape)
     save_model(path, GPTModel(cfg, None, seed=3), tag="iter_0000010")
     return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return random_checkpoint(tmp_path_factory.mktemp("abuse_ckpt") / "tiny")
 
 
 @pytest.fixture(scope="module")
 def slow_checkpoint(tmp_path_factory):
     """A model whose 2,000-token stream outlasts --shutdown-timeout on any CPU (the tiny one streams
     2,000 tokens in under 3 s on an idle 2-core machine, so nothing would be left to cut)."""
-    tok = build_tokenizer("GPT2BPETokenizer", vocab_file=str(TOKENIZER / "vocab.json"),
-                          merge_file=str(TOKENIZER / "merges.txt"))
-    cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=tok.vocab_size, init_method_std=0.2,
-                                  max_position_embeddings=2048, hidden_size=512, num_layers=8,
-                                  num_attention_heads=8)
-    path = tmp_path_factory.mktemp("abuse_slow_ckpt") / "slow"
-    save_model(path, GPTModel(cfg, None, seed=3), tag="iter_0000010")
-    return path
+    return random_checkpoint(tmp_path_factory.mktemp("abuse_slow_ckpt") / "slow", hidden_size=512,
+                             num_layers=8, num_attention_heads=8)
 
 
 @pytest.fixture(scope="module")
