@@ -183,3 +183,29 @@ def make_model(name, **extra):
     cfg = ModelConfig.from_preset(kwargs.pop("preset"), init_method_std=0.1,
                                   max_position_embeddings=64, **kwargs, **extra)
     return GPTModel(cfg, seed=11).eval()
+
+
+# ---- untrusted checkpoints ---------------------------------------------------------------------
+REFUSED = "refusing to unpickle posix.system (not a checkpoint type); pass --trust-checkpoint"
+
+
+class Payload:
+    """Runs `touch MARKER` when unpickled by anything that resolves os.system."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def tiny_hf_export(root: Path) -> Path:
+    """A tiny-llama (vocabulary 100, 64 positions) saved as ours in ROOT/ours and exported to ROOT/hf."""
+    from megatron_ru import GPTModel, ModelConfig
+    from megatron_ru.checkpoint.convert import convert
+    from megatron_ru.checkpoint.model_io import save_model
+    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=100, max_position_embeddings=64)
+    save_model(root / "ours", GPTModel(cfg, seed=1))
+    convert(root / "ours", root / "hf", "hf", quiet=True)
+    return root / "hf"
+

@@ -12,9 +12,7 @@ import time
 import pytest
 
 from megatron_ru import GPTModel, ModelConfig
-from megatron_ru.checkpoint.convert import convert
-from megatron_ru.checkpoint.model_io import save_model
-from tests.helpers import BASE, ROOT, clean_env
+from tests.helpers import BASE, ROOT, clean_env, tiny_hf_export
 
 pytestmark = pytest.mark.slow
 AS_LIMIT = 2 * 2**30  # address space of the converter: a million-layer key map would not fit
@@ -43,11 +41,7 @@ def convert_cli(src, dst):
 
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("lying_cli")
-    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=100, max_position_embeddings=64)
-    save_model(root / "ours", GPTModel(cfg, seed=1))
-    convert(root / "ours", root / "hf", "hf", quiet=True)
-    return root / "hf"
+    return tiny_hf_export(tmp_path_factory.mktemp("lying_cli"))
 
 
 @pytest.mark.parametrize("layers", [10**6, 10**7, 50_000])

@@ -1,24 +1,13 @@
 """DeepSpeed opens its own files with a plain unpickler: a payload in a training checkpoint is refused before it does (resume, universal, ZeRO-3)."""
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from tests.helpers import ROOT, clean_env, pretrain
+from tests.helpers import REFUSED, ROOT, Payload, clean_env, pretrain
 
 pytestmark = pytest.mark.slow
-REFUSED = "refusing to unpickle posix.system (not a checkpoint type); pass --trust-checkpoint"
-
-
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
-
 
 def poison(path, marker):
     blob = torch.load(path, map_location="cpu", weights_only=False)

@@ -16,10 +16,10 @@ import torch
 from megatron_ru import GPTModel, ModelConfig
 from megatron_ru.checkpoint.convert import convert
 from megatron_ru.checkpoint.load import load_any, read_any_config
-from megatron_ru.checkpoint.model_io import save_model
 from megatron_ru.checkpoint.safetensors_io import SafetensorsError, read_safetensors
 from megatron_ru.data.indexed_dataset import IndexedDataset, IndexedDatasetBuilder, IndexedDatasetError
 from megatron_ru.errors import EXIT_USAGE, UsageError, exit_code_of
+from tests.helpers import tiny_hf_export
 
 A = torch.arange(6, dtype=torch.float32).reshape(2, 3)
 B = torch.arange(4, dtype=torch.float32)
@@ -90,9 +90,7 @@ def test_lying_safetensors_header_refused_before_any_tensor(tmp_path, case):
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("lying")
-    cfg = ModelConfig.from_preset("tiny-llama", vocab_size=100, max_position_embeddings=64)
-    save_model(root / "ours", GPTModel(cfg, seed=1))
-    convert(root / "ours", root / "hf", "hf", quiet=True)
+    tiny_hf_export(root)
     return root
 
 

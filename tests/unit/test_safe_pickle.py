@@ -18,21 +18,9 @@ from megatron_ru.checkpoint.hf import read_safetensors
 from megatron_ru.checkpoint.load import load_any
 from megatron_ru.checkpoint.model_io import save_model
 from megatron_ru.parallel.state import ParallelState
-from tests.helpers import generate_main, load_tool
+from tests.helpers import REFUSED, Payload, generate_main, load_tool
 from tests.mcore_fixtures import write_dist, write_torch
-from tests.unit.test_convert_foreign import write_rugpts
-
-REFUSED = "refusing to unpickle posix.system (not a checkpoint type); pass --trust-checkpoint"
-
-
-class Payload:
-    """Runs `touch MARKER` when unpickled by anything that resolves os.system."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from tests.foreign_fixtures import write_rugpts
 
 
 def poison(path, marker, key="payload", value=None):
