@@ -12,7 +12,7 @@ from typing import Any
 from .errors import UsageError
 
 __all__ = ["DEFAULT_LAYOUT_SEED", "SPARSE_LAYER_MODES", "SparsityConfigError", "normalize_sparse_attention",
-           "is_sparse_layer", "sparse_layer_indices"]
+           "is_sparse_layer", "sparse_layer_indices", "fail"]
 
 DEFAULT_LAYOUT_SEED = 1234
 SPARSE_LAYER_MODES = ("all", "alternating", "top_bottom")
@@ -49,13 +49,14 @@ class SparsityConfigError(UsageError):
     """A `sparse_attention` section that DeepSpeed would reject, or that is malformed (bad type, unknown key)."""
 
 
-def _fail(key: str, rule: str) -> None:
+def fail(key: str, rule: str) -> None:
+    """Raise the one-line SparsityConfigError for `sparse_attention.KEY` breaking `rule`."""
     raise SparsityConfigError(f"sparse_attention.{key}: {rule}")
 
 
 def _check_int(key: str, value: Any, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        _fail(key, f"must be an integer >= {minimum}, got {value!r}")
+        fail(key, f"must be an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -71,31 +72,31 @@ def normalize_sparse_attention(sparse_attention: Mapping[str, Any]) -> dict[str,
     section = dict(sparse_attention)
     mode = section.pop("mode", "fixed")
     if not isinstance(mode, str) or mode not in _DEFAULTS:
-        _fail("mode", f"unknown mode {mode!r}; expected one of {sorted(_DEFAULTS)}")
+        fail("mode", f"unknown mode {mode!r}; expected one of {sorted(_DEFAULTS)}")
     defaults = _DEFAULTS[mode]
     if mode == "fixed" and _MISSPELLED in section:
         if "num_different_global_patterns" in section:
-            _fail(_MISSPELLED, "given together with num_different_global_patterns; keep only the latter")
+            fail(_MISSPELLED, "given together with num_different_global_patterns; keep only the latter")
         warnings.warn(f"sparse_attention.{_MISSPELLED} is a misspelling; read as num_different_global_patterns",
                       stacklevel=2)
         section["num_different_global_patterns"] = section.pop(_MISSPELLED)
     for key in section:
         if key not in defaults:
-            _fail(key, f"unknown key for mode {mode!r}; allowed keys: {sorted(defaults)}")
+            fail(key, f"unknown key for mode {mode!r}; allowed keys: {sorted(defaults)}")
     cfg = {**defaults, **section}
     for key, value in cfg.items():
         if key in _INT_MIN:  # bigbird may have no global blocks; fixed divides by num_global_blocks
             _check_int(key, value, 0 if (mode, key) == ("bigbird", "num_global_blocks") else _INT_MIN[key])
         elif key in ("different_layout_per_head", "horizontal_global_attention"):
             if value not in (True, False):  # accepts 0/1 like DeepSpeed's truthiness, rejects strings
-                _fail(key, f"must be true or false, got {value!r}")
+                fail(key, f"must be true or false, got {value!r}")
             cfg[key] = bool(value)
         elif key == "attention":
             if value not in ("unidirectional", "bidirectional"):
-                _fail(key, f"must be 'unidirectional' or 'bidirectional', got {value!r}")
+                fail(key, f"must be 'unidirectional' or 'bidirectional', got {value!r}")
         elif key in _INT_LISTS and value is not None:
             if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
-                _fail(key, f"must be a list of integers, got {value!r}")
+                fail(key, f"must be a list of integers, got {value!r}")
             cfg[key] = [_check_int(key, v, 0) for v in value]
     mode_rules = {"fixed": _check_fixed, "variable": _check_variable, "bslongformer": _check_global_ranges}
     if mode in mode_rules:
@@ -105,25 +106,25 @@ def normalize_sparse_attention(sparse_attention: Mapping[str, Any]) -> dict[str,
 
 def _check_horizontal(cfg: dict) -> None:
     if cfg["horizontal_global_attention"] and cfg["attention"] != "bidirectional":
-        _fail("horizontal_global_attention", "only bidirectional attention supports horizontal global attention")
+        fail("horizontal_global_attention", "only bidirectional attention supports horizontal global attention")
 
 
 def _check_fixed(cfg: dict) -> None:
     local, glob, patterns = cfg["num_local_blocks"], cfg["num_global_blocks"], cfg["num_different_global_patterns"]
     if local % glob:
-        _fail("num_local_blocks", f"({local}) must be divisible by num_global_blocks ({glob})")
+        fail("num_local_blocks", f"({local}) must be divisible by num_global_blocks ({glob})")
     _check_horizontal(cfg)
     if patterns > 1 and not cfg["different_layout_per_head"]:
-        _fail("num_different_global_patterns", f"({patterns}) must be 1 unless different_layout_per_head is true")
+        fail("num_different_global_patterns", f"({patterns}) must be 1 unless different_layout_per_head is true")
     if patterns > local // glob:
-        _fail("num_different_global_patterns",
+        fail("num_different_global_patterns",
               f"({patterns}) must be <= num_local_blocks / num_global_blocks = {local} / {glob} = {local // glob}")
 
 
 def _check_variable(cfg: dict) -> None:
     windows = cfg["local_window_blocks"]
     if not windows or windows[-1] == 0:
-        _fail("local_window_blocks", f"must be non-empty and end with a positive size (it repeats), got {windows}")
+        fail("local_window_blocks", f"must be non-empty and end with a positive size (it repeats), got {windows}")
     _check_global_ranges(cfg)
     _check_horizontal(cfg)
 
@@ -133,10 +134,10 @@ def _check_global_ranges(cfg: dict) -> None:
     if ends is None:
         return
     if len(starts) != len(ends):
-        _fail("global_block_end_indices", f"length {len(ends)} must equal global_block_indices length {len(starts)}")
+        fail("global_block_end_indices", f"length {len(ends)} must equal global_block_indices length {len(starts)}")
     for start, end in zip(starts, ends):
         if start >= end:
-            _fail("global_block_end_indices", f"each end must be > its start index, got start {start} >= end {end}")
+            fail("global_block_end_indices", f"each end must be > its start index, got start {start} >= end {end}")
 
 
 def is_sparse_layer(layer: int, num_layers: int, sparse_mode: str) -> bool:

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from ..sparse_config import (DEFAULT_LAYOUT_SEED, SPARSE_LAYER_MODES, SparsityConfigError, is_sparse_layer,
+from ..sparse_config import (DEFAULT_LAYOUT_SEED, SPARSE_LAYER_MODES, SparsityConfigError, fail, is_sparse_layer,
                              normalize_sparse_attention, sparse_layer_indices)
 
 __all__ = [
@@ -15,10 +15,6 @@ __all__ = [
     "make_layout", "split_heads", "layout_for_tp_rank", "is_sparse_layer", "sparse_layer_indices",
     "causal_block_total", "causal_block_count", "causal_density", "layout_to_mask",
 ]
-
-def _fail(key: str, rule: str) -> None:
-    raise SparsityConfigError(f"sparse_attention.{key}: {rule}")
-
 
 def make_layout(sparse_attention: Mapping[str, Any], num_heads: int, seq_length: int, *,
                 seed: int = DEFAULT_LAYOUT_SEED) -> torch.Tensor:
@@ -38,15 +34,15 @@ def make_layout(sparse_attention: Mapping[str, Any], num_heads: int, seq_length:
             raise SparsityConfigError(f"{name} must be a positive integer, got {value!r}")
     block = cfg["block"]
     if seq_length % block:
-        _fail("block", f"sequence length {seq_length} must be divisible by block size {block} (pad elsewhere)")
+        fail("block", f"sequence length {seq_length} must be divisible by block size {block} (pad elsewhere)")
     nb = seq_length // block
     for key in ("num_random_blocks", "num_sliding_window_blocks", "num_global_blocks"):
         limit_applies = key != "num_global_blocks" or cfg["mode"] == "bigbird"
         if key in cfg and limit_applies and cfg[key] > nb:
-            _fail(key, f"({cfg[key]}) must be <= the number of blocks in a row, {seq_length} / {block} = {nb}")
+            fail(key, f"({cfg[key]}) must be <= the number of blocks in a row, {seq_length} / {block} = {nb}")
     causal = cfg.get("attention") == "unidirectional"
     if cfg["mode"] == "bigbird" and causal and cfg["num_random_blocks"] > 1:
-        _fail("num_random_blocks", "must be <= 1 for unidirectional bigbird: row 0 has a single causal block to "
+        fail("num_random_blocks", "must be <= 1 for unidirectional bigbird: row 0 has a single causal block to "
                                    "sample from (DeepSpeed's random.sample fails)")
     n_layout = num_heads if cfg.get("different_layout_per_head") else 1
     generator = torch.Generator().manual_seed(seed)
