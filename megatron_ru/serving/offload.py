@@ -40,6 +40,9 @@ class Offload:
                                code="busy", headers={"Retry-After": "1"}) from None
         self.busy += 1
         future = loop.create_future()
+        # A request that gave up at its deadline no longer awaits this future: its late exception is
+        # read here, or asyncio logs "exception was never retrieved" with a traceback at shutdown.
+        future.add_done_callback(lambda f: f.cancelled() or f.exception())
 
         def settle(ok: bool, value) -> None:  # on the event loop
             self.busy -= 1
