@@ -18,8 +18,8 @@ full s after the all-to-all, which is the same element count as a/t heads over s
           padded to 128 rows, plus the output's transpose copy). The GPU figures are derived, not
           yet measured (bench/gpu_check.sh is the place).
   "cpu"   dense SDPA at attention dropout 0 = the CPU flash kernel (the same tensors); attention
-          dropout > 0 falls back to the math path (scaled q and k, softmax, mask and dropped
-          probabilities, in fp32, and an output the projection copies); dropout masks and
+          dropout > 0 falls back to the math path (scaled q and k, a v copy, softmax, mask and
+          dropped probabilities, in fp32, and an output the projection copies); dropout masks and
           LayerNorm statistics have the compute dtype; sparse layers run the `gather` path (a q
           copy, gathered keys and values of each query tile, output, log-sum-exp), sized from the
           real layout.
@@ -130,10 +130,11 @@ def _attention_core(cfg: ModelConfig, sparse: bool, b: int, s: int, n: float, tp
     qkv = q_elems * (a + 2 * g) / a * P  # the fused QKV output: q, k, v are views of it
     rope = q_elems * (a + g) / a * P if cfg.is_llama else 0.0  # rotated q and k
     if device == "cpu" and cfg.attention_dropout > 0.0:
-        # math path in fp32: scaled q and k, softmax, mask, dropped probabilities; v is the view
+        # math path in fp32: scaled q and k and a v copy (KV heads repeated to a), softmax,
+        # dropout mask, dropped probabilities; qkv and the RoPE outputs are not kept
         pm = max(P, FP32)
         scores = 3 * b * heads * s * s * pm
-        return qkv + rope + q_elems * (a + g) / a * pm + scores + proj_input
+        return 3 * q_elems * pm + scores + proj_input
     # flash (CUDA and CPU): the output follows q's (b, s, heads, d) layout, so the projection's
     # input is a view of it; fp32 log-sum-exp per head and query
     return qkv + rope + q_elems * P + n * (a // tp) * FP32
