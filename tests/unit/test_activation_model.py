@@ -112,3 +112,19 @@ def test_counter_skips_parameters_and_counts_a_storage_once():
         z = x * x  # saves x twice: one storage
     assert result["bytes"] == x.numel() * 4
     del y, z
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["gpt3", "llama"])
+def test_cuda_prediction_matches_measured(family):
+    # the CUDA kernels (flash SDPA, 1-byte dropout masks, fp32 LayerNorm statistics), dense layers
+    torch.manual_seed(0)
+    cfg = tiny(family, sparse_mode="dense", hidden_dropout=0.1)
+    model = GPTModel(cfg, device="cuda", dtype=torch.bfloat16)
+    tokens, labels = (torch.randint(0, cfg.vocab_size, (2, 128), device="cuda") for _ in range(2))
+    got = measure_activation_bytes(model, tokens, labels=labels)
+    want = activation_bytes(cfg, micro_batch=2, seq_length=128, dtype_bytes=2, device="cuda")
+    for key in ("embedding", "logits_loss", "total"):
+        assert abs(got[key] - want[key]) <= 0.10 * got[key], (key, got, want)
+    for m, p in zip(got["layers"], want["layers"]):
+        assert abs(m - p) <= 0.10 * m, (got, want)
