@@ -15,7 +15,7 @@ full s after the all-to-all, which is the same element count as a/t heads over s
   "cuda"  dense SDPA = flash/efficient kernel (keeps q, k, v, output and fp32 log-sum-exp; the
           output is already laid out (b, s, heads, d), so the projection's input is a view);
           dropout keeps a 1-byte mask; sparse layers run FlexAttention (same tensors as flash,
-          padded to 128 rows, plus the output's transpose copy). The GPU figures are derived, not
+          KV heads repeated, padded to 128 rows, plus the output's transpose copy). The GPU figures are derived, not
           yet measured (bench/gpu_check.sh is the place).
   "cpu"   dense SDPA at attention dropout 0 = the CPU flash kernel (the same tensors); attention
           dropout > 0 falls back to the math path (scaled q and k, a v copy, softmax, mask and
@@ -122,11 +122,10 @@ def _attention_core(cfg: ModelConfig, sparse: bool, b: int, s: int, n: float, tp
         if device == "cpu":  # gather: q copy, gathered k and v, output, lse; qkv itself not kept
             return (b * heads * d * (2 * padded + 2 * keys) * P + b * heads * padded * FP32
                     + heads * INT64 + proj_input)  # + the head index the gather keeps
-        # flex: padded q, k, v (views of qkv / RoPE outputs when no padding), output, lse, copy
+        # flex: q, k, v over all local heads (KV heads repeated for GQA; padded copies unless
+        # s is a multiple of 128), output, lse, the projection's transposed copy
         padded = -(-s // 128) * 128
-        qkv = b * (heads + 2 * heads * g // a) * padded * d * P
-        rope = 0 if not cfg.is_llama else q_elems * (a + g) / a * P
-        return qkv + rope + b * heads * padded * (d * P + FP32) + proj_input
+        return 3 * b * heads * padded * d * P + b * heads * padded * (d * P + FP32) + proj_input
     qkv = q_elems * (a + 2 * g) / a * P  # the fused QKV output: q, k, v are views of it
     rope = q_elems * (a + g) / a * P if cfg.is_llama else 0.0  # rotated q and k
     if device == "cpu" and cfg.attention_dropout > 0.0:
