@@ -150,8 +150,11 @@ def _norm_bytes(cfg: ModelConfig, tokens: float, P: int, device: str) -> float:
 
 def activation_bytes_per_layer(cfg: ModelConfig, *, layer: int, micro_batch: int, seq_length: int,
                                tp: int = 1, sp: bool = False, cp: int = 1, recompute: str = "none",
-                               dtype_bytes: int = 2, device: str = "cuda") -> int:
-    """Bytes transformer layer `layer` keeps for backward on one rank for one micro-batch."""
+                               dtype_bytes: int = 2, device: str = "cuda",
+                               sp_keeps_gathered: bool = False) -> int:
+    """Bytes transformer layer `layer` keeps for backward on one rank for one micro-batch.
+    `sp_keeps_gathered`: an SP implementation whose column-parallel layers keep their all-gathered
+    (whole-sequence) input instead of re-gathering it in backward (Megatron re-gathers)."""
     _check(cfg, micro_batch, seq_length, tp, sp, cp, recompute, dtype_bytes, device)
     if not 0 <= layer < cfg.num_layers:
         raise ConfigError(f"layer={layer} is outside 0..{cfg.num_layers - 1}")
@@ -163,7 +166,7 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, layer: int, micro_batch: int
         return int(n_rep * h * P)  # the checkpointed block's input
     mask = 1 if device == "cuda" else P
     total = 2 * _norm_bytes(cfg, n_rep, P, device)
-    total += 2 * n_rep * h * P  # QKV and MLP-up inputs (the norm outputs)
+    total += 2 * (n if sp_keeps_gathered else n_rep) * h * P  # QKV and MLP-up inputs
     if cfg.hidden_dropout > 0.0:
         total += 2 * n_rep * h * mask  # dropout masks after attention and MLP
     total += _attention_core(cfg, cfg.sparse_layers()[layer], b, s, n, tp, cp, P, device)
@@ -177,14 +180,15 @@ def activation_bytes_per_layer(cfg: ModelConfig, *, layer: int, micro_batch: int
 def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_length: int, tp: int = 1,
                      sp: bool = False, cp: int = 1, layers: Optional[Iterable[int]] = None,
                      first_stage: bool = True, last_stage: bool = True, recompute: str = "none",
-                     dtype_bytes: int = 2, device: str = "cuda") -> dict:
+                     dtype_bytes: int = 2, device: str = "cuda",
+                     sp_keeps_gathered: bool = False) -> dict:
     """Saved-for-backward bytes of one micro-batch on one rank: {"layers": [per layer], "embedding",
     "logits_loss", "total", "recompute_working_set"} (the last: with full recompute, the largest
     layer's activations, rebuilt for its backward on top of the total; 0 otherwise)."""
     _check(cfg, micro_batch, seq_length, tp, sp, cp, recompute, dtype_bytes, device)
     layers = list(range(cfg.num_layers)) if layers is None else list(layers)
     kw = dict(micro_batch=micro_batch, seq_length=seq_length, tp=tp, sp=sp, cp=cp,
-              dtype_bytes=dtype_bytes, device=device)
+              dtype_bytes=dtype_bytes, device=device, sp_keeps_gathered=sp_keeps_gathered)
     per_layer = [activation_bytes_per_layer(cfg, layer=i, recompute=recompute, **kw) for i in layers]
     working = 0
     if recompute == "full" and layers:
@@ -204,7 +208,8 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_length: int, tp:
             embedding += n_rep * h * mask
     logits = 0.0
     if last_stage:
-        logits += _norm_bytes(cfg, n_rep, P, device) + n_rep * h * P  # final norm; the head's input
+        head_in = n if sp_keeps_gathered else n_rep
+        logits += _norm_bytes(cfg, n_rep, P, device) + head_in * h * P  # final norm; head input
         if tp == 1:  # log-softmax output (fp32, real vocabulary), targets, loss weights
             logits += n * (cfg.vocab_size * FP32 + INT64 + FP32)
         else:  # softmax of the local vocabulary slice, in-range mask, local targets, valid, weights
