@@ -121,3 +121,21 @@ def test_mean_init_keeps_bits_per_byte_and_random_does_not(tmp_path):
     before = bpb["mean"][0]
     assert bpb["mean"][1] <= 1.15 * before, bpb
     assert bpb["random"][1] - before > 1.5 * (bpb["mean"][1] - before), bpb
+
+
+
+def test_train_only_new_rows_keeps_old_rows_bit_identical(tmp_path):
+    """pretrain_gpt.py --train-only new-rows (first new id recorded by adapt_vocab in the base's config.json)."""
+    from tests.helpers import demo_bpe, pretrain
+    cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=demo_bpe().vocab_size)
+    save_model(tmp_path / "base", GPTModel(cfg, seed=5), vocab_adaptation={"first_new_id": 1000})
+    proc, records = pretrain(tmp_path, "run", "--train-iters", "3", "--weight-decay", "0.1", "--finetune",
+                             "--load", str(tmp_path / "base"), "--save", str(tmp_path / "out"),
+                             "--train-only", "new-rows")
+    assert "--train-only new-rows: training rows 1000..1814" in proc.stdout and len(records) == 3
+    _, old = load_full_state_dict(tmp_path / "base")
+    _, new = load_full_state_dict(tmp_path / "out")
+    assert all(torch.equal(new[k], old[k]) for k in old if k != "embed.weight")
+    changed = (new["embed.weight"] != old["embed.weight"]).any(dim=1)  # (V,)
+    # old rows bit-identical although weight decay 0.1 was asked for; the new rows the data uses move
+    assert not changed[:1000].any() and changed[1000:].sum() > 50
