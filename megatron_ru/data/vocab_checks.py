@@ -75,7 +75,7 @@ def check_extension(base_dir, new_dir, new_tokens: list, sample: list, english: 
         back = new.detokenize(new.tokenize(text))
         if back != text:
             raise VocabAdaptError(f"decode(encode(text)) differs from the text for corpus line {text[:60]!r}")
-    plain = [t for t in (CYRILLIC.sub("", s) for s in sample) if t.strip()] + list(english)
+    plain = [t for t in (CYRILLIC.sub("", s) for s in [*sample, *english]) if t.strip()]
     for text in plain:
         if base.tokenize(text) != new.tokenize(text):
             raise VocabAdaptError(f"text without Cyrillic encodes differently after the extension: {text[:60]!r}")

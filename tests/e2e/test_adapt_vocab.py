@@ -139,3 +139,24 @@ def test_train_only_new_rows_keeps_old_rows_bit_identical(tmp_path):
     changed = (new["embed.weight"] != old["embed.weight"]).any(dim=1)  # (V,)
     # old rows bit-identical although weight decay 0.1 was asked for; the new rows the data uses move
     assert not changed[:1000].any() and changed[1000:].sum() > 50
+
+
+@pytest.mark.parametrize("script", ["adapt_vocab_rugpt3.sh", "adapt_vocab_tlite.sh"])
+def test_recipes_pass_only_flags_the_tools_accept(script, tmp_path):
+    import os
+    import shlex
+    import subprocess
+
+    from megatron_ru.training.adapt_vocab import build_parser
+    from megatron_ru.training.arguments import parse_pretrain_args
+    from tests.helpers import ROOT
+    env = {**os.environ, "PYTHON": "echo", "MPIRUN": "echo", "OUT": str(tmp_path / "out"), "BASE": "ckpt",
+           "CORPUS": "ru.txt", "HELDOUT": "held.txt", "HELDOUT_EN": "en.txt"}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    lines = [shlex.split(line) for line in proc.stdout.splitlines()]
+    adapt = [build_parser().parse_args(w[1:]) for w in lines if w[0] == "tools/adapt_vocab.py"]
+    stages = [parse_pretrain_args(w[w.index("pretrain_gpt.py") + 1:]) for w in lines if "pretrain_gpt.py" in w]
+    assert [a.report for a in adapt] == [False, True] and adapt[0].init == "mean"
+    assert [s.train_only for s in stages] == ["new-rows", None] and all(s.finetune for s in stages)
