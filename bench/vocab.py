@@ -41,7 +41,7 @@ def main(argv=None):
                if line.strip()]
     cols = [f"{n}: tok/word | B/tok | <=2 tok" for n in held]
     print("| vocabulary | added | " + " | ".join(cols) + " | checks | time |")
-    print("|---|---|" + "---|" * len(cols) + "---|---|")
+    print("|---|---|" + "---|" * (3 * len(cols)) + "---|---|")
     for name, tok_dir in _pairs(args.tokenizer):
         base = va.read_base(tok_dir)
         eod = None if base.kind == "gpt2" else next((t for t in ("<|end_of_text|>", "<|endoftext|>", "</s>")
