@@ -99,6 +99,8 @@ class TrainArgs:
     lora_alpha: Optional[float] = None
     lora_dropout: float = 0.0
     lora_targets: str = "qkv,proj,fc1,fc2"
+    train_only: Optional[str] = None  # training/train_only.py
+    train_only_from: Optional[int] = None
     # DeepSpeed
     deepspeed_config: Optional[str] = None
     debug_inject_overflow_iters: list = field(default_factory=list)
@@ -245,8 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="consume these iterations' batches without a forward pass or update")
     g.add_argument("--debug-inject-spike-iters", type=int, nargs="*", default=[], help=argparse.SUPPRESS)
 
-    from . import finetune
+    from . import finetune, train_only
     finetune.add_arguments(p)
+    train_only.add_arguments(p.add_argument_group("vocabulary adaptation stages"))
 
     s = p.add_argument_group("DeepSpeed")
     s.add_argument("--deepspeed", action="store_true", help="accepted for ru-gpts scripts; always on")
@@ -312,8 +315,9 @@ def validate(args: TrainArgs) -> None:
         args.eval_tasks_interval = args.eval_interval
     if args.save_interval and not args.save:
         raise ConfigError("--save-interval needs --save DIR")
-    from . import finetune
+    from . import finetune, train_only
     finetune.validate(args)
+    train_only.validate(args)
 
 
 def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[dict],

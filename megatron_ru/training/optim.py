@@ -8,12 +8,13 @@ import torch
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decoupled weight decay on matrices (incl. embeddings); none on biases and norm weights."""
+    """Decoupled weight decay on matrices (incl. embeddings); none on biases, norm weights and
+    parameters marked `no_weight_decay` (train_only.py)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 else decay).append(p)
+        (no_decay if p.ndim < 2 or getattr(p, "no_weight_decay", False) else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay},
             {"params": no_decay, "weight_decay": 0.0}]
 

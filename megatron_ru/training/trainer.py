@@ -28,7 +28,7 @@ from . import ds_config, lifecycle
 from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
-from . import finetune, lora_run, pipeline_run
+from . import finetune, lora_run, pipeline_run, train_only
 
 
 def _loss_scale(optimizer) -> Optional[float]:
@@ -120,6 +120,7 @@ class Trainer:
             del full
         if args.lora_rank:
             lora_run.setup_lora(model, args, self.log)
+        train_only.apply(model, args, (self.base, args.load), self.log)  # --train-only: vocabulary rows
         self.model = model
         # what the optimizer steps: the model, or this stage's DeepSpeed PipelineModule (whose
         # grid's groups our layers then use: the same rank layout)

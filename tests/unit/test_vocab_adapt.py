@@ -1,0 +1,115 @@
+"""Vocabulary extension by continued BPE (data/vocab_adapt.py), its guarantees (vocab_checks.py) and the row splice."""
+import json
+
+import pytest
+import torch
+
+from megatron_ru.data import vocab_adapt as va
+from megatron_ru.data.tokenizers import TokenizerError
+from megatron_ru.data.vocab_checks import check_extension, fertility, open_tokenizer, piece_tokens
+from megatron_ru.training.vocab_splice import new_rows, splice
+from tests.vocab_fixtures import ENGLISH, HELDOUT, corpus_lines, gpt2_base, llama3_base
+
+
+def _extend(tmp_path, make, add=150):
+    base_dir = make(tmp_path / "base")
+    base = va.read_base(base_dir)
+    ext, merges = va.extend_vocab(base, corpus_lines(), add)
+    new_dir = tmp_path / "new"
+    va.write_vocab(new_dir, ext)
+    if (base_dir / "tokenizer_config.json").is_file():
+        (new_dir / "tokenizer_config.json").write_bytes((base_dir / "tokenizer_config.json").read_bytes())
+    return base, ext, merges, base_dir, new_dir
+
+
+@pytest.mark.parametrize("make", [gpt2_base, llama3_base], ids=["gpt2", "tokenizer.json"])
+def test_extension_appends_and_keeps_every_guarantee(tmp_path, make):
+    base, ext, merges, base_dir, new_dir = _extend(tmp_path, make)
+    assert len(merges) == 150 and ext.merges[:len(base.merges)] == base.merges  # appended after the old ones
+    new_tokens = [a + b for a, b in merges]
+    assert len(set(new_tokens)) == 150 and not set(new_tokens) & set(base.vocab)
+    eod = "<|end_of_text|>" if base.kind == "hf" else None
+    old, new = open_tokenizer(base_dir, eod), open_tokenizer(new_dir, eod)
+    assert new.vocab_size == old.vocab_size + 150
+    vocab = json.loads((new_dir / ("vocab.json" if base.kind == "gpt2" else "tokenizer.json")).read_text())
+    vocab = vocab if base.kind == "gpt2" else vocab["model"]["vocab"]
+    assert sorted(vocab[t] for t in new_tokens) == list(range(base.next_id, base.next_id + 150))  # after specials
+    for t in new_tokens:  # reachable through the merges, not matched anywhere like an added token
+        assert piece_tokens(new, t) == [t]
+    checks = check_extension(base_dir, new_dir, new_tokens, corpus_lines(), ENGLISH.splitlines(), eod_token=eod)
+    assert checks["new_tokens_encode_to_themselves"] == 150 and checks["non_cyrillic_lines_unchanged"] > 40
+    assert old.tokenize(ENGLISH) == new.tokenize(ENGLISH)
+    held = HELDOUT.read_text(encoding="utf-8")
+    assert new.detokenize(new.tokenize(held)) == held
+    before, after = fertility(old, held).as_dict(), fertility(new, held).as_dict()
+    assert after["tokens_per_word"] < 0.75 * before["tokens_per_word"], (before, after)
+    assert after["words_in_2_tokens"] > before["words_in_2_tokens"]
+
+
+@pytest.mark.slow
+def test_tokenizer_json_extension_loads_in_transformers_with_our_ids(tmp_path):
+    from transformers import AutoTokenizer
+    base, ext, merges, base_dir, new_dir = _extend(tmp_path, llama3_base, add=60)
+    assert base.ignore_merges and base.special["<|eot_id|>"] < base.next_id
+    ours = open_tokenizer(new_dir, "<|end_of_text|>")
+    hf = AutoTokenizer.from_pretrained(str(new_dir))
+    text = HELDOUT.read_text(encoding="utf-8")[:800] + "<|eot_id|>" + ENGLISH
+    assert hf(text, add_special_tokens=False)["input_ids"] == ours.tokenize(text)
+    rendered = hf.apply_chat_template([{"role": "user", "content": "Привет, мир"}], tokenize=False)
+    chat = hf(rendered, add_special_tokens=False)["input_ids"]
+    assert chat == ours.tokenize(rendered)
+    assert chat[0] == base.special["<|start_header_id|>"] and base.special["<|eot_id|>"] in chat
+    assert any(i >= base.next_id for i in chat)  # the Russian content uses new tokens
+
+
+def test_ignore_merges_simulation_matches_the_encoder(tmp_path):
+    """A new token that is also a whole piece: the encoder looks it up; the training followed it."""
+    base, ext, merges, base_dir, new_dir = _extend(tmp_path, llama3_base, add=200)
+    splitter, new = va.Splitter(ext), open_tokenizer(new_dir, "<|end_of_text|>")
+    for line in corpus_lines()[:5]:
+        for piece in splitter.pieces(line):
+            assert piece_tokens(new, piece) == splitter.segment(piece)
+
+
+def test_bad_inputs_say_what_is_wrong(tmp_path):
+    base = va.read_base(gpt2_base(tmp_path / "b"))
+    with pytest.raises(va.VocabAdaptError, match=r"--corpus yields only \d+ new tokens.*fewer than --add 5000"):
+        va.extend_vocab(base, corpus_lines()[:3], 5000)
+    with pytest.raises(va.VocabAdaptError, match="2\\^31-1"):
+        va.extend_vocab(base, corpus_lines(), 2**31)
+    (tmp_path / "sp").mkdir()
+    (tmp_path / "sp" / "tokenizer.model").write_bytes(b"x")
+    with pytest.raises(TokenizerError, match="SentencePiece"):
+        va.read_base(tmp_path / "sp")
+    (tmp_path / "wp").mkdir()
+    (tmp_path / "wp" / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece"}}))
+    with pytest.raises(TokenizerError, match="only byte-level BPE"):
+        va.read_base(tmp_path / "wp")
+
+
+def test_english_merges_are_never_learned(tmp_path):
+    base = va.read_base(gpt2_base(tmp_path / "b"))
+    _, merges = va.extend_vocab(base, corpus_lines() + [ENGLISH] * 50, 100)
+    assert all(va.has_cyrillic(a + b) for a, b in merges)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_splice_keeps_old_rows_and_means_new_ones(tied):
+    g = torch.Generator().manual_seed(0)
+    full = {"embed.weight": torch.randn(10, 8, generator=g), "blocks.0.w": torch.randn(3)}
+    if not tied:
+        full["lm_head.weight"] = torch.randn(10, 8, generator=g)
+    pieces = [[1, 2], [3, 3, 4], [7]]
+    out = splice(full, 9, 12, pieces, "mean")  # row 9 was an unused row: it is taken
+    for name in ("embed.weight",) + (() if tied else ("lm_head.weight",)):
+        assert out[name].shape == (12, 8) and torch.equal(out[name][:9], full[name][:9])
+        for i, ids in enumerate(pieces):
+            assert torch.allclose(out[name][9 + i], full[name][ids].mean(0), atol=1e-6)
+    assert ("lm_head.weight" in out) == (not tied) and out["blocks.0.w"] is full["blocks.0.w"]
+    w = full["embed.weight"]
+    scaled = new_rows(w, [[1, 2]], "mean-rescaled")[0]
+    assert abs(float(scaled.norm()) - float(w[[1, 2]].norm(dim=1).mean())) < 1e-5
+    freq = new_rows(w, [[1, 2]], "freq", counts={1: 3, 2: 0})[0]
+    assert torch.allclose(freq, (4 * w[1] + w[2]) / 5, atol=1e-6)
+    rnd = splice(full, 10, 13, pieces, "random", std=0.02)["embed.weight"][10:]
+    assert 0.005 < float(rnd.std()) < 0.05
