@@ -54,3 +54,13 @@ def test_hpz_equals_plain_zero3_and_resumes_from_it(tmp_path):
     assert "at iteration 5" in proc.stdout
     assert [r["iteration"] for r in resumed] == [6, 7, 8, 9, 10]
     assert_losses_close(losses(resumed), losses(plain)[5:], tol=1e-6)
+
+
+def test_impossible_hpz_size_stops_before_compute(tmp_path):
+    """The shipped config (h = 8) on one process: one line, exit 2, nothing trained or saved."""
+    proc, rec = pretrain(tmp_path, "bad", "--train-iters", "2", "--deepspeed_config",
+                         "configs/ds_zero3_hpz.json", "--save", str(tmp_path / "ckpt"), check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("--deepspeed_config configs/ds_zero3_hpz.json: zero_optimization.zero_hpz_partition_size=8"
+            " is larger than the data-parallel size 1") in proc.stderr
+    assert "Traceback" not in proc.stderr and rec == [] and not (tmp_path / "ckpt" / "latest").exists()
