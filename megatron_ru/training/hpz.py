@@ -67,10 +67,12 @@ def check_layout(h: int, *, world: int, tp: int, pp: int, zero_groups: list[list
     for g in groups:
         if len({r // node for r in g}) > 1:
             span = f"TP {tp} x h {h} = {tp * h} consecutive ranks" if tp > 1 else f"{h} ranks"
+            hint = (f"choose h dividing {node // tp} (the data-parallel ranks of one node)"
+                     if node >= tp else "the tensor-parallel group alone fills more than a node")
+            if node == 1:
+                hint = "(an unknown count also reads as 1: set LOCAL_WORLD_SIZE where the launcher does not)"
             raise ConfigError(f"{key}: the secondary group {g} spans {span} but a node runs "
-                              f"{node} ranks (as the launcher reports), so it crosses nodes; "
-                              f"choose h dividing {max(1, node // tp)} (the data-parallel ranks "
-                              "of one node)")
+                              f"{node} ranks (as the launcher reports), so it crosses nodes; {hint}")
     return groups
 
 
