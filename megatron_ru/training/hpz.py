@@ -117,8 +117,7 @@ def install(groups: list[list[int]], ps):
     if mine is None or not set(mine_ranks) <= members:
         raise ConfigError(f"hpZ: the secondary group of rank {ps.rank} is not inside its ZeRO "
                           f"data-parallel group {sorted(members)}")
-    if ds_groups._get_zero_param_intra_parallel_group() is not None:
-        raise ConfigError("hpZ: DeepSpeed already holds a secondary group in this process")
+    # replaces one an earlier engine of this process used (its parameters keep their own)
     ds_groups._ZERO_PARAM_INTRA_PARALLEL_GROUP = mine
     return mine
 
@@ -126,7 +125,8 @@ def install(groups: list[list[int]], ps):
 def verify(model, group) -> None:
     """After deepspeed.initialize: every ZeRO-3 parameter gathers its secondary shard over our
     group (a DeepSpeed that built its own would be caught here, before the first step)."""
-    bad = [n for n, p in model.named_parameters() if getattr(p, "ds_zero_param_process_group", None) is not group]
+    bad = [n for n, p in model.named_parameters()
+           if getattr(p, "ds_zero_param_process_group", None) is not group]
     if bad:
         raise RuntimeError(f"hpZ: DeepSpeed did not keep our secondary group for {len(bad)} "
                            f"parameter(s), e.g. {bad[0]} (a DeepSpeed version other than 0.19?)")
