@@ -56,7 +56,8 @@ def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
 def local_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
     """How many ranks of this job run on this node, as the launcher published it (1 when unknown)."""
     env = os.environ if environ is None else environ
-    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+    # torchrun, Open MPI, MPICH Hydra, the deepspeed launcher
+    for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_SIZE"):
         if key in env:
             return max(1, _int(env, key))
     if "SLURM_STEP_ID" in env and "SLURM_STEP_TASKS_PER_NODE" in env:  # e.g. "4" or "4(x2)" or "3,2"

@@ -44,7 +44,7 @@ SECTIONS = {
         "round_robin_gradients", "sub_group_size", "elastic_checkpoint", "load_from_fp32_weights",
         "cpu_offload", "cpu_offload_params", "cpu_offload_use_pin_memory", "ignore_unused_parameters",
         "legacy_stage1", "zero_hpz_partition_size", "zero_quantized_weights",
-        "zero_quantized_gradients", "mics_shard_size", "mics_hierarchical_params_gather",
+        "zero_quantized_gradients", "zero_quantized_nontrainable_weights", "mics_shard_size", "mics_hierarchical_params_gather",
         "memory_efficient_linear", "pipeline_loading_checkpoint", "override_module_apply",
         "use_multi_rank_bucket_allreduce", "log_trace_cache_warnings",
         "stage3_max_live_parameters", "stage3_max_reuse_distance", "stage3_prefetch_bucket_size",
@@ -70,7 +70,10 @@ TYPES = {
                           "allgather_partitions": BOOL, "allgather_bucket_size": NUM,
                           "offload_optimizer": OBJ, "offload_param": OBJ, "sub_group_size": NUM,
                           "stage3_max_live_parameters": NUM, "stage3_max_reuse_distance": NUM,
-                          "stage3_prefetch_bucket_size": NUM, "stage3_param_persistence_threshold": NUM},
+                          "stage3_prefetch_bucket_size": NUM, "stage3_param_persistence_threshold": NUM,
+                          "zero_hpz_partition_size": INT, "zero_quantized_weights": BOOL,
+                          "zero_quantized_nontrainable_weights": BOOL,
+                          "zero_quantized_gradients": BOOL},
     "optimizer": {"type": STR, "params": OBJ},
     "scheduler": {"type": STR, "params": OBJ},
 }
@@ -102,9 +105,32 @@ def check_types(data: dict, path: str) -> None:
     for key in POSITIVE:
         if key in data and data[key] <= 0:
             raise ConfigError(f"--deepspeed_config {path}: {key} must be positive, got {data[key]}")
-    stage = data.get("zero_optimization", {}).get("stage", 0)
+    zero = data.get("zero_optimization", {})
+    stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise ConfigError(f"--deepspeed_config {path}: zero_optimization.stage must be 0, 1, 2 or 3, got {stage}")
+    check_zero_plus_plus(zero, path)
+
+
+ZERO_PP = ("zero_quantized_weights", "zero_quantized_nontrainable_weights", "zero_quantized_gradients")
+
+
+def check_zero_plus_plus(zero: dict, path: str) -> None:
+    """MiCS keys (removed from DeepSpeed 0.19) and ZeRO++ keys below stage 3, refused by name;
+    the hpZ layout itself is checked against the ranks in training/hpz.py."""
+    for key in ("mics_shard_size", "mics_hierarchical_params_gather"):
+        if key in zero:
+            raise ConfigError(f"--deepspeed_config {path}: zero_optimization.{key}: MiCS was removed "
+                              "in DeepSpeed 0.19; use zero_hpz_partition_size (ZeRO++ hierarchical "
+                              "partitioning, configs/ds_zero3_hpz.json) instead")
+    h = zero.get("zero_hpz_partition_size", 1)
+    if h < 0:
+        raise ConfigError(f"--deepspeed_config {path}: zero_optimization.zero_hpz_partition_size "
+                          f"must be 0 or more, got {h}")
+    used = [k for k in ZERO_PP if zero.get(k)] + (["zero_hpz_partition_size"] if h > 1 else [])
+    if used and zero.get("stage", 0) != 3:
+        raise ConfigError(f"--deepspeed_config {path}: zero_optimization.{used[0]} is ZeRO++, which "
+                          f"needs zero_optimization.stage 3 (got stage {zero.get('stage', 0)})")
 
 
 FP16_DEFAULTS = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,

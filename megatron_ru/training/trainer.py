@@ -24,7 +24,8 @@ from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
 from ..data.validate import tokenizer_files, tokenizer_fingerprint
-from . import ds_config, lifecycle
+from . import ds_config, hpz, lifecycle
+from ..launch import local_world_size
 from .guards import Guards
 from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
 from .optim import LRSchedule, ScheduledLR, param_groups
@@ -153,6 +154,9 @@ class Trainer:
             for p in {id(model.embed.weight): model.embed.weight,
                       id(model.output_weight()): model.output_weight()}.values():
                 deepspeed.zero.register_external_parameter(model, p)
+        hpz_group = None
+        if self.hpz_groups:  # ZeRO++ secondary groups inside the data-parallel groups (hpz.py)
+            hpz_group = runtime.checked(ps, hpz.install, self.hpz_groups, ps)
         if ps.pp_size > 1:  # DeepSpeed's PipelineEngine over the stage
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
@@ -163,6 +167,8 @@ class Trainer:
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
                 model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
                 model_parameters=None if optimizer else param_groups(model, args.weight_decay))
+        if hpz_group is not None:
+            runtime.checked(ps, hpz.verify, model, hpz_group)
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
@@ -237,6 +243,9 @@ class Trainer:
                                          tokenizer_model=args.tokenizer_model,
                                          eod_token=args.eod_token)
         self.ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
+        ds_path = f"--deepspeed_config {args.deepspeed_config or '<flags>'}"
+        self.hpz_groups = hpz.setup(self.ds, ps, ds_path, local_world_size(), self.log)
+        hpz.check_quantization(self.ds, ps, ds_path)
         self.config = model_config(args, self.tokenizer.vocab_size, sparse, self.log)
         self.config.validate_parallel(ps.tp_size)
         self.pp_counts = None

@@ -35,3 +35,22 @@ def test_finetune_recipes_are_valid_bash(script):
     syntax here; tests/e2e/test_finetune.py runs the same pipeline at toy size."""
     proc = subprocess.run(["bash", "-n", str(ROOT / "examples" / script)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_tlite_recipe_hpz_writes_its_config(tmp_path):
+    """HPZ=4: the shipped hpZ JSON with that partition size, written under SAVE; batch sizes from
+    DP = NP / (TP x PP x CP)."""
+    import json
+    env = {**os.environ, **ENV, "MPIRUN": "echo", "NP": "16", "TP": "2", "HPZ": "4",
+           "SAVE": str(tmp_path / "run")}
+    proc = subprocess.run(["bash", str(ROOT / "examples" / "pretrain_tlite.sh")], env=env,
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    words = shlex.split(proc.stdout)
+    args = parse_pretrain_args(words[words.index("pretrain_gpt.py") + 1:])
+    assert args.deepspeed_config == str(tmp_path / "run" / "ds_zero3_hpz4.json")
+    data = json.loads(Path(args.deepspeed_config).read_text())
+    shipped = json.loads((ROOT / "configs" / "ds_zero3_hpz.json").read_text())
+    shipped["zero_optimization"]["zero_hpz_partition_size"] = 4
+    assert data == shipped
+    assert (args.micro_batch_size, args.global_batch_size) == (1, 64)  # 1 x 8 x DP 8
