@@ -41,7 +41,7 @@ def check(args, ds: dict, config, ps, log) -> list[int]:
             f"{pp * micro * ps.dp_size}")
     refused = [("--lora-rank", args.lora_rank), ("--reset-attention-mask", args.reset_attention_mask),
                ("--reset-position-ids", args.reset_position_ids), ("--eval-tasks", args.eval_tasks),
-               ("--dataset-type sft", args.dataset_type == "sft")]
+               ("--sft-packing packed", args.sft_packing == "packed")]
     for flag, on in refused:
         if on:
             raise ConfigError(f"{flag} is not supported with --pipeline-model-parallel-size > 1")
@@ -134,6 +134,23 @@ class PipeBatches:
         b = get_batch(next(self.loader)["text"], self.eod, eod_mask_loss=self.mask)
         dev = self.device
         return b["tokens"].to(dev), (b["labels"].to(dev), b["loss_mask"].to(dev))
+
+
+class PipeSFTBatches:
+    """SFT micro-batches (GlobalTokenMean's, weights agreed over the stage's DP group) as
+    (tokens, (labels, loss_mask, weight)); the last stage's LossFn applies the weight."""
+
+    def __init__(self, weighted, device) -> None:
+        self.weighted, self.device = weighted, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+        b, dev = next(self.weighted), self.device
+        weight = torch.tensor(b["weight"], dtype=torch.float64, device=dev)
+        return b["tokens"].to(dev), (b["labels"].to(dev), b["loss_mask"].to(dev), weight)
 
 
 def train_step(trainer, data_iter) -> dict:

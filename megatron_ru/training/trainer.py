@@ -318,12 +318,14 @@ class Trainer:
                                     micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
                                     dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
                                     num_workers=self.args.num_workers, seed=self.args.seed))
-        if self.ps.pp_size > 1:  # DeepSpeed's ((inputs), (labels)) pairs
-            return pipeline_run.PipeBatches(it, self.tokenizer.eod, self.args.eod_mask_loss,
-                                            self.ps.device)
         if self.args.dataset_type == "sft":  # loss = mean over the global batch's target tokens
             it = finetune.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
-                                     packed=self.args.sft_packing == "packed")
+                                          packed=self.args.sft_packing == "packed")
+            if self.ps.pp_size > 1:  # (tokens, (labels, loss_mask, weight)) pairs
+                it = pipeline_run.PipeSFTBatches(it, self.ps.device)
+        elif self.ps.pp_size > 1:  # DeepSpeed's ((inputs), (labels)) pairs
+            it = pipeline_run.PipeBatches(it, self.tokenizer.eod, self.args.eod_mask_loss,
+                                          self.ps.device)
         return it
 
     # ---- one forward ----------------------------------------------------------------------
