@@ -39,12 +39,16 @@ def check(args, ds: dict, config, ps, log) -> list[int]:
             f"data-parallel size {ps.dp_size}) = {accum} is smaller than "
             f"--pipeline-model-parallel-size={pp}: raise --global-batch-size to at least "
             f"{pp * micro * ps.dp_size}")
-    refused = [("--lora-rank", args.lora_rank), ("--reset-attention-mask", args.reset_attention_mask),
-               ("--reset-position-ids", args.reset_position_ids), ("--eval-tasks", args.eval_tasks),
-               ("--sft-packing packed", args.sft_packing == "packed")]
-    for flag, on in refused:
+    refused = [  # (flag, given, what to do instead)
+        ("--lora-rank", args.lora_rank, "train LoRA with tensor / data parallelism at PP=1"),
+        ("--reset-attention-mask", args.reset_attention_mask, "drop it, or train at PP=1"),
+        ("--reset-position-ids", args.reset_position_ids, "drop it, or train at PP=1"),
+        ("--eval-tasks", args.eval_tasks, "evaluate the saved checkpoints with tools/run_lm_eval.py"),
+        ("--sft-packing packed", args.sft_packing == "packed", "use --sft-packing pad, or train at PP=1")]
+    for flag, on, instead in refused:
         if on:
-            raise ConfigError(f"{flag} is not supported with --pipeline-model-parallel-size > 1")
+            raise ConfigError(f"{flag} is not supported with --pipeline-model-parallel-size={pp} "
+                              f"(> 1): {instead}")
     counts = pipeline.split_layers(config, pp, args.pipeline_split, seq_length=args.seq_length,
                                    sparse_density=sparse_density(config, args.seq_length),
                                    tp_size=ps.tp_size)

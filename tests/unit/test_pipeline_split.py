@@ -6,7 +6,7 @@ from megatron_ru import ConfigError, ModelConfig, ParallelState
 from megatron_ru.checkpoint.pipeline_files import our_name
 from megatron_ru.parallel import pipeline
 from megatron_ru.parallel.state import group_ranks
-from megatron_ru.training.arguments import TrainArgs
+from megatron_ru.training.arguments import TrainArgs, parse_pretrain_args
 from megatron_ru.training import pipeline_run
 
 
@@ -81,8 +81,19 @@ def test_checks_before_compute():
     with pytest.raises(ConfigError, match=r"micro-batches per step = global batch 4 / \(micro batch 2 x "
                                           r"data-parallel size 2\) = 1 is smaller than"):
         _check(accum=1)
-    with pytest.raises(ConfigError, match="--lora-rank is not supported with --pipeline-model-parallel-size"):
-        _check({"lora_rank": 4})
+    refused = [({"lora_rank": 4}, "--lora-rank"), ({"eval_tasks": "hellaswag"}, "--eval-tasks"),
+               ({"dataset_type": "sft", "sft_packing": "packed"}, "--sft-packing packed"),
+               ({"reset_position_ids": True}, "--reset-position-ids")]
+    for kw, flag in refused:
+        with pytest.raises(ConfigError, match=f"^{flag} is not supported with "
+                                              "--pipeline-model-parallel-size=2 \\(> 1\\): "):
+            _check(kw)
+    assert _check({"dataset_type": "sft"}) == [3, 3]  # SFT rows padded one per row: supported
+
+
+def test_virtual_pipeline_stages_refused():
+    with pytest.raises(ConfigError, match="--num-layers-per-virtual-pipeline-stage: interleaved"):
+        parse_pretrain_args(["--data-path", "x", "--num-layers-per-virtual-pipeline-stage", "2"])
 
 
 def test_layer_file_names():
