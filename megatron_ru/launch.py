@@ -1,8 +1,9 @@
 """Where this process sits in the job: rank, world size and local rank as the launcher published them.
 
 torchrun / the deepspeed launcher (RANK, WORLD_SIZE; the latter also passes --local_rank), Open MPI
-(OMPI_COMM_WORLD_*), MPICH Hydra (PMI_*), Slurm `srun` steps (SLURM_*); read from the environment only (no MPI calls, no process group). A bottom module: the
-runtime reads it before `main` runs, `parallel/state.py` builds the process groups on it.
+(OMPI_COMM_WORLD_*), MPICH Hydra (PMI_*), Slurm `srun` steps (SLURM_*); read from the environment only
+(no MPI calls, no process group). A bottom module: the runtime reads it before `main` runs,
+`parallel/state.py` builds the process groups on it.
 """
 from __future__ import annotations
 
