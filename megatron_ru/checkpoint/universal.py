@@ -15,6 +15,9 @@ re-partitions them for any DP size. We:
 
 A tensor-parallel size change is not covered: our fused QKV / gate-up weights would need
 DeepSpeed's sub-parameter shapes and the TP=2 -> 4 parity was not tested; use --finetune there.
+Neither is a pipeline-parallel checkpoint (any PP, DP or TP change): its optimizer state is keyed by
+DeepSpeed's layer-list names (`tied_modules.embed.embed.weight`, `1.block.attn.qkv.weight`), not
+the GPTModel names the universal info describes; convert() refuses it with one line.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Optional
 
 from ..data.progress import Progress, progress_wanted
 from ..files import atomic_directory, atomic_write_text
-from . import safe_pickle
+from . import pipeline_files, safe_pickle
 from .model_io import CheckpointError
 
 SUFFIX = "_universal"
@@ -101,6 +104,11 @@ def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False,
 
     if not tag_dir.is_dir():
         raise CheckpointError(f"{tag_dir} does not exist")
+    if pipeline_files.is_pipeline(tag_dir):  # DeepSpeed's layer-indexed names, not GPTModel's
+        raise CheckpointError(f"{tag_dir} was saved with pipeline parallelism: its training state "
+                              "has no universal form here; resume it at the TP, PP and data-parallel "
+                              "sizes it was saved at, or start a new run from its weights with "
+                              "--finetune --load")
     if saved_dp_size(tag_dir) is None:
         raise CheckpointError(f"{tag_dir} has no ZeRO optimizer partitions (zero_pp_rank_*); a "
                               "ZeRO-0 checkpoint loads at any data-parallel size as it is")

@@ -286,10 +286,11 @@ class Trainer:
                                   "size; a LoRA run resumes at the size it was saved at (or start "
                                   "a new one: --finetune --load BASE)")
         elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
+            saved_tag = self.resume_tag
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
                                                                     ps.dp_size)
             if load_universal and ps.pp_size > 1:
-                raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
+                raise ConfigError(f"{args.load}/{saved_tag} was saved at another data-parallel "
                                   "size; a pipeline-parallel run resumes at the sizes it was saved "
                                   "at (or start a new one from its weights: --finetune --load)")
             if load_universal:

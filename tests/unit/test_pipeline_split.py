@@ -101,3 +101,18 @@ def test_layer_file_names():
     assert our_name(4, 3, "block.attn.qkv.weight") == "blocks.2.attn.qkv.weight"
     assert our_name(4, 5, "final_norm.weight") == "final_norm.weight"
     assert our_name(4, 6, "lm_head.weight") == "lm_head.weight"
+
+
+def test_no_universal_form_of_a_pipeline_checkpoint(tmp_path):
+    """DeepSpeed's converter would stop on our GPTModel-name patterns with a screenful of names;
+    a PP checkpoint is refused first with one line, and nothing is written."""
+    from megatron_ru.checkpoint import universal
+    from megatron_ru.errors import UsageError
+    tag = tmp_path / "iter_0000002"
+    tag.mkdir()
+    for name in ("layer_00-model_00-model_states.pt", "mp_rank_00_model_states.pt",
+                 "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (tag / name).write_bytes(b"")
+    with pytest.raises(UsageError, match="saved with pipeline parallelism: .* --finetune --load$"):
+        universal.convert(tag, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002"]
