@@ -52,6 +52,13 @@ def test_discover_launch(env, expect):
     assert (info.launcher, info.rank, info.world_size, info.local_rank) == expect
 
 
+def test_deepspeed_launcher_argument_accepted():
+    """The deepspeed launcher appends --local_rank=N to the script's arguments."""
+    from megatron_ru.training.arguments import parse_pretrain_args
+    args = parse_pretrain_args(["--data-path", "x", "--pipeline-model-parallel-size", "2", "--local_rank=1"])
+    assert args.pipeline_model_parallel_size == 2
+
+
 def test_bad_launcher_values_and_world_size():
     with pytest.raises(ConfigError, match="PMI_SIZE='two'"):
         discover_launch({"PMI_RANK": "0", "PMI_SIZE": "two"})
