@@ -1,10 +1,12 @@
 """pretrain_gpt.py with pipeline parallelism under real mpirun (gloo, fp32, dropout 0): the losses of
 10 iterations at TP2·PP2, TP1·PP2·DP2 (ZeRO-1) and TP1·PP2 equal one process's to 1e-6 relative;
+the TP1·PP2·DP2 state resumed at TP1·PP4·DP1 (universal checkpoint) continues its losses;
 SIGTERM + relaunch equals the straight PP2 run bit for bit; SFT data at TP1·PP2 under torchrun
 equals one process; checkpoints of a PP run load at TP1
 (logits), and --finetune moves weights between TP1·PP1 and TP1·PP4 / TP2·PP2 layouts; bad input
 stops with one line and exit 2. Model: 4 layers, alternating block-sparse / dense attention."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -52,8 +54,18 @@ def test_pipeline_losses_checkpoints_and_resume(tmp_path):
     assert "rank layout: world 4 = TP 2 x DP 1 x PP 2" in proc.stdout, proc.stdout[-2000:]
     _close(losses(tp2pp2), losses(ref), 1e-6)
     _, dp2 = _run(t, "dp2", "--pipeline-model-parallel-size", "2", "--deepspeed_config",
-                  _config(t, 1), np_=4)
+                  _config(t, 1), "--save", str(t / "C"), "--save-interval", "5", np_=4)
     _close(losses(dp2), losses(ref), 1e-6)
+    # its iteration-5 state (ZeRO-1) resumed at TP1·PP4·DP1: via DeepSpeed's universal checkpoint
+    (t / "D").mkdir()
+    for name in ("config.json", "tokenizer", "iter_0000005"):
+        (shutil.copytree if (t / "C" / name).is_dir() else shutil.copy)(t / "C" / name, t / "D" / name)
+    (t / "D" / "latest").write_text("iter_0000005\n")
+    proc, pp4dp1 = _run(t, "pp4dp1", "--pipeline-model-parallel-size", "4", "--deepspeed_config",
+                        _config(t, 1), "--load", str(t / "D"), np_=4)
+    assert "converting it to a DeepSpeed universal checkpoint" in proc.stdout, proc.stdout[-2000:]
+    print("PP2·DP2 iterations 6-10 vs resumed at PP4·DP1:", losses(dp2)[5:], losses(pp4dp1))
+    _close(losses(pp4dp1), losses(dp2)[5:], 1e-6)
     _, pp2 = _run(t, "pp2", "--pipeline-model-parallel-size", "2", "--pipeline-split", "balanced",
                   np_=2)
     _close(losses(pp2), losses(ref), 1e-6)

@@ -103,16 +103,34 @@ def test_layer_file_names():
     assert our_name(4, 6, "lm_head.weight") == "lm_head.weight"
 
 
-def test_no_universal_form_of_a_pipeline_checkpoint(tmp_path):
-    """DeepSpeed's converter would stop on our GPTModel-name patterns with a screenful of names;
-    a PP checkpoint is refused first with one line, and nothing is written."""
+def test_universal_info_and_plan_of_a_pipeline_checkpoint(tmp_path):
+    """A PP checkpoint: `--to universal` refuses it with one line (nothing written); a resume
+    at another PP size > 1 converts it even at the same DP size; the universal info names the
+    PipelineModule's parameters, the tied embedding pipeline-replicated."""
     from megatron_ru.checkpoint import universal
     from megatron_ru.errors import UsageError
-    tag = tmp_path / "iter_0000002"
-    tag.mkdir()
+    src = tmp_path / "ckpt"
+    tag = src / "iter_0000002"
+    tag.mkdir(parents=True)
+    (src / "config.json").write_text('{"format": "megatron_ru", "pipeline_model_parallel_size": 2}')
+    (src / "latest").write_text("iter_0000002\n")
     for name in ("layer_00-model_00-model_states.pt", "mp_rank_00_model_states.pt",
                  "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         (tag / name).write_bytes(b"")
-    with pytest.raises(UsageError, match="saved with pipeline parallelism: .* --finetune --load$"):
-        universal.convert(tag, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000002"]
+    with pytest.raises(UsageError, match="^--to universal: .* saved with pipeline parallelism; "):
+        universal.convert_directory(str(src), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert universal.plan_resume(str(src), "iter_0000002", 1, 2) == ("iter_0000002", False)
+    assert universal.plan_resume(str(src), "iter_0000002", 1, 4) == ("iter_0000002_universal", True)
+    assert universal.plan_resume(str(src), "iter_0000002", 2, 2) == ("iter_0000002_universal", True)
+
+    c = cfg()
+    ps = ParallelState(rank=0, world_size=1)
+    model = pipeline_run.build_model(c, ps, [c.num_layers], seed=1)
+    import types
+    fake = types.SimpleNamespace(named_parameters=lambda: [
+        ("tied_modules.embed.embed.weight", model.embed.weight),
+        ("1.block.attn.qkv.weight", model.blocks[0].attn.qkv.weight)])
+    info = universal.checkpoint_info(fake)
+    assert info["pipeline_replicated_parameter_patterns"] == [r"tied_modules\.embed\.embed\.weight$"]
+    assert "pipeline_replicated_parameter_patterns" not in universal.checkpoint_info(model)
