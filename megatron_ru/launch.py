@@ -1,8 +1,9 @@
 """Where this process sits in the job: rank, world size and local rank as the launcher published them.
 
-torchrun / the deepspeed launcher (RANK, WORLD_SIZE), Open MPI (OMPI_COMM_WORLD_*), MPICH Hydra (PMI_*), Slurm
-`srun` steps (SLURM_*); read from the environment only (no MPI calls, no process group). A bottom module: the
-runtime reads it before `main` runs, `parallel/state.py` builds the process groups on it.
+torchrun / the deepspeed launcher (RANK, WORLD_SIZE; the latter also passes --local_rank), Open MPI
+(OMPI_COMM_WORLD_*), MPICH Hydra (PMI_*), Slurm `srun` steps (SLURM_*); read from the environment only
+(no MPI calls, no process group). A bottom module: the runtime reads it before `main` runs,
+`parallel/state.py` builds the process groups on it.
 """
 from __future__ import annotations
 
@@ -56,7 +57,7 @@ def discover_launch(environ: Optional[Mapping[str, str]] = None) -> LaunchInfo:
 def local_world_size(environ: Optional[Mapping[str, str]] = None) -> int:
     """How many ranks of this job run on this node, as the launcher published it (1 when unknown)."""
     env = os.environ if environ is None else environ
-    # torchrun, Open MPI, MPICH Hydra, the deepspeed launcher
+    # torchrun, Open MPI, MPICH Hydra, the deepspeed launcher (LOCAL_SIZE)
     for key in ("LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "LOCAL_SIZE"):
         if key in env:
             return max(1, _int(env, key))

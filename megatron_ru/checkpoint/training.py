@@ -23,7 +23,7 @@ from .. import runtime
 from ..config import ConfigError, ModelConfig
 from ..parallel.state import ParallelState
 from ..files import atomic_path, atomic_write_text
-from . import pipeline_files, safe_pickle
+from . import pipeline_files, safe_pickle, universal
 from . import save_dir
 from .load import read_config
 from .model_io import (CheckpointError, check_weights_match_config, latest_tag, load_module, model_files,
@@ -84,12 +84,14 @@ def check_compatible(directory: str, config: ModelConfig, tp_size: int, *, weigh
         raise ConfigError(f"resuming {directory} (saved at TP={src_tp}) at TP={tp_size} would lose "
                           "the optimizer state; use --finetune to load the weights at a new TP size")
     src_pp = int(meta.get("pipeline_model_parallel_size", 1))
-    if not weights_only and src_pp != pp_size:
-        raise ConfigError(f"resuming {directory} (saved at PP={src_pp}) at PP={pp_size}: DeepSpeed's "
-                          "pipeline state does not reshard; use --finetune to load the weights at "
-                          "a new pipeline size")
     tag = tag or latest_tag(Path(directory))
     tag_dir = Path(directory) / tag
+    if not weights_only and src_pp != pp_size and (
+            min(src_pp, pp_size) == 1 or universal.saved_dp_size(tag_dir) is None):
+        raise ConfigError(f"resuming {directory} (saved at PP={src_pp}) at PP={pp_size}: the "
+                          "training state moves only between pipeline sizes > 1 saved with ZeRO-1 "
+                          "(via a DeepSpeed universal checkpoint); use --finetune to load the "
+                          "weights at this layout")
     if pipeline_files.is_pipeline(tag_dir):  # a PP run: weights in DeepSpeed's layer files
         model = sorted(pipeline_files.layer_files(tag_dir).values())
         states = [pipeline_files.rank_state(tag_dir, r, saved.num_layers, trust=trust)

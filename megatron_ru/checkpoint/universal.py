@@ -13,6 +13,12 @@ re-partitions them for any DP size. We:
   and renamed) and DeepSpeed loads that with `checkpoint.load_universal`;
 - `tools/convert_checkpoint.py --to universal` does the conversion by hand.
 
+A pipeline-parallel run (ZeRO-1) resumes the same way at another DP size or another PP size > 1:
+its optimizer state is keyed by DeepSpeed's layer-list names (`tied_modules.embed.embed.weight`,
+`1.block.attn.qkv.weight`), the same at every PP size, so the info is taken from the
+PipelineModule (the tied embedding marked pipeline-replicated: saved by the first and the last
+stage, converted once). Between PP = 1 and PP > 1 the names differ: not covered (--finetune).
+
 A tensor-parallel size change is not covered: our fused QKV / gate-up weights would need
 DeepSpeed's sub-parameter shapes and the TP=2 -> 4 parity was not tested; use --finetune there.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 import shutil
 import types
@@ -28,7 +35,7 @@ from typing import Optional
 
 from ..data.progress import Progress, progress_wanted
 from ..files import atomic_directory, atomic_write_text
-from . import safe_pickle
+from . import pipeline_files, safe_pickle
 from .model_io import CheckpointError
 
 SUFFIX = "_universal"
@@ -36,19 +43,25 @@ _OPTIM_RE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.
 
 
 def checkpoint_info(model) -> dict:
-    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for a GPTModel (exact-name regex patterns)."""
+    """DeepSpeed's UNIVERSAL_CHECKPOINT_INFO for a GPTModel or this stage's PipelineModule
+    (exact-name regex patterns; the names the optimizer state is saved under)."""
     from deepspeed.checkpoint import constants as c
 
-    replicated, row = [], []
+    replicated, row, tied = [], [], []
     for name, p in model.named_parameters():
         spec = getattr(p, "shard_spec", None)
         if spec is None:
             replicated.append(re.escape(name) + "$")
         elif spec.dim == 1:
             row.append(re.escape(name) + "$")
-    return {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+        if name.startswith("tied_modules."):  # held by the first and the last pipeline stage
+            tied.append(re.escape(name) + "$")
+    info = {c.UNIVERSAL_CHECKPOINT_VERSION_KEY: c.UNIVERSAL_CHECKPOINT_VERSION_VALUE,
             c.TP_REPLICATED_PARAMETER_PATTERNS: replicated,
             c.PARAMETER_WITH_ROW_PARALLELISM_PATTERNS: row}
+    if tied:
+        info[c.PIPELINE_REPLICATED_PARAMETER_PATTERNS] = tied
+    return info
 
 
 def saved_dp_size(tag_dir: Path) -> Optional[int]:
@@ -116,8 +129,15 @@ def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False,
     try:
         with contextlib.redirect_stdout(steps):  # its chatter names the steps; errors still raise
             ds_to_universal.main(args)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, AssertionError) and "Unused patterns" in str(exc):
+            # info naming other parameters than the optimizer state's (a pipeline checkpoint of
+            # a version that recorded the GPTModel's names)
+            raise CheckpointError(
+                f"{tag_dir}: its universal_checkpoint_info does not name the parameters its "
+                "optimizer state is saved under, so it has no universal form; resume it at the "
+                "sizes it was saved at, or start from its weights with --finetune --load") from None
         raise
     finally:
         ds_to_universal.tqdm = real_tqdm
@@ -127,13 +147,25 @@ def convert(tag_dir: Path, out_dir: Path, *, trust: bool = False,
     return out_dir
 
 
-def plan_resume(load_dir: str, tag: str, dp_size: int) -> tuple[str, bool]:
-    """(tag to load, whether it is universal). Rank 0 converts when the DP size changed."""
+def saved_pp_size(load_dir) -> int:
+    """The pipeline size `load_dir/config.json` records (1: none recorded)."""
+    try:
+        meta = json.loads((Path(load_dir) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 1
+    return int(meta.get("pipeline_model_parallel_size", 1) or 1)
+
+
+def plan_resume(load_dir: str, tag: str, dp_size: int, pp_size: int = 1) -> tuple[str, bool]:
+    """(tag to load, whether it is universal). Rank 0 converts when the DP size changed, or the
+    PP size (between sizes > 1; training.check_compatible refuses the rest)."""
     tag_dir = Path(load_dir) / tag
     if is_universal(tag_dir):
         return tag, True
     saved = saved_dp_size(tag_dir)
-    if saved is None or saved == dp_size:  # ZeRO-0 state is not partitioned by DP rank
+    if saved is None:  # ZeRO-0 state is not partitioned by DP rank
+        return tag, False
+    if saved == dp_size and saved_pp_size(load_dir) == pp_size:
         return tag, False
     return tag + SUFFIX, True
 
@@ -149,6 +181,10 @@ def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrit
         raise CheckpointError(f"--to universal needs a megatron_ru training checkpoint; {source} "
                               "is not one (no config.json with format megatron_ru)")
     tag = tag or latest_tag(source)
+    if pipeline_files.is_pipeline(source / tag):  # its weights live in the layer files only
+        raise CheckpointError(f"--to universal: {source / tag} was saved with pipeline parallelism; "
+                              "its universal form is made on resume (--load it at the new PP or "
+                              "data-parallel size), not as a checkpoint of its own")
     if target.exists() and not overwrite:
         raise CheckpointError(f"--save {target} exists (add --overwrite to replace it)")
     target.parent.mkdir(parents=True, exist_ok=True)

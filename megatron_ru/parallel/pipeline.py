@@ -204,7 +204,9 @@ class HeadPipe(_Piece):
 
 
 class LossFn:
-    """DeepSpeed's `loss_fn(outputs, labels)`: the model's own loss; labels = (labels, loss_mask)."""
+    """DeepSpeed's `loss_fn(outputs, labels)`: the model's own loss; labels = (labels, loss_mask)
+    or, for SFT data, (labels, loss_mask, weight): the micro-batch's mean times its float64 weight
+    (training/finetune.py's GlobalTokenMean), as the single-stage SFT step computes it."""
 
     def __init__(self, model) -> None:
         self.model = model
@@ -212,8 +214,10 @@ class LossFn:
         self.__name__ = "vocab_parallel_cross_entropy"
 
     def __call__(self, logits, labels):
-        target, mask = labels
+        target, mask, *weight = labels
         loss = self.model.loss(logits, target, mask)
+        if weight:
+            loss = loss * float(weight[0])  # a Python float, as finetune.forward multiplies
         return loss if self.scale == 1.0 else loss * self.scale
 
 

@@ -31,6 +31,7 @@ class TrainArgs:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     pipeline_split: str = "uniform"
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None  # refused (validate)
     # batch and schedule
     micro_batch_size: Optional[int] = None  # None: the JSON's value, else 4
     global_batch_size: Optional[int] = None
@@ -149,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--pipeline-split", default="uniform", metavar="uniform|balanced|L0,L1,...",
                    help="transformer layers per pipeline stage: uniform, balanced (by estimated "
                         "FLOPs: embedding, head, dense vs block-sparse layers) or explicit counts")
+    m.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, metavar="N",
+                   help="not available (DeepSpeed's pipeline engine has no interleaved schedule); "
+                        "given, the run stops with one line")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", "--batch-size", type=int, help="default: the JSON's, else 4")
@@ -284,6 +288,10 @@ def validate(args: TrainArgs) -> None:
                  "eval_interval", "log_interval", "save_interval", "tensor_model_parallel_size",
                  "pipeline_model_parallel_size"):
         positive(name, getattr(args, name))
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaved virtual pipeline "
+                          "stages are not available (DeepSpeed's pipeline engine runs 1F1B only); "
+                          "drop the flag")
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are mutually exclusive: choose one precision")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:

@@ -39,12 +39,16 @@ def check(args, ds: dict, config, ps, log) -> list[int]:
             f"data-parallel size {ps.dp_size}) = {accum} is smaller than "
             f"--pipeline-model-parallel-size={pp}: raise --global-batch-size to at least "
             f"{pp * micro * ps.dp_size}")
-    refused = [("--lora-rank", args.lora_rank), ("--reset-attention-mask", args.reset_attention_mask),
-               ("--reset-position-ids", args.reset_position_ids), ("--eval-tasks", args.eval_tasks),
-               ("--dataset-type sft", args.dataset_type == "sft")]
-    for flag, on in refused:
+    refused = [  # (flag, given, what to do instead)
+        ("--lora-rank", args.lora_rank, "train LoRA with tensor / data parallelism at PP=1"),
+        ("--reset-attention-mask", args.reset_attention_mask, "drop it, or train at PP=1"),
+        ("--reset-position-ids", args.reset_position_ids, "drop it, or train at PP=1"),
+        ("--eval-tasks", args.eval_tasks, "evaluate the saved checkpoints with tools/run_lm_eval.py"),
+        ("--sft-packing packed", args.sft_packing == "packed", "use --sft-packing pad, or train at PP=1")]
+    for flag, on, instead in refused:
         if on:
-            raise ConfigError(f"{flag} is not supported with --pipeline-model-parallel-size > 1")
+            raise ConfigError(f"{flag} is not supported with --pipeline-model-parallel-size={pp} "
+                              f"(> 1): {instead}")
     counts = pipeline.split_layers(config, pp, args.pipeline_split, seq_length=args.seq_length,
                                    sparse_density=sparse_density(config, args.seq_length),
                                    tp_size=ps.tp_size)
@@ -134,6 +138,23 @@ class PipeBatches:
         b = get_batch(next(self.loader)["text"], self.eod, eod_mask_loss=self.mask)
         dev = self.device
         return b["tokens"].to(dev), (b["labels"].to(dev), b["loss_mask"].to(dev))
+
+
+class PipeSFTBatches:
+    """SFT micro-batches (GlobalTokenMean's, weights agreed over the stage's DP group) as
+    (tokens, (labels, loss_mask, weight)); the last stage's LossFn applies the weight."""
+
+    def __init__(self, weighted, device) -> None:
+        self.weighted, self.device = weighted, device
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        import torch
+        b, dev = next(self.weighted), self.device
+        weight = torch.tensor(b["weight"], dtype=torch.float64, device=dev)
+        return b["tokens"].to(dev), (b["labels"].to(dev), b["loss_mask"].to(dev), weight)
 
 
 def train_step(trainer, data_iter) -> dict:

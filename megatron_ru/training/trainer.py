@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Callable, Optional
@@ -295,20 +294,16 @@ class Trainer:
                 raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
                                   "size; a LoRA run resumes at the size it was saved at (or start "
                                   "a new one: --finetune --load BASE)")
-        elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
+        elif self.resume_tag is not None:  # another DP (or PP > 1) size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
-                                                                    ps.dp_size)
-            if load_universal and ps.pp_size > 1:
-                raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
-                                  "size; a pipeline-parallel run resumes at the sizes it was saved "
-                                  "at (or start a new one from its weights: --finetune --load)")
+                                                                    ps.dp_size, ps.pp_size)
             if load_universal:
                 self.ds.setdefault("checkpoint", {})["load_universal"] = True
                 target = Path(args.load) / self.resume_tag
                 if ps.rank == 0 and not universal.is_universal(target):
                     source = target.name[:-len(universal.SUFFIX)]
-                    self.log(f"{args.load}/{source} was saved at another data-parallel size: "
-                             f"converting it to a DeepSpeed universal checkpoint {target}")
+                    self.log(f"{args.load}/{source} was saved at another data-parallel or pipeline "
+                             f"size: converting it to a DeepSpeed universal checkpoint {target}")
                     universal.convert(Path(args.load) / source, target, trust=args.trust_checkpoint)
 
     def _schedule(self) -> LRSchedule:
@@ -328,12 +323,14 @@ class Trainer:
                                     micro_batch_size=self.ds["train_micro_batch_size_per_gpu"],
                                     dp_rank=self.ps.dp_rank, dp_size=self.ps.dp_size,
                                     num_workers=self.args.num_workers, seed=self.args.seed))
-        if self.ps.pp_size > 1:  # DeepSpeed's ((inputs), (labels)) pairs
-            return pipeline_run.PipeBatches(it, self.tokenizer.eod, self.args.eod_mask_loss,
-                                            self.ps.device)
         if self.args.dataset_type == "sft":  # loss = mean over the global batch's target tokens
             it = finetune.GlobalTokenMean(it, self.engine.gradient_accumulation_steps(), self.ps,
-                                     packed=self.args.sft_packing == "packed")
+                                          packed=self.args.sft_packing == "packed")
+            if self.ps.pp_size > 1:  # (tokens, (labels, loss_mask, weight)) pairs
+                it = pipeline_run.PipeSFTBatches(it, self.ps.device)
+        elif self.ps.pp_size > 1:  # DeepSpeed's ((inputs), (labels)) pairs
+            it = pipeline_run.PipeBatches(it, self.tokenizer.eod, self.args.eod_mask_loss,
+                                          self.ps.device)
         return it
 
     # ---- one forward ----------------------------------------------------------------------
@@ -532,7 +529,7 @@ class Trainer:
                                                  trainable_only=True)
             self.log(f"saved LoRA adapters and their training state {path}")
         else:  # universal-checkpoint info: a LoRA run resumes at its own sizes only, so not there
-            client["universal_checkpoint_info"] = universal.checkpoint_info(self.model)
+            client["universal_checkpoint_info"] = universal.checkpoint_info(self.pipe)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, tokenizer_files=files,
                                                  needed_bytes=self.checkpoint_bytes)

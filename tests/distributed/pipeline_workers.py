@@ -2,7 +2,8 @@
 
 Every rank builds the single-process reference GPTModel from the same seed, runs the same
 micro-batches through it, and compares its own stage's (and TP shard's) gradients with the
-reference's; tied embedding copies are compared across the first and last stage.
+reference's (also for SFT micro-batches of different target-token counts, weighted to the global
+token mean); tied embedding copies are compared across the first and last stage.
 """
 import torch
 import torch.distributed as dist
@@ -57,6 +58,66 @@ def _compare_grad(name, p, grad, ref_grad, cfg, ps, family):
     assert_rel_close(grad, shard(ref_grad, spec, ps.tp_rank, ps.tp_size), 1e-5, f"{family} {name} grad")
 
 
+def _sft_rows(n, seed):
+    """Collated SFT rows (as the SFT dataset gives them): each row one conversation of random
+    length padded with segment -1, loss on a random part, so micro-batches hold different
+    numbers of target tokens."""
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        text = torch.randint(0, 200, (MICRO, SEQ + 1), generator=g)
+        length = torch.randint(3, SEQ + 2, (MICRO, 1), generator=g)
+        pos = torch.arange(SEQ + 1).expand(MICRO, -1)
+        segment = torch.where(pos < length, 0, -1)
+        mask = (torch.rand(MICRO, SEQ + 1, generator=g) > 0.4).long() * (segment >= 0)
+        rows.append({"text": text, "loss_mask": mask, "segment": segment})
+    return rows
+
+
+def _step_grads(engine, model, data_iter):
+    """One train_batch; (loss, {name: (param, grad before clipping)})."""
+    captured, clip = {}, engine.clip_fp32_gradients
+
+    def snapshot():
+        names = {id(p): n for n, p in model.named_parameters() if not p.is_meta}
+        for p in engine.module.parameters():
+            if p.grad is not None:
+                captured[names[id(p)]] = (p, p.grad.detach().clone())
+        clip()
+
+    engine.clip_fp32_gradients = snapshot
+    try:
+        loss = engine.train_batch(data_iter=data_iter)
+    finally:
+        engine.clip_fp32_gradients = clip
+    return float(loss), captured
+
+
+def _check_sft(cfg, ps, model, engine, family):
+    """SFT micro-batches through GlobalTokenMean + PipeSFTBatches: loss and gradients equal one
+    process's mean over every target token of the global batch (all micro-batches, DP ranks)."""
+    from megatron_ru.data.sft_examples import sft_batch
+    from megatron_ru.training.finetune import GlobalTokenMean
+
+    rows = _sft_rows(ACCUM * ps.dp_size, seed=23)
+    ref = GPTModel(cfg, None, seed=3)
+    total = sum(float(sft_batch(r, packed=False)["loss_mask"].sum()) for r in rows)
+    ref_loss = 0.0
+    for r in rows:
+        b = sft_batch(r, packed=False)
+        n = float(b["loss_mask"].sum())
+        loss = ref(b["tokens"], labels=b["labels"], loss_mask=b["loss_mask"]) * (n / total)
+        loss.backward()
+        ref_loss += loss.item()
+    mine = iter(rows[ps.dp_rank * ACCUM:(ps.dp_rank + 1) * ACCUM])
+    weighted = GlobalTokenMean(mine, ACCUM, ps, packed=False)
+    loss, captured = _step_grads(engine, model, pipeline_run.PipeSFTBatches(weighted, ps.device))
+    assert abs(loss - ref_loss) <= 1e-6 * abs(ref_loss), (family, "sft", loss, ref_loss)
+    assert captured, family
+    for name, (p, grad) in captured.items():
+        _compare_grad(name, p, grad, dict(ref.named_parameters())[name].grad, cfg, ps, f"{family} sft")
+
+
 def grads_and_tied_weights(rank, world, tp, pp, families):
     """One step's gradients (every parameter of every stage) equal the single process's; the
     tied embedding's two copies stay identical over 20 steps (gpt3)."""
@@ -73,19 +134,8 @@ def grads_and_tied_weights(rank, world, tp, pp, families):
         total = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
 
         model, engine = _engine(cfg, ps, counts, lr=0.0)
-        captured = {}
-        clip = engine.clip_fp32_gradients
-
-        def snapshot():
-            names = {id(p): n for n, p in model.named_parameters() if not p.is_meta}
-            for p in engine.module.parameters():
-                if p.grad is not None:
-                    captured[names[id(p)]] = (p, p.grad.detach().clone())
-            clip()
-
-        engine.clip_fp32_gradients = snapshot
         mine = batches[ps.dp_rank * ACCUM:(ps.dp_rank + 1) * ACCUM]
-        loss = engine.train_batch(data_iter=iter(mine))
+        loss, captured = _step_grads(engine, model, iter(mine))
         ref_loss = sum(ref(t, labels=l, loss_mask=m).item() for t, (l, m) in batches) / len(batches)
         assert abs(float(loss) - ref_loss) <= 1e-6 * abs(ref_loss), (family, float(loss), ref_loss)
         assert abs(engine.get_global_grad_norm() - total) <= 1e-5 * total, (family, total)
@@ -93,6 +143,7 @@ def grads_and_tied_weights(rank, world, tp, pp, families):
         assert set(captured) == expected and expected, (family, set(captured) ^ expected)
         for name, (p, grad) in captured.items():
             _compare_grad(name, p, grad, ref_grads[name], cfg, ps, family)
+        _check_sft(cfg, ps, model, engine, family)  # lr 0: the same weights
 
         if cfg.tie_word_embeddings:  # 20 steps with a real learning rate: copies stay equal
             model, engine = _engine(cfg, ps, counts, lr=0.5)

@@ -1,4 +1,5 @@
-"""Pipeline parallelism on gloo against one process: every gradient after one step, the loss, the
+"""Pipeline parallelism on gloo against one process: every gradient after one step (plain and SFT
+micro-batches weighted to the global token mean), the loss, the
 gradient norm, and the tied embedding's two copies after 20 steps, for both families."""
 import pytest
 

@@ -1,9 +1,12 @@
 """pretrain_gpt.py with pipeline parallelism under real mpirun (gloo, fp32, dropout 0): the losses of
 10 iterations at TP2·PP2, TP1·PP2·DP2 (ZeRO-1) and TP1·PP2 equal one process's to 1e-6 relative;
-SIGTERM + relaunch equals the straight PP2 run bit for bit; checkpoints of a PP run load at TP1
+the TP1·PP2·DP2 state resumed at TP1·PP4·DP1 (universal checkpoint) continues its losses;
+SIGTERM + relaunch equals the straight PP2 run bit for bit; SFT data at TP1·PP2 under torchrun
+equals one process; checkpoints of a PP run load at TP1
 (logits), and --finetune moves weights between TP1·PP1 and TP1·PP4 / TP2·PP2 layouts; bad input
 stops with one line and exit 2. Model: 4 layers, alternating block-sparse / dense attention."""
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -51,8 +54,18 @@ def test_pipeline_losses_checkpoints_and_resume(tmp_path):
     assert "rank layout: world 4 = TP 2 x DP 1 x PP 2" in proc.stdout, proc.stdout[-2000:]
     _close(losses(tp2pp2), losses(ref), 1e-6)
     _, dp2 = _run(t, "dp2", "--pipeline-model-parallel-size", "2", "--deepspeed_config",
-                  _config(t, 1), np_=4)
+                  _config(t, 1), "--save", str(t / "C"), "--save-interval", "5", np_=4)
     _close(losses(dp2), losses(ref), 1e-6)
+    # its iteration-5 state (ZeRO-1) resumed at TP1·PP4·DP1: via DeepSpeed's universal checkpoint
+    (t / "D").mkdir()
+    for name in ("config.json", "tokenizer", "iter_0000005"):
+        (shutil.copytree if (t / "C" / name).is_dir() else shutil.copy)(t / "C" / name, t / "D" / name)
+    (t / "D" / "latest").write_text("iter_0000005\n")
+    proc, pp4dp1 = _run(t, "pp4dp1", "--pipeline-model-parallel-size", "4", "--deepspeed_config",
+                        _config(t, 1), "--load", str(t / "D"), np_=4)
+    assert "converting it to a DeepSpeed universal checkpoint" in proc.stdout, proc.stdout[-2000:]
+    print("PP2·DP2 iterations 6-10 vs resumed at PP4·DP1:", losses(dp2)[5:], losses(pp4dp1))
+    _close(losses(pp4dp1), losses(dp2)[5:], 1e-6)
     _, pp2 = _run(t, "pp2", "--pipeline-model-parallel-size", "2", "--pipeline-split", "balanced",
                   np_=2)
     _close(losses(pp2), losses(ref), 1e-6)
@@ -83,6 +96,37 @@ def test_pipeline_losses_checkpoints_and_resume(tmp_path):
                   str(t / "A"), iters=3, np_=4)
     _, back = _run(t, "back", "--finetune", "--load", str(t / "B"), iters=3)
     _close(losses(pp4), losses(back), 1e-5)
+
+
+def test_pipeline_sft_under_torchrun_equals_one_process(tmp_path):
+    """SFT data (loss masks; micro-batches with different target-token counts, weighted to the
+    global token mean) at TP1·PP2 under torchrun: the losses of 3 iterations and the validation
+    loss equal one process's to 1e-6 relative."""
+    from tests.helpers import TOKENIZER
+    from tools import preprocess_data
+    t = tmp_path
+    assert preprocess_data.main([
+        "--input", str(ROOT / "examples" / "data" / "ru_sft.jsonl"), "--output-prefix", str(t / "sft"),
+        "--dataset-type", "sft", "--chat-template", "rugpt3", "--tokenizer-type", "GPT2BPETokenizer",
+        "--vocab-file", str(TOKENIZER / "vocab.json"), "--merge-file", str(TOKENIZER / "merges.txt")]) == 0
+    sft = ["--dataset-type", "sft", "--data-path", str(t / "sft"), "--split", "90,10,0",
+           "--eval-interval", "3", "--eval-iters", "1"]
+    _, ref = _run(t, "sft_ref", *sft, iters=3)
+    torchrun = Path(sys.executable).parent / "torchrun"
+    metrics = t / "sft_pp2.jsonl"
+    from tests.helpers import BASE, DATA
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", "pretrain_gpt.py", *BASE, *DATA,
+           *COMMON, "--sparse-mode", "alternating", "--deepspeed_config", _config(t, 0),
+           "--train-iters", "3", "--data-cache-path", str(t / "cache"), "--metrics-file", str(metrics),
+           "--pipeline-model-parallel-size", "2", *sft]
+    proc = subprocess.run(cmd, cwd=ROOT, env=clean_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert "rank layout: world 2 = TP 1 x DP 1 x PP 2" in proc.stdout, proc.stdout[-2000:]
+    rows = [json.loads(l) for l in metrics.read_text().splitlines()]
+    print("SFT losses PP2 (torchrun) vs PP1:", losses(rows), losses(ref))
+    _close(losses(rows), losses(ref), 1e-6)
+    val, val_ref = ([r["val_loss"] for r in x if "val_loss" in r] for x in (rows, ref))
+    _close(val, val_ref, 1e-6)
 
 
 def _wait_for(metrics: Path, proc, iteration: int):

@@ -6,7 +6,7 @@ from megatron_ru import ConfigError, ModelConfig, ParallelState
 from megatron_ru.checkpoint.pipeline_files import our_name
 from megatron_ru.parallel import pipeline
 from megatron_ru.parallel.state import group_ranks
-from megatron_ru.training.arguments import TrainArgs
+from megatron_ru.training.arguments import TrainArgs, parse_pretrain_args
 from megatron_ru.training import pipeline_run
 
 
@@ -81,8 +81,19 @@ def test_checks_before_compute():
     with pytest.raises(ConfigError, match=r"micro-batches per step = global batch 4 / \(micro batch 2 x "
                                           r"data-parallel size 2\) = 1 is smaller than"):
         _check(accum=1)
-    with pytest.raises(ConfigError, match="--lora-rank is not supported with --pipeline-model-parallel-size"):
-        _check({"lora_rank": 4})
+    refused = [({"lora_rank": 4}, "--lora-rank"), ({"eval_tasks": "hellaswag"}, "--eval-tasks"),
+               ({"dataset_type": "sft", "sft_packing": "packed"}, "--sft-packing packed"),
+               ({"reset_position_ids": True}, "--reset-position-ids")]
+    for kw, flag in refused:
+        with pytest.raises(ConfigError, match=f"^{flag} is not supported with "
+                                              "--pipeline-model-parallel-size=2 \\(> 1\\): "):
+            _check(kw)
+    assert _check({"dataset_type": "sft"}) == [3, 3]  # SFT rows padded one per row: supported
+
+
+def test_virtual_pipeline_stages_refused():
+    with pytest.raises(ConfigError, match="--num-layers-per-virtual-pipeline-stage: interleaved"):
+        parse_pretrain_args(["--data-path", "x", "--num-layers-per-virtual-pipeline-stage", "2"])
 
 
 def test_layer_file_names():
@@ -90,3 +101,36 @@ def test_layer_file_names():
     assert our_name(4, 3, "block.attn.qkv.weight") == "blocks.2.attn.qkv.weight"
     assert our_name(4, 5, "final_norm.weight") == "final_norm.weight"
     assert our_name(4, 6, "lm_head.weight") == "lm_head.weight"
+
+
+def test_universal_info_and_plan_of_a_pipeline_checkpoint(tmp_path):
+    """A PP checkpoint: `--to universal` refuses it with one line (nothing written); a resume
+    at another PP size > 1 converts it even at the same DP size; the universal info names the
+    PipelineModule's parameters, the tied embedding pipeline-replicated."""
+    from megatron_ru.checkpoint import universal
+    from megatron_ru.errors import UsageError
+    src = tmp_path / "ckpt"
+    tag = src / "iter_0000002"
+    tag.mkdir(parents=True)
+    (src / "config.json").write_text('{"format": "megatron_ru", "pipeline_model_parallel_size": 2}')
+    (src / "latest").write_text("iter_0000002\n")
+    for name in ("layer_00-model_00-model_states.pt", "mp_rank_00_model_states.pt",
+                 "zero_pp_rank_0_mp_rank_00_optim_states.pt"):
+        (tag / name).write_bytes(b"")
+    with pytest.raises(UsageError, match="^--to universal: .* saved with pipeline parallelism; "):
+        universal.convert_directory(str(src), str(tmp_path / "out"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert universal.plan_resume(str(src), "iter_0000002", 1, 2) == ("iter_0000002", False)
+    assert universal.plan_resume(str(src), "iter_0000002", 1, 4) == ("iter_0000002_universal", True)
+    assert universal.plan_resume(str(src), "iter_0000002", 2, 2) == ("iter_0000002_universal", True)
+
+    c = cfg()
+    ps = ParallelState(rank=0, world_size=1)
+    model = pipeline_run.build_model(c, ps, [c.num_layers], seed=1)
+    import types
+    fake = types.SimpleNamespace(named_parameters=lambda: [
+        ("tied_modules.embed.embed.weight", model.embed.weight),
+        ("1.block.attn.qkv.weight", model.blocks[0].attn.qkv.weight)])
+    info = universal.checkpoint_info(fake)
+    assert info["pipeline_replicated_parameter_patterns"] == [r"tied_modules\.embed\.embed\.weight$"]
+    assert "pipeline_replicated_parameter_patterns" not in universal.checkpoint_info(model)

@@ -32,6 +32,9 @@ def test_plain_split_and_errors():
 
 @pytest.mark.parametrize("env,expect", [
     ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, ("torchrun", 3, 8, 1)),
+    # the deepspeed launcher (launcher/launch.py): torchrun's variables plus CROSS_* / LOCAL_SIZE
+    ({"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_SIZE": "4", "CROSS_RANK": "1",
+      "CROSS_SIZE": "2", "MASTER_ADDR": "node0", "MASTER_PORT": "29500"}, ("torchrun", 5, 8, 1)),
     ({"OMPI_COMM_WORLD_RANK": "2", "OMPI_COMM_WORLD_SIZE": "4", "OMPI_COMM_WORLD_LOCAL_RANK": "0"},
      ("openmpi", 2, 4, 0)),
     ({"PMI_RANK": "1", "PMI_SIZE": "2", "MPI_LOCALRANKID": "1"}, ("mpich", 1, 2, 1)),
@@ -47,6 +50,13 @@ def test_plain_split_and_errors():
 def test_discover_launch(env, expect):
     info = discover_launch(env)
     assert (info.launcher, info.rank, info.world_size, info.local_rank) == expect
+
+
+def test_deepspeed_launcher_argument_accepted():
+    """The deepspeed launcher appends --local_rank=N to the script's arguments."""
+    from megatron_ru.training.arguments import parse_pretrain_args
+    args = parse_pretrain_args(["--data-path", "x", "--pipeline-model-parallel-size", "2", "--local_rank=1"])
+    assert args.pipeline_model_parallel_size == 2
 
 
 def test_bad_launcher_values_and_world_size():

@@ -18,6 +18,7 @@ def test_local_world_size_of_each_launcher():
     assert local_world_size({"OMPI_COMM_WORLD_LOCAL_SIZE": "2"}) == 2
     assert local_world_size({"MPI_LOCALNRANKS": "3"}) == 3
     assert local_world_size({"LOCAL_SIZE": "8"}) == 8  # the deepspeed launcher
+    assert local_world_size({"LOCAL_SIZE": "6", "CROSS_SIZE": "2"}) == 6  # the deepspeed launcher
     slurm = {"SLURM_STEP_ID": "0", "SLURM_STEP_TASKS_PER_NODE": "4(x2),3", "SLURM_NODEID": "2"}
     assert local_world_size(slurm) == 3 and local_world_size({**slurm, "SLURM_NODEID": "1"}) == 4
 
