@@ -125,21 +125,31 @@ def test_mean_init_keeps_bits_per_byte_and_random_does_not(tmp_path):
 
 
 
-def test_train_only_new_rows_keeps_old_rows_bit_identical(tmp_path):
-    """pretrain_gpt.py --train-only new-rows (first new id recorded by adapt_vocab in the base's config.json)."""
+def test_train_only_new_rows_keeps_old_rows_bit_identical_and_resumes(tmp_path):
+    """pretrain_gpt.py --train-only new-rows (first new id and replaced ids recorded by adapt_vocab in the
+    base's config.json), then resumed from its own checkpoint with no --train-only-from: the record
+    travelled into the training checkpoint's config.json."""
     from tests.helpers import demo_bpe, pretrain
     cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=demo_bpe().vocab_size)
-    save_model(tmp_path / "base", GPTModel(cfg, seed=5), vocab_adaptation={"first_new_id": 1000})
+    rec = {"first_new_id": 1000, "replaced_ids": [5, 7]}
+    save_model(tmp_path / "base", GPTModel(cfg, seed=5), vocab_adaptation=rec)
     proc, records = pretrain(tmp_path, "run", "--train-iters", "3", "--weight-decay", "0.1", "--finetune",
                              "--load", str(tmp_path / "base"), "--save", str(tmp_path / "out"),
                              "--train-only", "new-rows")
-    assert "--train-only new-rows: training rows 1000..1814" in proc.stdout and len(records) == 3
+    assert "--train-only new-rows: training rows 1000..1814 and the 2 rows" in proc.stdout and len(records) == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_adaptation"] == rec
+    proc, records = pretrain(tmp_path, "run", "--train-iters", "5", "--weight-decay", "0.1",
+                             "--load", str(tmp_path / "out"), "--save", str(tmp_path / "out"),
+                             "--train-only", "new-rows")
+    assert "training rows 1000..1814" in proc.stdout and [r["iteration"] for r in records if "loss" in r][-2:] == [4, 5]
     _, old = load_full_state_dict(tmp_path / "base")
     _, new = load_full_state_dict(tmp_path / "out")
     assert all(torch.equal(new[k], old[k]) for k in old if k != "embed.weight")
     changed = (new["embed.weight"] != old["embed.weight"]).any(dim=1)  # (V,)
-    # old rows bit-identical although weight decay 0.1 was asked for; the new rows the data uses move
-    assert not changed[:1000].any() and changed[1000:].sum() > 50
+    # old rows bit-identical although weight decay 0.1 was asked for; the new and replaced rows move
+    assert changed[5] and changed[7] and changed[1000:].sum() > 50
+    changed[[5, 7]] = False
+    assert not changed[:1000].any()
 
 
 @pytest.mark.parametrize("script", ["adapt_vocab_rugpt3.sh", "adapt_vocab_tlite.sh"])
