@@ -84,6 +84,33 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert "vocabulary rows but its tokenizer" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_donor_and_replace_unused_through_the_tool(tmp_path, capsys):
+    """--donor-tokenizer + --replace-unused on a gpt3 checkpoint: the size grows by add - K only, the
+    freed rows hold the mean of the new tokens' pieces, every other row is bit-identical."""
+    from tests.vocab_fixtures import DEMO_TOKENIZER
+    base = _base_checkpoint(tmp_path, "gpt3", lambda d: gpt2_base(d, english=True))
+    out = tmp_path / "adapted"
+    assert _adapt("--load", base, "--corpus", CORPUS, "--heldout", HELDOUT, "--add", 50, "--replace-unused", 40,
+                  "--donor-tokenizer", DEMO_TOKENIZER, "--save", out, "--no-eval") == 0
+    assert "40 in the rows of removed unused tokens, 10 appended" in capsys.readouterr().out
+    rec = json.loads((out / "config.json").read_text())["vocab_adaptation"]
+    report = json.loads((out / "vocab_report.json").read_text())
+    assert report["replaced"] == 40 and report["checks"]["removed_tokens"] == 40 and report["donor_tokens"] > 30
+    cfg0, old = load_full_state_dict(base)
+    cfg1, new = load_full_state_dict(out)
+    assert cfg1.vocab_size == cfg0.vocab_size + 10 and len(rec["replaced_ids"]) == 40
+    assert rec["first_new_id"] == cfg0.vocab_size and rec["donor"].endswith("tokenizer")
+    old_tok, new_tok = open_tokenizer(base / "tokenizer"), open_tokenizer(out / "tokenizer")
+    by_id = {i: t for t, i in new_tok.encoder.items()}
+    kept = [i for i in range(cfg0.vocab_size) if i not in set(rec["replaced_ids"])]
+    assert torch.equal(new["embed.weight"][kept], old["embed.weight"][kept])
+    for i in rec["replaced_ids"][:5]:  # a freed row: the mean of the rows of its token's pieces
+        pieces = [old_tok.encoder[t] for t in old_tok._bpe(by_id[i])]
+        assert torch.allclose(new["embed.weight"][i], old["embed.weight"][pieces].mean(0), atol=1e-6)
+    assert _adapt("--load", base, "--corpus", CORPUS, "--replace-unused", 5000, "--save", tmp_path / "x") == 2
+    assert "--replace-unused 5000: only" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def _trained_gpt3(steps=500):
     """A tiny gpt3 trained on the demo corpus with the 40-merge base vocabulary (so its embeddings
     carry what the pieces mean: an untrained model has nothing for an initialisation to preserve)."""
@@ -162,7 +189,7 @@ def test_recipes_pass_only_flags_the_tools_accept(script, tmp_path):
     from megatron_ru.training.arguments import parse_pretrain_args
     from tests.helpers import ROOT
     env = {**os.environ, "PYTHON": "echo", "MPIRUN": "echo", "OUT": str(tmp_path / "out"), "BASE": "ckpt",
-           "CORPUS": "ru.txt", "HELDOUT": "held.txt", "HELDOUT_EN": "en.txt"}
+           "CORPUS": "ru.txt", "HELDOUT": "held.txt", "HELDOUT_EN": "en.txt", "DONOR": "ru_tok", "REPLACE": "7"}
     proc = subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -170,4 +197,5 @@ def test_recipes_pass_only_flags_the_tools_accept(script, tmp_path):
     adapt = [build_parser().parse_args(w[1:]) for w in lines if w[0] == "tools/adapt_vocab.py"]
     stages = [parse_pretrain_args(w[w.index("pretrain_gpt.py") + 1:]) for w in lines if "pretrain_gpt.py" in w]
     assert [a.report for a in adapt] == [False, True] and adapt[0].init == "mean"
+    assert adapt[0].donor_tokenizer == "ru_tok" and adapt[0].replace_unused == 7
     assert [s.train_only for s in stages] == ["new-rows", None] and all(s.finetune for s in stages)
