@@ -77,7 +77,8 @@ def check_extension(base_dir, new_dir, new_tokens: list, sample: list, english: 
             raise VocabAdaptError(f"{new_dir}/tokenizer_config.json pins {t!r} to id {i}, the tokenizer "
                                   f"gives {new_vocab.get(t)}")
     by_id = {i: t for t, i in new_vocab.items()}
-    taken = [i for i in removed.values() if by_id.get(i) not in set(new_tokens)]
+    fresh = set(new_tokens)
+    taken = [i for i in removed.values() if by_id.get(i) not in fresh]
     if taken:
         raise VocabAdaptError(f"{new_dir}: id {taken[0]} of a removed token holds no new token")
     for t in new_tokens:
