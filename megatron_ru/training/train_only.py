@@ -105,7 +105,8 @@ def apply(model, args, sources, log) -> Optional[dict]:
     for p in vocab.values():
         p.register_hook(mask)
         p.no_weight_decay = True  # optim.param_groups: decay would move the old rows
-    log(f"--train-only new-rows: training rows {first}..{size - 1}"
-        + (f" and the {len(reused)} rows of replaced tokens" if reused else "")
+    log("--train-only new-rows: training "
+        + " and ".join(([f"rows {first}..{size - 1}"] if first < size else [])
+                       + ([f"the {len(reused)} rows of replaced tokens"] if reused else []))
         + f" of the {what}; the other rows stay as they are")
     return rec

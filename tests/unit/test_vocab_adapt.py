@@ -193,3 +193,16 @@ def test_splice_into_replaced_rows():
     assert out.shape == (11, 8)
     assert torch.equal(out[[0, 1, 2, 4, 5, 7, 8, 9]], full["embed.weight"][[0, 1, 2, 4, 5, 7, 8, 9]])
     assert torch.allclose(out[3], full["embed.weight"][[1, 2]].mean(0)) and torch.equal(out[6], full["embed.weight"][0])
+
+
+def test_sentencepiece_style_donor(tmp_path):
+    """A Unigram tokenizer.json with the "▁" word marker (not byte-level) donates its pieces as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.Unigram())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    t.train_from_iterator(corpus_lines(), trainers.UnigramTrainer(vocab_size=800, special_tokens=["<unk>"],
+                                                                  unk_token="<unk>"))
+    t.save(str(tmp_path / "sp.json"))
+    a = adapt(va.read_base(gpt2_base(tmp_path / "b")), corpus_lines(), 100, donor=tmp_path / "sp.json")
+    words = [va.token_bytes(x).decode("utf-8") for x in a.donor_tokens]
+    assert len(words) > 50 and " на" in words[:5] and not any("\u2581" in w for w in words)
