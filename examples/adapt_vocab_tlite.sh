@@ -29,8 +29,13 @@ PYTHON=${PYTHON:-python}
 MPIRUN=${MPIRUN:-mpirun}
 EN_FLAGS=()
 if [ -n "$HELDOUT_EN" ]; then EN_FLAGS=(--heldout-en "$HELDOUT_EN"); fi
+# DONOR=DIR|tokenizer.json: new tokens from that tokenizer's Cyrillic tokens; REPLACE=K: the first K
+# new tokens take the rows of K tokens the corpus never uses (ADD=K keeps the vocabulary size)
+ADAPT_FLAGS=()
+if [ -n "${DONOR:-}" ]; then ADAPT_FLAGS+=(--donor-tokenizer "$DONOR"); fi
+if [ -n "${REPLACE:-}" ]; then ADAPT_FLAGS+=(--replace-unused "$REPLACE"); fi
 mkdir -p "$OUT/data"
-"$PYTHON" tools/adapt_vocab.py --load "$BASE" --corpus "$CORPUS" --heldout "$HELDOUT" "${EN_FLAGS[@]}" \
+"$PYTHON" tools/adapt_vocab.py --load "$BASE" --corpus "$CORPUS" --heldout "$HELDOUT" "${EN_FLAGS[@]}" "${ADAPT_FLAGS[@]}" \
     --add "$ADD" --init "$INIT" --tensor-model-parallel-size "$TP" --save "$OUT/adapted"
 "$PYTHON" tools/preprocess_data.py --input "$CORPUS" --tokenizer-type HuggingFaceTokenizer \
     --tokenizer-model "$OUT/adapted/tokenizer/tokenizer.json" --append-eod --workers 4 \

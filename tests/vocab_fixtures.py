@@ -7,6 +7,8 @@ import json
 import os
 from pathlib import Path
 
+import regex
+
 from megatron_ru.data import vocab_adapt as va
 from tests.helpers import ROOT
 
@@ -24,27 +26,50 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end
                  "{{ m['content'] }}<|eot_id|>{% endfor %}")
 
 
-def _cut(merges_kept: int):
+ENGLISH_WORDS = ("""A base vocabulary trained on English spends its rows on words such as weather, harbour,
+    kitchen, pencil, window, garden, bicycle, journey, morning, evening, umbrella, blanket, candle, ladder,
+    mirror, orchard, pillow, river, saddle, thunder, valley, whistle, yellow, zipper, anchor, basket, cotton,
+    dragon, engine, feather, glacier, hammer, island, jungle, kettle, lantern, meadow, needle, oyster, parrot,
+    quilt, rocket, spider, tunnel, velvet, wagon, walnut, falcon, biscuit, cabinet, dolphin, emerald, fossil,
+    granite, helmet, iceberg, jacket, kingdom, lobster, marble, nectar, outpost, pebble, rabbit, sandal,
+    tractor, vessel, warden, compass, ribbon, copper, silver, timber, lemon, ginger, pepper, butter""")
+
+
+def english_words():
+    """Distinct words of ENGLISH_WORDS, in order."""
+    words = [w.lower() for w in regex.findall(r"\p{L}+", ENGLISH_WORDS)]
+    return list(dict.fromkeys(w for w in words if len(w) > 2))
+
+
+def _cut(merges_kept: int, english: bool = False):
+    """The demo BPE's first merges; `english`: then merges spelling " word" for each English word
+    (left to right), so the base has non-Cyrillic tokens the Russian corpus never uses."""
     base = va.read_base(DEMO_TOKENIZER)
     keep = base.merges[:merges_kept]
     vocab = {c: i for i, c in enumerate(va.bytes_to_unicode().values())}
     for a, b in keep:
         vocab.setdefault(a + b, len(vocab))
+    for word in english_words() if english else ():
+        word = "\u0120" + word  # Ġ: the byte-level space
+        for k in range(2, len(word) + 1):
+            if word[:k] not in vocab:
+                keep.append((word[:k - 1], word[k - 1]))
+                vocab[word[:k]] = len(vocab)
     return vocab, keep
 
 
-def gpt2_base(d: Path, merges_kept: int = 40) -> Path:
+def gpt2_base(d: Path, merges_kept: int = 40, english: bool = False) -> Path:
     """vocab.json + merges.txt in D: bytes, the first merges, <|endoftext|> last."""
-    vocab, keep = _cut(merges_kept)
+    vocab, keep = _cut(merges_kept, english)
     vocab["<|endoftext|>"] = len(vocab)
     va.write_vocab(d, va.BaseVocab("gpt2", vocab, keep))
     return Path(d)
 
 
-def llama3_base(d: Path, merges_kept: int = 40) -> Path:
+def llama3_base(d: Path, merges_kept: int = 40, english: bool = False) -> Path:
     """A Llama-3 style tokenizer.json in D (Split regex + ByteLevel, ignore_merges, merges as pairs,
     the special tokens after the model's vocabulary) and a tokenizer_config.json with a chat template."""
-    vocab, keep = _cut(merges_kept)
+    vocab, keep = _cut(merges_kept, english)
     added = [{"id": len(vocab) + i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
               "normalized": False, "special": True} for i, s in enumerate(LLAMA_SPECIALS)]
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": False}

@@ -207,14 +207,16 @@ class _HeldWrites:
 def save_training_checkpoint(engine, directory: str, iteration: int, client_state: dict,
                              config: ModelConfig, ps: ParallelState,
                              tokenizer_files: Optional[dict] = None,
-                             needed_bytes: Optional[int] = None, trainable_only: bool = False) -> Path:
+                             needed_bytes: Optional[int] = None, trainable_only: bool = False,
+                             extra_config: Optional[dict] = None) -> Path:
     """Collective: every rank calls it. Three phases (rank 0 prepares, every rank writes through
     DeepSpeed, rank 0 renames and writes `latest`), each ending in an agreement, so a failure on
     any rank stops every rank together with one line: a full disk or a directory that stopped
     accepting files is named as such (`save_dir.save_failure`). On any failure the partial
     `<tag>.tmp` is removed and the previous checkpoint stays `latest`.
     `trainable_only` (a LoRA run): frozen parameters are left out and no config.json is written
-    (the directory is an adapter directory pointing at its base, checkpoint/lora_files.py)."""
+    (the directory is an adapter directory pointing at its base, checkpoint/lora_files.py).
+    `extra_config`: more keys for config.json (the vocab_adaptation record, training/train_only.py)."""
     root = Path(directory)
     tag = f"iter_{iteration:07d}"
     tmp, final = root / f"{tag}.tmp", root / tag
@@ -255,7 +257,8 @@ def save_training_checkpoint(engine, directory: str, iteration: int, client_stat
         runtime.fault_point("save_config", iteration)
         if not trainable_only:
             write_config(root, config, ps.tp_size, iteration=iteration, tokenizer=tokenizer,
-                         **({"pipeline_model_parallel_size": ps.pp_size} if ps.pp_size > 1 else {}))
+                         **({"pipeline_model_parallel_size": ps.pp_size} if ps.pp_size > 1 else {}),
+                         **(extra_config or {}))
         old = root / f"{tag}.old"
         if final.exists():  # the same tag saved again (a rollback records its skipped window)
             final.rename(old)

@@ -236,11 +236,14 @@ def continue_bpe(base: BaseVocab, splitter: Splitter, piece_counts: Counter, add
     return new_merges
 
 
-def extended(base: BaseVocab, new_merges: list) -> BaseVocab:
-    """The base vocabulary with the new merges appended and their tokens given the next free ids."""
+def extended(base: BaseVocab, new_merges: list, ids: Optional[list] = None) -> BaseVocab:
+    """The base vocabulary with the new merges appended and their tokens given `ids` (default: the
+    next free ids; --replace-unused passes the freed ids first)."""
     vocab, start = dict(base.vocab), base.next_id
-    for i, (a, b) in enumerate(new_merges):
-        vocab[a + b] = start + i
+    ids = list(range(start, start + len(new_merges))) if ids is None else list(ids)
+    for i, (a, b) in zip(ids, new_merges):
+        vocab[a + b] = i
+    merges = base.merges + list(new_merges)
     body = None
     if base.body is not None:
         body = json.loads(json.dumps(base.body))
@@ -248,11 +251,11 @@ def extended(base: BaseVocab, new_merges: list) -> BaseVocab:
         # `tokenizers` numbers an added token that is not in the model's vocabulary after the model's
         # last id, whatever id the file gives it: the special tokens join the model vocabulary at
         # their ids (as GPT-2's <|endoftext|> is), so the new tokens after them leave them in place
-        model["vocab"] = {**{t: i for t, i in base.special.items() if t not in vocab}, **vocab}
+        model["vocab"] = dict(sorted({**{t: i for t, i in base.special.items() if t not in vocab},
+                                      **vocab}.items(), key=lambda kv: kv[1]))
         as_str = bool(model.get("merges")) and isinstance(model["merges"][0], str)
-        model["merges"] = list(model.get("merges", [])) + [f"{a} {b}" if as_str else [a, b] for a, b in new_merges]
-    return BaseVocab(base.kind, vocab, base.merges + list(new_merges), dict(base.special), base.ignore_merges,
-                     body, base.source)
+        model["merges"] = [f"{a} {b}" if as_str else [a, b] for a, b in merges]
+    return BaseVocab(base.kind, vocab, merges, dict(base.special), base.ignore_merges, body, base.source)
 
 
 TOKENIZER_FILES = ("vocab.json", "merges.txt", "tokenizer.json")
@@ -262,7 +265,8 @@ def write_vocab(out_dir, v: BaseVocab) -> list:
     """The vocabulary's files in OUT_DIR (vocab.json + merges.txt, or tokenizer.json); their paths."""
     os.makedirs(out_dir, exist_ok=True)
     if v.kind == "gpt2":
-        items = [("vocab.json", lambda f: json.dump(v.vocab, f, ensure_ascii=False)),
+        items = [("vocab.json", lambda f: json.dump(dict(sorted(v.vocab.items(), key=lambda kv: kv[1])), f,
+                                                      ensure_ascii=False)),
                  ("merges.txt", lambda f: f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in v.merges)))]
     else:
         items = [("tokenizer.json", lambda f: json.dump(v.body, f, ensure_ascii=False, indent=1))]

@@ -3,8 +3,11 @@
 Guarantees (`check_extension`, VocabAdaptError naming the first failure):
   * every new token encodes to itself (the extended tokenizer's BPE on the token's own bytes),
   * decode(encode(text)) == text on the corpus sample,
-  * text with no Cyrillic encodes id-for-id as with the base tokenizer,
-  * every old token, special tokens and the chat template's tokens included, keeps its id.
+  * text with no Cyrillic encodes id-for-id as with the base tokenizer; with --replace-unused: text
+    with no Cyrillic whose base encoding uses none of the removed tokens (others round-trip),
+  * every old token, special tokens and the chat template's tokens included, keeps its id; with
+    --replace-unused every old token but the removed ones, which are gone, their ids reused,
+  * the corpus sample uses none of the removed tokens.
 The tokenizers checked are the real ones (ours for vocab.json + merges.txt, `tokenizers` for
 tokenizer.json) built from the files as written, not the training's bookkeeping.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import regex
 
@@ -43,7 +47,7 @@ def vocab_of(tok) -> dict:
     return dict(tok.encoder) if hasattr(tok, "encoder") else tok.tok.get_vocab(with_added_tokens=True)
 
 
-def _chat_tokens(tok_dir) -> dict:
+def chat_tokens(tok_dir) -> dict:
     """{token: id} a tokenizer_config.json pins (added_tokens_decoder), {} without one."""
     path = os.path.join(str(tok_dir), "tokenizer_config.json")
     if not os.path.isfile(path):
@@ -55,34 +59,57 @@ def _chat_tokens(tok_dir) -> dict:
 
 
 def check_extension(base_dir, new_dir, new_tokens: list, sample: list, english: list = (),
-                    eod_token=None) -> dict:
-    """Runs every guarantee on the tokenizers in BASE_DIR and NEW_DIR; returns what was checked."""
+                    eod_token=None, removed: Optional[dict] = None) -> dict:
+    """Runs every guarantee on the tokenizers in BASE_DIR and NEW_DIR; returns what was checked.
+    `removed`: {token: old id} of --replace-unused."""
     base, new = open_tokenizer(base_dir, eod_token), open_tokenizer(new_dir, eod_token)
     old_vocab, new_vocab = vocab_of(base), vocab_of(new)
-    moved = [t for t, i in old_vocab.items() if new_vocab.get(t) != i]
+    removed = removed or {}
+    moved = [t for t, i in old_vocab.items() if t not in removed and new_vocab.get(t) != i]
+    still = [t for t in removed if t in new_vocab]
+    if still:
+        raise VocabAdaptError(f"{new_dir}: removed token {still[0]!r} is still in the vocabulary")
     if moved:
         raise VocabAdaptError(f"{new_dir}: token {moved[0]!r} moved from id {old_vocab[moved[0]]} to "
                               f"{new_vocab.get(moved[0])} ({len(moved)} moved)")
-    for t, i in _chat_tokens(new_dir).items():
+    for t, i in chat_tokens(new_dir).items():
         if new_vocab.get(t) != i:
             raise VocabAdaptError(f"{new_dir}/tokenizer_config.json pins {t!r} to id {i}, the tokenizer "
                                   f"gives {new_vocab.get(t)}")
+    by_id = {i: t for t, i in new_vocab.items()}
+    fresh = set(new_tokens)
+    taken = [i for i in removed.values() if by_id.get(i) not in fresh]
+    if taken:
+        raise VocabAdaptError(f"{new_dir}: id {taken[0]} of a removed token holds no new token")
     for t in new_tokens:
         got = piece_tokens(new, t)
         if got != [t]:
             raise VocabAdaptError(f"new token {t!r} does not encode to itself (it encodes to {got})")
+    gone = set(removed.values())
     for text in sample:
         back = new.detokenize(new.tokenize(text))
         if back != text:
             raise VocabAdaptError(f"decode(encode(text)) differs from the text for corpus line {text[:60]!r}")
+        if gone and gone.intersection(base.tokenize(text)):
+            raise VocabAdaptError(f"corpus line {text[:60]!r} uses a token --replace-unused removed")
     plain = [t for t in (CYRILLIC.sub("", s) for s in [*sample, *english]) if t.strip()]
+    uses_removed = 0
     for text in plain:
-        if base.tokenize(text) != new.tokenize(text):
+        ids = base.tokenize(text)
+        if gone and gone.intersection(ids):  # only the round trip is promised
+            uses_removed += 1
+            if new.detokenize(new.tokenize(text)) != text:
+                raise VocabAdaptError(f"decode(encode(text)) differs from the text for {text[:60]!r}")
+        elif ids != new.tokenize(text):
             raise VocabAdaptError(f"text without Cyrillic encodes differently after the extension: {text[:60]!r}")
     if base.eod != new.eod:
         raise VocabAdaptError(f"the end-of-text token moved from id {base.eod} to {new.eod}")
-    return {"new_tokens_encode_to_themselves": len(new_tokens), "round_trip_lines": len(sample),
-            "non_cyrillic_lines_unchanged": len(plain), "old_ids_kept": len(old_vocab)}
+    out = {"new_tokens_encode_to_themselves": len(new_tokens), "round_trip_lines": len(sample),
+           "non_cyrillic_lines_unchanged": len(plain) - uses_removed, "old_ids_kept": len(old_vocab) - len(removed)}
+    if removed:
+        out["removed_tokens"] = len(removed)
+        out["non_cyrillic_lines_using_removed_tokens"] = uses_removed
+    return out
 
 
 @dataclass

@@ -1,6 +1,7 @@
 """tools/adapt_vocab.py: extend a checkpoint's byte-level BPE vocabulary from a corpus, splice new rows, save, report.
 
     adapt_vocab.py --load CKPT --corpus FILE [FILE...] --add N --save OUT [--init mean]
+        [--donor-tokenizer DIR|tokenizer.json] [--replace-unused K]
     adapt_vocab.py --report --load CKPT --corpus FILE [--heldout-en FILE]
 
 CKPT: any checkpoint format checkpoint/load.py opens, with its tokenizer (or --tokenizer-path).
@@ -27,7 +28,8 @@ from ..checkpoint.model_io import model_from_state, save_state_dict
 from ..config import ModelConfig
 from ..data import vocab_adapt as va
 from ..data.chat_templates import CHAT_FILES
-from ..data.vocab_checks import check_extension, fertility, open_tokenizer
+from ..data.vocab_checks import chat_tokens, check_extension, fertility, open_tokenizer
+from ..data.vocab_plan import adapt
 from ..errors import UsageError
 from ..evaluation.perplexity import Corpus, evaluate_corpora
 from ..files import atomic_directory
@@ -41,7 +43,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--load", required=True, help="the base checkpoint (any format convert_checkpoint.py reads)")
     p.add_argument("--corpus", nargs="+", required=True, metavar="FILE",
                    help="UTF-8 text, one document per line (with --report: the Russian text to measure)")
-    p.add_argument("--add", type=int, help="how many new tokens (extension mode)")
+    p.add_argument("--add", type=int, help="how many new tokens (default with --replace-unused K: K)")
+    p.add_argument("--donor-tokenizer", metavar="PATH",
+                   help="take the new tokens from this tokenizer's Cyrillic tokens (vocab.json + merges.txt "
+                        "directory, or tokenizer.json), most used on the corpus first, each made reachable "
+                        "by merges from the base's pieces (default: continue BPE training on the corpus)")
+    p.add_argument("--replace-unused", type=int, default=0, metavar="K",
+                   help="the first K new tokens take the ids of K tokens the corpus and held-out text never "
+                        "use (rare, non-Cyrillic, not special, no part of a kept token); --add K keeps the "
+                        "vocabulary size"),
     p.add_argument("--save", help="output checkpoint directory (ours)")
     p.add_argument("--init", choices=INIT_METHODS, default="mean", help="new rows' initialisation (default mean)")
     p.add_argument("--min-frequency", type=int, default=2, help="a new token is seen at least this often")
@@ -74,6 +84,12 @@ def _lines(paths) -> list:
 def _check_args(args) -> None:
     if args.report:
         return
+    if args.add is None and args.replace_unused:
+        args.add = args.replace_unused
+    if args.replace_unused < 0:
+        raise UsageError(f"--replace-unused {args.replace_unused} must not be negative")
+    if args.donor_tokenizer and not Path(args.donor_tokenizer).exists():
+        raise UsageError(f"--donor-tokenizer {args.donor_tokenizer} does not exist")
     missing = [f for f, v in (("--add", args.add), ("--save", args.save)) if v is None]
     if missing:
         raise UsageError(f"{' and '.join(missing)} required (or --report to only measure --load)")
@@ -149,28 +165,35 @@ def main(argv=None, log=print) -> int:
         return 0
     t0 = time.time()
     base = va.read_base(tok_dir)
-    ext, new_merges = va.extend_vocab(base, docs, args.add, args.min_frequency)
-    new_tokens = [a + b for a, b in new_merges]
+    pinned = [*chat_tokens(tok_dir), *([eod] if eod else [])]
+    plan = adapt(base, docs, args.add, min_frequency=args.min_frequency, donor=args.donor_tokenizer,
+                 replace_unused=args.replace_unused, other_texts=[*heldout, *texts["en"]], pinned=pinned)
+    ext, new_tokens = plan.vocab, plan.new_tokens
     log(f"adapt_vocab: {len(new_tokens)} new tokens from {len(docs)} lines in {time.time() - t0:.1f}s "
-        f"(ids {base.next_id}..{base.next_id + len(new_tokens) - 1})")
+        + (f"({len(plan.donor_tokens)} of --donor-tokenizer, the rest intermediate merges) " if args.donor_tokenizer
+           else "")
+        + (f"({len(plan.removed)} in the rows of removed unused tokens, " if plan.removed else "(")
+        + f"{len(new_tokens) - len(plan.removed)} appended from id {base.next_id})")
     with tempfile.TemporaryDirectory() as tmp:
         new_dir = Path(tmp) / "tokenizer"
         va.write_vocab(new_dir, ext)
         for name in CHAT_FILES:
             if (tok_dir / name).is_file():
                 shutil.copyfile(tok_dir / name, new_dir / name)
-        checks = check_extension(tok_dir, new_dir, new_tokens, docs[:2000], texts["en"], eod_token=eod)
+        checks = check_extension(tok_dir, new_dir, new_tokens, docs[:2000], texts["en"], eod_token=eod,
+                                 removed=plan.removed)
         new_tok = open_tokenizer(new_dir, eod)
         config, full, _ = load_any(Path(args.load), trust=args.trust_checkpoint)
-        splitter = va.Splitter(base)
-        pieces = [[base.vocab[t] for t in splitter.segment(tok)] for tok in new_tokens]
+        splitter = va.Splitter(plan.kept)  # new rows from kept tokens only
+        pieces = [[plan.kept.vocab[t] for t in splitter.segment(tok)] for tok in new_tokens]
         counts = _piece_counts(base_tok, docs) if args.init == "freq" else None
-        vocab_size = max(config.vocab_size, base.next_id + len(new_tokens))
+        vocab_size = max(config.vocab_size, base.next_id + len(new_tokens) - len(plan.removed))
         new_full = splice(full, base.next_id, vocab_size, pieces, args.init, counts=counts,
-                          std=config.init_method_std, seed=args.seed)
+                          std=config.init_method_std, seed=args.seed, ids=plan.ids)
         new_config = ModelConfig.from_dict({**config.to_dict(), "vocab_size": vocab_size})
         tp = args.tensor_model_parallel_size or int(meta.get("tensor_model_parallel_size", 1))
-        report = {"init": args.init, "added": len(new_tokens), "vocab_size": vocab_size,
+        report = {"init": args.init, "added": len(new_tokens), "replaced": len(plan.removed),
+                  "donor_tokens": len(plan.donor_tokens), "vocab_size": vocab_size,
                   "padded_vocab_size": new_config.padded_vocab_size(tp), "tensor_model_parallel_size": tp,
                   "checks": checks}
         ev = None if args.no_eval else full
@@ -182,12 +205,17 @@ def main(argv=None, log=print) -> int:
                  {"type": "HuggingFaceTokenizer", "tokenizer_model": "tokenizer/tokenizer.json"})
         if eod:
             entry["eod_token"] = eod
+        record = {"base": str(Path(args.load).resolve()), "init": args.init, "first_new_id": base.next_id,
+                  "added": len(new_tokens)}
+        if plan.removed:
+            record["replaced_ids"] = sorted(plan.removed.values())
+        if args.donor_tokenizer:
+            record["donor"] = str(Path(args.donor_tokenizer).resolve())
         Path(args.save).parent.mkdir(parents=True, exist_ok=True)
         with atomic_directory(Path(args.save)) as out:
             shutil.copytree(new_dir, out / "tokenizer")
             save_state_dict(out, new_config, new_full, tp, dtype, tokenizer=entry,
-                            vocab_adaptation={"base": str(Path(args.load).resolve()), "init": args.init,
-                                              "first_new_id": base.next_id, "added": len(new_tokens)})
+                            vocab_adaptation=record)
             (out / REPORT_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
     log(format_report(report))
     log(f"adapt_vocab: saved {args.save} (vocabulary {vocab_size}, padded {report['padded_vocab_size']} "

@@ -2,17 +2,23 @@
 
 embeddings  the input embedding and the output head (one matrix when tied) train; every other
             parameter is frozen (requires_grad False: out of the optimizer, as a LoRA base is).
-new-rows    as `embeddings`, and the gradient of rows below the first new id is zeroed (each TP
-            rank masks its own slice) and the matrices get no weight decay, so with AdamW the old
-            rows stay bit-identical: zero gradient, zero moments, zero update.
+new-rows    as `embeddings`, and the gradient of every old row (below the first new id and not
+            one --replace-unused freed) is zeroed (each TP rank masks its own slice) and the
+            matrices get no weight decay, so with AdamW the old rows stay bit-identical: zero
+            gradient, zero moments, zero update.
 The first new id comes from --train-only-from, else from the `vocab_adaptation` record that
-tools/adapt_vocab.py writes into the config.json of the checkpoint the run starts from.
+tools/adapt_vocab.py writes into the config.json of the checkpoint the run starts from (the
+reused ids of removed tokens come from the record only). The record travels on: the trainer
+writes it into the config.json of every checkpoint it saves, so a run resumed from its own
+checkpoints (--load RUN) finds it, and so does a later stage that starts from them.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
 from typing import Optional
+
+import torch
 
 from ..config import ConfigError
 
@@ -43,20 +49,32 @@ def validate(args) -> None:
                           "and must be a positive token id")
 
 
-def recorded_first_new(directory) -> Optional[int]:
-    """The first new id tools/adapt_vocab.py recorded in DIR/config.json, or None."""
+def recorded(directory) -> Optional[dict]:
+    """The `vocab_adaptation` record of DIR/config.json (written by tools/adapt_vocab.py, carried by
+    training checkpoints), or None."""
     try:
         meta = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError, TypeError):
         return None
     rec = meta.get("vocab_adaptation") if isinstance(meta, dict) else None
-    return int(rec["first_new_id"]) if isinstance(rec, dict) and "first_new_id" in rec else None
+    return rec if isinstance(rec, dict) and "first_new_id" in rec else None
 
 
-def apply(model, args, sources, log) -> None:
-    """Freeze the model for args.train_only; `sources`: checkpoint directories the run starts from."""
+def record_for(args, sources) -> Optional[dict]:
+    """The record this run carries: the first source's that has one, --train-only-from overriding
+    its first new id."""
+    rec = next((r for r in (recorded(d) for d in sources if d) if r is not None), None)
+    if getattr(args, "train_only_from", None) is not None:
+        rec = {**(rec or {}), "first_new_id": args.train_only_from}
+    return rec
+
+
+def apply(model, args, sources, log) -> Optional[dict]:
+    """Freeze the model for args.train_only; `sources`: checkpoint directories the run starts from.
+    Returns the vocabulary-adaptation record to write into this run's checkpoints (or None)."""
+    rec = record_for(args, sources)
     if not getattr(args, "train_only", None):
-        return
+        return rec
     vocab = {id(model.embed.weight): model.embed.weight}
     if model.lm_head is not None:
         vocab[id(model.lm_head.weight)] = model.lm_head.weight
@@ -65,24 +83,30 @@ def apply(model, args, sources, log) -> None:
     what = "input embedding and head" if len(vocab) == 2 else "tied embedding"
     if args.train_only == "embeddings":
         log(f"--train-only embeddings: training the {what} only")
-        return
-    first = args.train_only_from
-    for d in sources:
-        first = first if first is not None else (recorded_first_new(d) if d else None)
-    if first is None:
+        return rec
+    if rec is None:
         raise ConfigError("--train-only new-rows: no first new token id: pass --train-only-from ID, or "
                           "start from a checkpoint written by tools/adapt_vocab.py (--finetune --load DIR)")
-    if first >= model.config.vocab_size:
-        raise ConfigError(f"--train-only-from {first} is not below the vocabulary size {model.config.vocab_size}")
-    keep = max(0, min(first - model.vocab_start, model.embed.weight.shape[0]))  # local old rows
+    first, reused = int(rec["first_new_id"]), [int(i) for i in rec.get("replaced_ids", ())]
+    size = model.config.vocab_size
+    if first >= size and not reused:
+        raise ConfigError(f"--train-only-from {first} is not below the vocabulary size {size}")
+    if any(not 0 <= i < size for i in reused):
+        raise ConfigError(f"the vocab_adaptation record's replaced_ids reach past the vocabulary size {size}")
+    rows = model.embed.weight.shape[0]
+    frozen = torch.ones(rows, dtype=torch.bool)  # (local rows,): True where the row is an old token's
+    frozen[max(0, min(first - model.vocab_start, rows)):] = False
+    local = [i - model.vocab_start for i in reused if 0 <= i - model.vocab_start < rows]
+    frozen[local] = False
 
     def mask(grad):
-        grad = grad.clone()
-        grad[:keep] = 0  # rows of old tokens on this TP rank: (keep, H)
-        return grad
+        return grad.masked_fill(frozen.to(grad.device)[:, None], 0)  # (rows, H): old rows' gradient zero
 
     for p in vocab.values():
         p.register_hook(mask)
         p.no_weight_decay = True  # optim.param_groups: decay would move the old rows
-    log(f"--train-only new-rows: training rows {first}..{model.config.vocab_size - 1} of the {what}; "
-        f"rows below {first} stay as they are")
+    log("--train-only new-rows: training "
+        + " and ".join(([f"rows {first}..{size - 1}"] if first < size else [])
+                       + ([f"the {len(reused)} rows of replaced tokens"] if reused else []))
+        + f" of the {what}; the other rows stay as they are")
+    return rec

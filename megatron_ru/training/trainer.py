@@ -120,7 +120,8 @@ class Trainer:
             del full
         if args.lora_rank:
             lora_run.setup_lora(model, args, self.log)
-        train_only.apply(model, args, (self.base, args.load), self.log)  # --train-only: vocabulary rows
+        # --train-only: vocabulary rows; the vocabulary-adaptation record goes into our checkpoints
+        self.vocab_record = train_only.apply(model, args, (self.base, args.load), self.log)
         self.model = model
         # what the optimizer steps: the model, or this stage's DeepSpeed PipelineModule (whose
         # grid's groups our layers then use: the same rank layout)
@@ -532,7 +533,9 @@ class Trainer:
             client["universal_checkpoint_info"] = universal.checkpoint_info(self.pipe)
             path = ckpt.save_training_checkpoint(self.engine, a.save, self.iteration, client,
                                                  self.config, self.ps, tokenizer_files=files,
-                                                 needed_bytes=self.checkpoint_bytes)
+                                                 needed_bytes=self.checkpoint_bytes,
+                                                 extra_config={"vocab_adaptation": self.vocab_record}
+                                                 if self.vocab_record else None)
             self.log(f"saved checkpoint {path}")
         runtime.heartbeat(f"saved iteration {self.iteration}")
         if a.keep_last_n and self.ps.rank == 0:

@@ -7,7 +7,8 @@ Every new token is split by the base tokenizer into pieces (ids of the old vocab
   random         normal(0, init_method_std), as a fresh model's rows (the baseline to beat).
 Tied embeddings (gpt3) have one matrix, initialised once; an untied head (llama) gets its own rows
 from its own rows. Rows of ids the base model had but no token used (vocabulary padding a
-checkpoint carried) that a new token takes are rewritten; rows of the base tokenizer's ids never.
+checkpoint carried) that a new token takes are rewritten; rows of the base tokenizer's ids never,
+but those of tokens --replace-unused removed, which are initialised as new rows.
 """
 from __future__ import annotations
 
@@ -45,19 +46,21 @@ def new_rows(weight: torch.Tensor, pieces: Sequence[Sequence[int]], method: str,
 
 
 def splice(full: dict, first_new: int, new_vocab_size: int, pieces: Sequence[Sequence[int]], method: str, *,
-           counts: Optional[dict] = None, std: float = 0.02, seed: int = 1234) -> dict:
+           counts: Optional[dict] = None, std: float = 0.02, seed: int = 1234,
+           ids: Optional[Sequence[int]] = None) -> dict:
     """`full` (our names, real vocabulary rows) with every vocabulary matrix grown to `new_vocab_size`
-    rows: rows [0, first_new) as they were, rows first_new + i from pieces[i] (ids < first_new).
-    Rows the base carried past its tokenizer's ids and no new token takes keep their values."""
+    rows: row ids[i] (default first_new + i) from pieces[i] (ids of kept tokens, < first_new), every
+    other row as it was (--replace-unused: ids holds the removed tokens' rows first, re-initialised
+    like new rows). Rows the base carried past its tokenizer's ids and no new token takes keep their values."""
     out = dict(full)
     gen = torch.Generator().manual_seed(seed)
+    ids = list(range(first_new, first_new + len(pieces))) if ids is None else list(ids)
     for name in VOCAB_PARAMS:
         if name not in full:
             continue
         old = full[name]
         grown = old.new_zeros(new_vocab_size, *old.shape[1:])
         grown[:old.shape[0]] = old[:new_vocab_size]
-        grown[first_new:first_new + len(pieces)] = new_rows(old[:first_new], pieces, method, counts=counts,
-                                                           std=std, generator=gen)
+        grown[ids] = new_rows(old[:first_new], pieces, method, counts=counts, std=std, generator=gen)
         out[name] = grown
     return out

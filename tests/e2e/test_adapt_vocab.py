@@ -84,6 +84,33 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert "vocabulary rows but its tokenizer" in err and len(err.strip().splitlines()) == 1 and not out.exists()
 
 
+def test_donor_and_replace_unused_through_the_tool(tmp_path, capsys):
+    """--donor-tokenizer + --replace-unused on a gpt3 checkpoint: the size grows by add - K only, the
+    freed rows hold the mean of the new tokens' pieces, every other row is bit-identical."""
+    from tests.vocab_fixtures import DEMO_TOKENIZER
+    base = _base_checkpoint(tmp_path, "gpt3", lambda d: gpt2_base(d, english=True))
+    out = tmp_path / "adapted"
+    assert _adapt("--load", base, "--corpus", CORPUS, "--heldout", HELDOUT, "--add", 50, "--replace-unused", 40,
+                  "--donor-tokenizer", DEMO_TOKENIZER, "--save", out, "--no-eval") == 0
+    assert "40 in the rows of removed unused tokens, 10 appended" in capsys.readouterr().out
+    rec = json.loads((out / "config.json").read_text())["vocab_adaptation"]
+    report = json.loads((out / "vocab_report.json").read_text())
+    assert report["replaced"] == 40 and report["checks"]["removed_tokens"] == 40 and report["donor_tokens"] > 30
+    cfg0, old = load_full_state_dict(base)
+    cfg1, new = load_full_state_dict(out)
+    assert cfg1.vocab_size == cfg0.vocab_size + 10 and len(rec["replaced_ids"]) == 40
+    assert rec["first_new_id"] == cfg0.vocab_size and rec["donor"].endswith("tokenizer")
+    old_tok, new_tok = open_tokenizer(base / "tokenizer"), open_tokenizer(out / "tokenizer")
+    by_id = {i: t for t, i in new_tok.encoder.items()}
+    kept = [i for i in range(cfg0.vocab_size) if i not in set(rec["replaced_ids"])]
+    assert torch.equal(new["embed.weight"][kept], old["embed.weight"][kept])
+    for i in rec["replaced_ids"][:5]:  # a freed row: the mean of the rows of its token's pieces
+        pieces = [old_tok.encoder[t] for t in old_tok._bpe(by_id[i])]
+        assert torch.allclose(new["embed.weight"][i], old["embed.weight"][pieces].mean(0), atol=1e-6)
+    assert _adapt("--load", base, "--corpus", CORPUS, "--replace-unused", 5000, "--save", tmp_path / "x") == 2
+    assert "--replace-unused 5000: only" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
 def _trained_gpt3(steps=500):
     """A tiny gpt3 trained on the demo corpus with the 40-merge base vocabulary (so its embeddings
     carry what the pieces mean: an untrained model has nothing for an initialisation to preserve)."""
@@ -125,21 +152,31 @@ def test_mean_init_keeps_bits_per_byte_and_random_does_not(tmp_path):
 
 
 
-def test_train_only_new_rows_keeps_old_rows_bit_identical(tmp_path):
-    """pretrain_gpt.py --train-only new-rows (first new id recorded by adapt_vocab in the base's config.json)."""
+def test_train_only_new_rows_keeps_old_rows_bit_identical_and_resumes(tmp_path):
+    """pretrain_gpt.py --train-only new-rows (first new id and replaced ids recorded by adapt_vocab in the
+    base's config.json), then resumed from its own checkpoint with no --train-only-from: the record
+    travelled into the training checkpoint's config.json."""
     from tests.helpers import demo_bpe, pretrain
     cfg = ModelConfig.from_preset("tiny-gpt3", vocab_size=demo_bpe().vocab_size)
-    save_model(tmp_path / "base", GPTModel(cfg, seed=5), vocab_adaptation={"first_new_id": 1000})
+    rec = {"first_new_id": 1000, "replaced_ids": [5, 7]}
+    save_model(tmp_path / "base", GPTModel(cfg, seed=5), vocab_adaptation=rec)
     proc, records = pretrain(tmp_path, "run", "--train-iters", "3", "--weight-decay", "0.1", "--finetune",
                              "--load", str(tmp_path / "base"), "--save", str(tmp_path / "out"),
                              "--train-only", "new-rows")
-    assert "--train-only new-rows: training rows 1000..1814" in proc.stdout and len(records) == 3
+    assert "--train-only new-rows: training rows 1000..1814 and the 2 rows" in proc.stdout and len(records) == 3
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_adaptation"] == rec
+    proc, records = pretrain(tmp_path, "run", "--train-iters", "5", "--weight-decay", "0.1",
+                             "--load", str(tmp_path / "out"), "--save", str(tmp_path / "out"),
+                             "--train-only", "new-rows")
+    assert "training rows 1000..1814" in proc.stdout and [r["iteration"] for r in records if "loss" in r][-2:] == [4, 5]
     _, old = load_full_state_dict(tmp_path / "base")
     _, new = load_full_state_dict(tmp_path / "out")
     assert all(torch.equal(new[k], old[k]) for k in old if k != "embed.weight")
     changed = (new["embed.weight"] != old["embed.weight"]).any(dim=1)  # (V,)
-    # old rows bit-identical although weight decay 0.1 was asked for; the new rows the data uses move
-    assert not changed[:1000].any() and changed[1000:].sum() > 50
+    # old rows bit-identical although weight decay 0.1 was asked for; the new and replaced rows move
+    assert changed[5] and changed[7] and changed[1000:].sum() > 50
+    changed[[5, 7]] = False
+    assert not changed[:1000].any()
 
 
 @pytest.mark.parametrize("script", ["adapt_vocab_rugpt3.sh", "adapt_vocab_tlite.sh"])
@@ -152,7 +189,7 @@ def test_recipes_pass_only_flags_the_tools_accept(script, tmp_path):
     from megatron_ru.training.arguments import parse_pretrain_args
     from tests.helpers import ROOT
     env = {**os.environ, "PYTHON": "echo", "MPIRUN": "echo", "OUT": str(tmp_path / "out"), "BASE": "ckpt",
-           "CORPUS": "ru.txt", "HELDOUT": "held.txt", "HELDOUT_EN": "en.txt"}
+           "CORPUS": "ru.txt", "HELDOUT": "held.txt", "HELDOUT_EN": "en.txt", "DONOR": "ru_tok", "REPLACE": "7"}
     proc = subprocess.run(["bash", str(ROOT / "examples" / script)], env=env, capture_output=True, text=True,
                           timeout=60, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr
@@ -160,4 +197,5 @@ def test_recipes_pass_only_flags_the_tools_accept(script, tmp_path):
     adapt = [build_parser().parse_args(w[1:]) for w in lines if w[0] == "tools/adapt_vocab.py"]
     stages = [parse_pretrain_args(w[w.index("pretrain_gpt.py") + 1:]) for w in lines if "pretrain_gpt.py" in w]
     assert [a.report for a in adapt] == [False, True] and adapt[0].init == "mean"
+    assert adapt[0].donor_tokenizer == "ru_tok" and adapt[0].replace_unused == 7
     assert [s.train_only for s in stages] == ["new-rows", None] and all(s.finetune for s in stages)

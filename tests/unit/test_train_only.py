@@ -42,3 +42,21 @@ def test_bad_flags():
                       (_args("embeddings", lora=4), "--lora-rank")):
         with pytest.raises(ConfigError, match=msg):
             train_only.validate(args)
+
+
+def test_new_rows_record_with_replaced_ids_travels(tmp_path):
+    """The record of a checkpoint (adapt_vocab's, or a training checkpoint's) gives the trainable rows:
+    ids from the first new one on, and the reused ids of removed tokens; apply returns it to carry on."""
+    import json
+    rec = {"first_new_id": 280, "replaced_ids": [7, 100], "init": "mean"}
+    (tmp_path / "config.json").write_text(json.dumps({"format": "megatron_ru", "vocab_adaptation": rec}))
+    model = GPTModel(ModelConfig.from_preset("tiny-gpt3", vocab_size=300), seed=1)
+    assert train_only.apply(model, _args("new-rows"), [None, tmp_path], lambda m: None) == rec
+    model(torch.randint(0, 300, (2, 16))).float().pow(2).mean().backward()
+    g = model.embed.weight.grad
+    trained = torch.zeros(g.shape[0], dtype=torch.bool)
+    trained[[7, 100]] = True
+    trained[280:300] = True
+    assert not g[~trained].any() and bool((g[trained].abs().sum(1) > 0).all())
+    assert train_only.apply(model, _args(None), [tmp_path], lambda m: None) == rec  # carried by any run
+    assert train_only.record_for(_args("new-rows", 290), [tmp_path])["first_new_id"] == 290

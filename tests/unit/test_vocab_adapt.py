@@ -1,4 +1,4 @@
-"""Vocabulary extension by continued BPE (data/vocab_adapt.py), its guarantees (vocab_checks.py) and the row splice."""
+"""Vocabulary extension (continued BPE, donor tokens, replaced unused rows: data/vocab_*.py), its guarantees and the row splice."""
 import json
 
 import pytest
@@ -6,9 +6,12 @@ import torch
 
 from megatron_ru.data import vocab_adapt as va
 from megatron_ru.data.tokenizers import TokenizerError
+from megatron_ru.data import vocab_donor, vocab_replace
 from megatron_ru.data.vocab_checks import check_extension, fertility, open_tokenizer, piece_tokens
+from megatron_ru.data.vocab_plan import adapt
 from megatron_ru.training.vocab_splice import new_rows, splice
-from tests.vocab_fixtures import ENGLISH, HELDOUT, corpus_lines, gpt2_base, llama3_base
+from tests.vocab_fixtures import (DEMO_TOKENIZER, ENGLISH, HELDOUT, corpus_lines, english_words, gpt2_base,
+                                  llama3_base)
 
 
 def _extend(tmp_path, make, add=150):
@@ -113,3 +116,93 @@ def test_splice_keeps_old_rows_and_means_new_ones(tied):
     assert torch.allclose(freq, (4 * w[1] + w[2]) / 5, atol=1e-6)
     rnd = splice(full, 10, 13, pieces, "random", std=0.02)["embed.weight"][10:]
     assert 0.005 < float(rnd.std()) < 0.05
+
+
+def _donor_json(tmp_path):
+    """The full demo BPE (a Russian-trained vocabulary) as a Llama-3 style tokenizer.json file."""
+    return llama3_base(tmp_path / "donor", merges_kept=10**6) / "tokenizer.json"
+
+
+@pytest.mark.parametrize("make", [gpt2_base, llama3_base], ids=["gpt2", "tokenizer.json"])
+def test_donor_tokens_become_reachable_and_keep_every_guarantee(tmp_path, make):
+    base_dir = make(tmp_path / "base")
+    donor = DEMO_TOKENIZER if make is gpt2_base else _donor_json(tmp_path)  # vocab.json+merges.txt / file
+    base = va.read_base(base_dir)
+    a = adapt(base, corpus_lines(), 150, donor=donor)
+    new_tokens = a.new_tokens
+    assert len(new_tokens) == 150 and a.ids == list(range(base.next_id, base.next_id + 150))
+    donor_vocab = va.read_base(DEMO_TOKENIZER).vocab
+    assert len(a.donor_tokens) > 100 and set(a.donor_tokens) <= set(new_tokens) & set(donor_vocab)
+    counts = vocab_donor.donor_counts(donor, corpus_lines())
+    assert counts[a.donor_tokens[0]] >= counts[a.donor_tokens[-1]]  # most used first
+    ranks = {p: r for r, p in enumerate(a.vocab.merges)}
+    assert all(va.merge_word(list(t), ranks) == [t] for t in new_tokens)  # reachable through merges
+    va.write_vocab(tmp_path / "new", a.vocab)
+    eod = "<|end_of_text|>" if base.kind == "hf" else None
+    checks = check_extension(base_dir, tmp_path / "new", new_tokens, corpus_lines(), ENGLISH.splitlines(), eod)
+    assert checks["new_tokens_encode_to_themselves"] == 150
+    held = HELDOUT.read_text(encoding="utf-8")
+    before = fertility(open_tokenizer(base_dir, eod), held).tokens
+    assert fertility(open_tokenizer(tmp_path / "new", eod), held).tokens < 0.75 * before
+    with pytest.raises(TokenizerError, match="--donor-tokenizer"):
+        adapt(base, corpus_lines(), 10, donor=tmp_path / "base" / "nothing.json")
+
+
+@pytest.mark.parametrize("make", [gpt2_base, llama3_base], ids=["gpt2", "tokenizer.json"])
+def test_replace_unused_keeps_the_size_and_every_kept_id(tmp_path, make):
+    base_dir = make(tmp_path / "base", english=True)
+    base = va.read_base(base_dir)
+    eod = "<|end_of_text|>" if base.kind == "hf" else None
+    a = adapt(base, corpus_lines(), 60, replace_unused=60, other_texts=ENGLISH.splitlines(), pinned=["<|eot_id|>"])
+    assert sorted(a.removed.values()) == a.ids and len(a.vocab.vocab) == len(base.vocab)  # the size is kept
+    assert all(a.vocab.vocab[t] == i for t, i in base.vocab.items() if t not in a.removed)
+    assert all(a.vocab.vocab[t] == i for t, i in zip(a.new_tokens, a.ids))
+    used = set(vocab_replace.used_tokens(va.Splitter(base), corpus_lines() + ENGLISH.splitlines()))
+    parts = {p for m in a.vocab.merges for p in m}
+    for t in a.removed:  # rare, non-Cyrillic, not a byte, unused, no part of anything kept
+        assert len(t) > 1 and not va.has_cyrillic(t) and t not in used and t not in parts
+    va.write_vocab(tmp_path / "new", a.vocab)
+    if base.kind == "hf":
+        (tmp_path / "new" / "tokenizer_config.json").write_bytes((base_dir / "tokenizer_config.json").read_bytes())
+    lines = ENGLISH.splitlines() + [f"the {w}." for w in english_words()]  # lines using removed tokens too
+    checks = check_extension(base_dir, tmp_path / "new", a.new_tokens, corpus_lines(), lines, eod, removed=a.removed)
+    assert checks["removed_tokens"] == 60 and checks["non_cyrillic_lines_using_removed_tokens"] >= 10
+    assert checks["non_cyrillic_lines_unchanged"] > 70
+    old, new = open_tokenizer(base_dir, eod), open_tokenizer(tmp_path / "new", eod)
+    word = next(t for t in a.removed if t.startswith("\u0120")).replace("\u0120", " ")  # " kettle"
+    assert old.tokenize(word) == [a.removed[word.replace(" ", "\u0120")]]
+    assert len(new.tokenize(word)) > 1 and new.detokenize(new.tokenize(word)) == word  # other tokens now
+    assert old.tokenize(ENGLISH) == new.tokenize(ENGLISH)
+    if base.kind == "hf":  # ids reused in tokenizer.json: transformers agrees with us
+        from transformers import PreTrainedTokenizerFast
+        hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "new" / "tokenizer.json"))
+        text = HELDOUT.read_text(encoding="utf-8")[:400] + word + ENGLISH
+        assert hf(text, add_special_tokens=False)["input_ids"] == new.tokenize(text)
+    with pytest.raises(va.VocabAdaptError, match="removed token .* is still in the vocabulary"):
+        check_extension(base_dir, base_dir, [], [], [], eod, removed=a.removed)  # the checker sees it
+    with pytest.raises(va.VocabAdaptError, match=r"--replace-unused 5000: only \d+ tokens can be replaced"):
+        adapt(base, corpus_lines(), 5000, replace_unused=5000)
+    with pytest.raises(va.VocabAdaptError, match="between 0 and --add 10"):
+        adapt(base, corpus_lines(), 10, replace_unused=20)
+
+
+def test_splice_into_replaced_rows():
+    g = torch.Generator().manual_seed(0)
+    full = {"embed.weight": torch.randn(10, 8, generator=g)}
+    out = splice(full, 10, 11, [[1, 2], [0], [4, 5]], "mean", ids=[3, 6, 10])["embed.weight"]
+    assert out.shape == (11, 8)
+    assert torch.equal(out[[0, 1, 2, 4, 5, 7, 8, 9]], full["embed.weight"][[0, 1, 2, 4, 5, 7, 8, 9]])
+    assert torch.allclose(out[3], full["embed.weight"][[1, 2]].mean(0)) and torch.equal(out[6], full["embed.weight"][0])
+
+
+def test_sentencepiece_style_donor(tmp_path):
+    """A Unigram tokenizer.json with the "▁" word marker (not byte-level) donates its pieces as text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    t = Tokenizer(models.Unigram())
+    t.pre_tokenizer, t.decoder = pre_tokenizers.Metaspace(), decoders.Metaspace()
+    t.train_from_iterator(corpus_lines(), trainers.UnigramTrainer(vocab_size=800, special_tokens=["<unk>"],
+                                                                  unk_token="<unk>"))
+    t.save(str(tmp_path / "sp.json"))
+    a = adapt(va.read_base(gpt2_base(tmp_path / "b")), corpus_lines(), 100, donor=tmp_path / "sp.json")
+    words = [va.token_bytes(x).decode("utf-8") for x in a.donor_tokens]
+    assert len(words) > 50 and " на" in words[:5] and not any("\u2581" in w for w in words)
