@@ -108,10 +108,11 @@ class GPTModel(nn.Module):
     large presets without memory.
 
     `config.sequence_parallel` at TP > 1 (Megatron's sequence parallelism) applies to training
-    forwards without a cache: from the embedding to the final norm every activation outside
-    attention and MLP is this rank's shard of the sequence (B, T/TP, H); the hidden states are
-    gathered again before the head. Sampling, evaluation (eval mode) and KV-cache decoding run
-    the plain TP path, so a model trained this way loads and samples like any other.
+    forwards with autograd on and without a cache: from the embedding to the final norm every
+    activation outside attention and MLP is this rank's shard of the sequence (B, T/TP, H); the
+    hidden states are gathered again before the head. Sampling, evaluation (eval mode or no_grad)
+    and KV-cache decoding run the plain TP path, so a model trained this way loads and samples
+    like any other.
     """
 
     def __init__(self, config: ModelConfig, parallel_state: Optional[ParallelState] = None, *,
@@ -181,8 +182,9 @@ class GPTModel(nn.Module):
                              f"max_position_embeddings={max_pos}")
         if cache is not None:
             cache.begin(t, explicit)
+        # sequence parallelism saves activation memory for backward: only where there is one
         self.set_sequence_parallel(self.sequence_parallel and self.training and cache is None
-                                   and logits_index is None)
+                                   and logits_index is None and torch.is_grad_enabled())
         if self._sp_active and t % self.ps.tp_size:
             raise ValueError(f"sequence parallelism: sequence length {t} is not divisible by the "
                              f"tensor-parallel size {self.ps.tp_size}")

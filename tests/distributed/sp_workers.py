@@ -102,7 +102,10 @@ def grads_match(rank, world):
         for n, g in sp_grads.items():
             assert_rel_close(g, tp_grads[n], TOL, f"{what} {n} grad vs TP{world}")
             assert_rel_close(g, _expected(n, params[n], ref_grads[n], sp, ps), TOL, f"{what} {n} grad vs TP1")
-        # sampling ignores the flag: eval-mode logits and the KV-cache path are the plain TP path
+        # sampling ignores the flag: without autograd (any length), in eval mode and with the KV
+        # cache the model runs the plain TP path
+        with torch.no_grad():
+            assert torch.equal(sp(batch["tokens"][:, :15]), tp(batch["tokens"][:, :15])), what
         sp.eval()
         tp.eval()
         with torch.no_grad():
