@@ -211,8 +211,11 @@ class GPTModel(nn.Module):
 
     def set_sequence_parallel(self, active: bool) -> None:
         """Switch the layers between sequence-parallel (B, T/TP, H) activations and replicated
-        ones (B, T, H); `forward` calls it for every pass (adapters added later included)."""
+        ones (B, T, H); `forward` calls it for every pass (adapters added later included).
+        Nothing to do while it stays off (decoding, compiled or not, never pays for it)."""
         active = bool(active) and self.ps.tp_size > 1
+        if not active and not self._sp_active:
+            return
         group = self.ps.tp_comm if active else None
         for module in self.modules():
             if hasattr(module, "sequence_parallel_group"):  # norms: sum their grads over TP
