@@ -348,7 +348,8 @@ def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[di
 
 
 def _check_sequence_parallel(cfg: ModelConfig, args: TrainArgs, log: Optional[Callable]) -> None:
-    """--sequence-parallel: one line when it cannot run (before compute), a note at TP = 1."""
+    """--sequence-parallel: one line when the sequence does not split (before compute), a note
+    at TP = 1."""
     tp = args.tensor_model_parallel_size
     if not cfg.sequence_parallel:
         return
@@ -357,10 +358,6 @@ def _check_sequence_parallel(cfg: ModelConfig, args: TrainArgs, log: Optional[Ca
             log("--sequence-parallel has no effect at --tensor-model-parallel-size 1 (nothing to "
                 "split the sequence over)")
         return
-    if args.pipeline_model_parallel_size > 1:
-        raise ConfigError("--sequence-parallel is not supported with --pipeline-model-parallel-size > 1 "
-                          "(DeepSpeed's pipeline engine partitions stage outputs as if every TP rank "
-                          "held the same activations); drop one of the two")
     if args.seq_length % tp:
         raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {tp} (each TP rank holds an equal part of "
