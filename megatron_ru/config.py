@@ -42,6 +42,9 @@ class ModelConfig:
     hidden_dropout: float = 0.0
     attention_dropout: float = 0.0
     checkpoint_activations: bool = False
+    # Megatron sequence parallelism at TP > 1 (training forwards only; model/gpt.py); a run-time
+    # switch like checkpoint_activations: the weights do not depend on it.
+    sequence_parallel: bool = False
     # DeepSpeed `sparse_attention` JSON section (None: every layer dense) and which layers use it.
     sparse_attention: Optional[dict] = None
     sparse_mode: str = "alternating"

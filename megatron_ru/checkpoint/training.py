@@ -43,7 +43,8 @@ def canonical_name(key: str, src: str) -> str:
 
 
 # Fields that may change between a checkpoint and a resumed run without changing the model.
-RUNTIME_FIELDS = {"hidden_dropout", "attention_dropout", "checkpoint_activations", "sparse_impl"}
+RUNTIME_FIELDS = {"hidden_dropout", "attention_dropout", "checkpoint_activations", "sparse_impl",
+                  "sequence_parallel"}
 
 
 def rng_state(ps: ParallelState) -> dict:

@@ -45,9 +45,10 @@ class Attention(nn.Module):
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x (B, T, H). Without a cache the T tokens sit at positions 0..T-1. With a cache they
         sit at `positions` (B, T) (None: right after the cached ones)."""
-        b, t, _ = x.shape
         hd, kd = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([hd, kd, kd], dim=-1)
+        qkv = self.qkv(x)  # (B, T, (H + 2 Hkv) D); sequence parallel: x was (B, T/TP, H)
+        b, t = qkv.shape[:2]
+        q, k, v = qkv.split([hd, kd, kd], dim=-1)
         q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
         k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)

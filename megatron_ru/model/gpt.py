@@ -14,7 +14,7 @@ from ..config import ModelConfig
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
                                initialize_parameters, tag)
-from ..parallel.mappings import copy_to_region
+from ..parallel.mappings import copy_to_region, gather_from_sequence, scatter_to_sequence
 from ..parallel.state import ParallelState
 from .attention import Attention
 from .kv_cache import KVCache
@@ -77,14 +77,23 @@ class TransformerBlock(nn.Module):
         self.attn = Attention(config, ps, layer_idx, sparse=sparse, device=device, dtype=dtype)
         self.norm2 = norm(config.hidden_size, config.norm_eps, device=device, dtype=dtype)
         self.mlp = MLP(config, ps, device=device, dtype=dtype)
-        self.dropout = config.hidden_dropout
+        self.dropout, self.ps = config.hidden_dropout, ps
+
+    sequence_parallel = False  # x is this TP rank's shard of the sequence (B, T/TP, H)
 
     def forward(self, x, rope=None, cache: Optional[KVCache] = None, positions=None,
                 attention_mask=None):
+        x = x + self._dropout(self.attn(self.norm1(x), rope, cache, positions, attention_mask))
+        return x + self._dropout(self.mlp(self.norm2(x)))
+
+    def _dropout(self, y):
+        if not (self.training and self.dropout > 0.0):
+            return y
+        if self.sequence_parallel:  # each TP rank holds other tokens: its own RNG stream
+            with self.ps.rng.fork():
+                return F.dropout(y, self.dropout, True)
         # Replicated activations: the default RNG stream is identical on all TP ranks.
-        x = x + F.dropout(self.attn(self.norm1(x), rope, cache, positions, attention_mask),
-                          self.dropout, self.training)
-        return x + F.dropout(self.mlp(self.norm2(x)), self.dropout, self.training)
+        return F.dropout(y, self.dropout, True)
 
 
 class GPTModel(nn.Module):
@@ -97,6 +106,13 @@ class GPTModel(nn.Module):
     `parallel_state=None` means one process and no parallelism. Weights are drawn from `seed`
     independently of the TP size. Build under `torch.device("meta")` to count parameters of
     large presets without memory.
+
+    `config.sequence_parallel` at TP > 1 (Megatron's sequence parallelism) applies to training
+    forwards with autograd on and without a cache: from the embedding to the final norm every
+    activation outside attention and MLP is this rank's shard of the sequence (B, T/TP, H); the
+    hidden states are gathered again before the head. Sampling, evaluation (eval mode or no_grad)
+    and KV-cache decoding run the plain TP path, so a model trained this way loads and samples
+    like any other.
     """
 
     def __init__(self, config: ModelConfig, parallel_state: Optional[ParallelState] = None, *,
@@ -128,6 +144,8 @@ class GPTModel(nn.Module):
             self.lm_head.weight.init_spec = ("normal_rows", std, config.vocab_size)
         self.logits_head: Optional[nn.Module] = None  # inference/quantize.py may set a quantized head
         self.checkpoint_activations = config.checkpoint_activations
+        self.sequence_parallel = bool(config.sequence_parallel) and ps.tp_size > 1
+        self._sp_active = False
         if initialize:  # False: weights left uninitialised, to be loaded from a checkpoint
             self.reset_parameters(seed)
 
@@ -164,7 +182,13 @@ class GPTModel(nn.Module):
                              f"max_position_embeddings={max_pos}")
         if cache is not None:
             cache.begin(t, explicit)
-        x = self.embed_tokens(tokens, positions)  # (B, T, H)
+        # sequence parallelism saves activation memory for backward: only where there is one
+        self.set_sequence_parallel(self.sequence_parallel and self.training and cache is None
+                                   and logits_index is None and torch.is_grad_enabled())
+        if self._sp_active and t % self.ps.tp_size:
+            raise ValueError(f"sequence parallelism: sequence length {t} is not divisible by the "
+                             f"tensor-parallel size {self.ps.tp_size}")
+        x = self.embed_tokens(tokens, positions)  # (B, T, H); sequence parallel: (B, T/TP, H)
         rope = self.rope(positions, x.dtype)
         use_ckpt = self.checkpoint_activations and self.training and cache is None
         for block in self.blocks:
@@ -185,12 +209,34 @@ class GPTModel(nn.Module):
             return logits
         return self.loss(logits, labels, loss_mask)
 
+    def set_sequence_parallel(self, active: bool) -> None:
+        """Switch the layers between sequence-parallel (B, T/TP, H) activations and replicated
+        ones (B, T, H); `forward` calls it for every pass (adapters added later included).
+        Nothing to do while it stays off (decoding, compiled or not, never pays for it)."""
+        active = bool(active) and self.ps.tp_size > 1
+        if not active and not self._sp_active:
+            return
+        group = self.ps.tp_comm if active else None
+        for module in self.modules():
+            if hasattr(module, "sequence_parallel_group"):  # norms: sum their grads over TP
+                module.sequence_parallel_group = group
+            elif hasattr(module, "sequence_parallel") and module is not self:
+                module.sequence_parallel = active
+        self._sp_active = active
+
     # ---- pieces of the forward, shared with the pipeline stages (parallel/pipeline.py) -------
     def embed_tokens(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """tokens (B, T) at positions (B, T) → hidden states (B, T, H), dropout applied."""
-        x = self.embed(tokens)  # (B, T, H)
+        """tokens (B, T) at positions (B, T) → hidden states (B, T, H), dropout applied.
+        Sequence parallel: this rank's shard (B, T/TP, H); the learned position embeddings are
+        looked up for all T and cut to the shard (backward all-gathers: the table's gradient is
+        the whole sequence's, the same on every TP rank)."""
+        x = self.embed(tokens)  # (B, T, H); sequence parallel: reduce-scattered to (B, T/TP, H)
         if self.pos_embed is not None:
-            x = x + self.pos_embed(positions)
+            pos = self.pos_embed(positions)  # (B, T, H)
+            x = x + (scatter_to_sequence(pos, self.ps.tp_comm) if self._sp_active else pos)
+        if self._sp_active and self.training and self.config.hidden_dropout > 0.0:
+            with self.ps.rng.fork():  # other tokens on every TP rank: its own stream
+                return F.dropout(x, self.config.hidden_dropout, True)
         return F.dropout(x, self.config.hidden_dropout, self.training)
 
     def rope(self, positions: torch.Tensor, dtype: torch.dtype) -> Optional[tuple]:
@@ -213,6 +259,9 @@ class GPTModel(nn.Module):
         padded slice, with padding columns at -inf so they never win a softmax or a sample."""
         group, v = self.ps.tp_comm, self.config.vocab_size
         lora = getattr(self, "lora_head", None)  # LoRA on the output projection (model/lora.py)
+        if self._sp_active:  # (B, T/TP, H) → (B, T, H); backward: reduce-scatter
+            logits = F.linear(gather_from_sequence(x, group), self.output_weight())
+            return self._mask_padding(logits if lora is None else logits + lora(x))
         if self.logits_head is not None:  # x (B, T, H) → (B, T, V_local) by the head module
             logits = self.logits_head(x if group is None else copy_to_region(x, group))
             if group is None:
@@ -225,6 +274,9 @@ class GPTModel(nn.Module):
             logits = F.linear(copy_to_region(x, group), self.output_weight())
         if lora is not None:
             logits = logits + lora(x)
+        return self._mask_padding(logits)
+
+    def _mask_padding(self, logits: torch.Tensor) -> torch.Tensor:
         real_end = self.config.vocab_size - self.vocab_start
         if real_end < logits.shape[-1]:
             logits = logits.clone()

@@ -8,6 +8,9 @@ zero. Tensor parallelism (so TP=2 equals TP=1):
   row-parallel W (input columns split): A split by input columns, B replicated; the partial
       z = A_r x_r is all-reduced (reduce_from_region) before B.
   lm_head: the column-parallel output projection (tied or not); B split by vocabulary rows.
+  sequence parallel (inputs of column layers / outputs of row layers are sequence shards):
+      column: z = A x_shard all-gathered along the sequence; row: z reduce-scattered to the
+      shard; the replicated factor (A resp. B) then has its gradient summed over TP.
 Adapters hang off the wrapped layer as a child `lora` called from a forward hook, so the base
 weights keep their names (checkpoint code is unchanged) and are frozen (requires_grad False,
 so they never enter optimizer state). Full (unsharded) adapter tensors are initialised from a
@@ -26,7 +29,8 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, param_seed, tag
-from ..parallel.mappings import copy_to_region, reduce_from_region
+from ..parallel.mappings import (copy_to_region, gather_from_sequence, reduce_from_region,
+                                 reduce_scatter_to_sequence, sum_grad_over_group)
 from ..parallel.sharding import ShardSpec, shard, unshard
 from ..errors import UsageError
 
@@ -86,17 +90,27 @@ class LoRAAdapter(nn.Module):
             self.B = tag(nn.Parameter(torch.zeros(out_local, rank, device=device, dtype=dtype)),
                          ShardSpec(0, sections), ("zeros",))
 
+    sequence_parallel = False  # set by GPTModel: activations outside the layers are sequence shards
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.ps.tp_comm
+        sp = self.sequence_parallel and group is not None
         if self.dropout > 0 and self.training:
-            if self.kind == "row":  # this rank's slice of the features: its own stream
+            if self.kind == "row" or sp:  # this rank's features / tokens: its own stream
                 with self.ps.rng.fork():
                     x = F.dropout(x, self.dropout, True)
             else:  # replicated input: the default stream is the same on every TP rank
                 x = F.dropout(x, self.dropout, True)
-        z = F.linear(x, self.A)  # (..., r)
-        z = reduce_from_region(z, group) if self.kind == "row" else copy_to_region(z, group)
-        return F.linear(z, self.B) * self.scaling  # (..., out or out_local)
+        a, b = self.A, self.B
+        if not sp:
+            z = F.linear(x, a)  # (..., r)
+            z = reduce_from_region(z, group) if self.kind == "row" else copy_to_region(z, group)
+        elif self.kind == "row":  # x (B, T, in_local) → z (B, T/TP, r); B sees a sequence shard
+            z = reduce_scatter_to_sequence(F.linear(x, a), group)
+            b = sum_grad_over_group(b, group)
+        else:  # x (B, T/TP, in) → z (B, T, r); A sees a sequence shard
+            z = gather_from_sequence(F.linear(x, sum_grad_over_group(a, group)), group)
+        return F.linear(z, b) * self.scaling  # (..., out or out_local)
 
 
 def _hook(module, inputs, output):

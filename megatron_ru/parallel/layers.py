@@ -4,6 +4,13 @@ Every parameter is tagged with how it is cut (`shard_spec`) and how its *full* t
 initialised (`init_spec`), so `initialize_parameters` can draw the full tensor from a generator
 seeded by (seed, parameter name) and keep this rank's slice: weights do not depend on TP size.
 At TP=1 each layer is a single plain PyTorch call with no communication.
+
+Sequence parallelism (`layer.sequence_parallel = True`, set by the model for a training
+forward at TP > 1): the activations between the layers are split along the sequence, so a
+column-parallel layer all-gathers its input along the sequence (its backward reduce-scatters)
+instead of copying it, and a row-parallel layer / the embedding reduce-scatters its partial sums
+to sequence shards instead of all-reducing them. Same bytes on the wire as the all-reduce
+(= reduce-scatter + all-gather), 1/TP of the activations in between.
 """
 from __future__ import annotations
 
@@ -15,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import copy_to_region, gather_from_region, reduce_from_region, scatter_to_region
+from .mappings import (copy_to_region, gather_from_region, gather_from_sequence, reduce_from_region,
+                       reduce_scatter_to_sequence, scatter_to_region, sum_grad_over_group)
 from .sharding import ShardSpec, local_shape, shard, vocab_range
 from .state import ParallelState
 
@@ -81,7 +89,10 @@ def initialize_parameters(module: nn.Module, seed: int, tp_rank: int, tp_size: i
 class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split by output rows: rank r computes Y[..., cols of r].
     Input is copied into the region (all-reduce of its gradient); output stays split unless
-    `gather_output` (all-gather). `sections`: fused weights whose parts are split separately."""
+    `gather_output` (all-gather). `sections`: fused weights whose parts are split separately.
+    Sequence parallel: the input (B, T/TP, H) is all-gathered along the sequence instead."""
+
+    sequence_parallel = False
 
     def __init__(self, in_features: int, out_features: int, *, parallel_state: ParallelState,
                  bias: bool = True, gather_output: bool = False,
@@ -98,13 +109,21 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.ps.tp_comm
-        y = F.linear(copy_to_region(x, group), self.weight, self.bias)
+        if self.sequence_parallel:  # (B, T/TP, H) → (B, T, H); backward: reduce-scatter
+            x = gather_from_sequence(x, group)
+        else:
+            x = copy_to_region(x, group)
+        y = F.linear(x, self.weight, self.bias)
         return gather_from_region(y, group) if self.gather_output else y
 
 
 class RowParallelLinear(nn.Module):
     """Y = X A^T + b with A split by input columns: rank r multiplies its slice of X, then the
-    partial products are all-reduced; the bias (replicated) is added once, after the reduce."""
+    partial products are all-reduced; the bias (replicated) is added once, after the reduce.
+    Sequence parallel: reduce-scattered to (B, T/TP, H) instead; the bias then sees one shard
+    of the sequence, so its gradient is summed over the TP group."""
+
+    sequence_parallel = False
 
     def __init__(self, in_features: int, out_features: int, *, parallel_state: ParallelState,
                  bias: bool = True, input_is_parallel: bool = True, init_std: float = 0.02,
@@ -123,13 +142,22 @@ class RowParallelLinear(nn.Module):
             return F.linear(x, self.weight, self.bias)
         if not self.input_is_parallel:
             x = scatter_to_region(x, group)
-        y = reduce_from_region(F.linear(x, self.weight), group)
-        return y if self.bias is None else y + self.bias
+        y = F.linear(x, self.weight)  # (B, T, H) partial sums
+        bias = self.bias
+        if self.sequence_parallel:
+            y = reduce_scatter_to_sequence(y, group)  # (B, T/TP, H)
+            bias = None if bias is None else sum_grad_over_group(bias, group)
+        else:
+            y = reduce_from_region(y, group)
+        return y if bias is None else y + bias
 
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding table split by vocabulary rows; each rank looks up the ids it owns, zeroes the
-    others, and the partial results are all-reduced. Rows >= `real_rows` are padding (zero)."""
+    others, and the partial results are all-reduced (sequence parallel: reduce-scattered to
+    this rank's shard of the sequence, (B, T/TP, H)). Rows >= `real_rows` are padding (zero)."""
+
+    sequence_parallel = False
 
     def __init__(self, num_embeddings: int, embedding_dim: int, *, parallel_state: ParallelState,
                  real_rows: Optional[int] = None, init_std: float = 0.02, device=None,
@@ -151,6 +179,8 @@ class VocabParallelEmbedding(nn.Module):
         outside = (ids < self.vocab_start) | (ids >= self.vocab_end)
         local_ids = (ids - self.vocab_start).masked_fill(outside, 0)
         out = F.embedding(local_ids, self.weight).masked_fill(outside.unsqueeze(-1), 0.0)
+        if self.sequence_parallel:
+            return reduce_scatter_to_sequence(out, group)
         return reduce_from_region(out, group)
 
 

@@ -9,6 +9,10 @@ thin adapters that take and return one activation tensor:
     L + 1          FinalNormPipe (model.final_norm)        last stage
     L + 2          HeadPipe (lm_head), or the tied EmbedPipe run as the head
 
+With sequence parallelism the stages pass this TP rank's sequence shard (B, T/TP, H) and the
+head gathers it (GPTModel.compute_logits); DeepSpeed must then send every TP rank's activations
+whole (`pipe_partitioned` / `grad_partitioned` off: `SEQUENCE_PARALLEL_PIPE`).
+
 The loss (vocabulary-parallel cross entropy with the loss mask) is the model's own `loss`. The
 GPTModel is built on the meta device and only this stage's parameters are materialised and
 initialised (by name, so weights equal the single-process model's for the same seed). Every
@@ -25,6 +29,10 @@ from torch.utils.checkpoint import checkpoint
 from ..config import ConfigError, ModelConfig
 
 SPLITS = ("uniform", "balanced")
+# DeepSpeed's `pipeline` section for sequence parallelism: by default the engine cuts a stage's
+# output into TP pieces and sends one per TP rank, which is only right when all TP ranks hold
+# the same activations (they hold different sequence shards here).
+SEQUENCE_PARALLEL_PIPE = {"pipe_partitioned": False, "grad_partitioned": False}
 
 
 # ---- the split -------------------------------------------------------------------------------
@@ -175,7 +183,8 @@ class BlockPipe(_Piece):
 
     def forward(self, x):
         m = self._model
-        positions = torch.arange(x.shape[1], device=x.device).expand(x.shape[0], -1)
+        t = x.shape[1] * (m.ps.tp_size if m._sp_active else 1)  # sequence parallel: x (B, T/TP, H)
+        positions = torch.arange(t, device=x.device).expand(x.shape[0], -1)
         rope = m.rope(positions, x.dtype)
         if m.checkpoint_activations and self.training:
             return checkpoint(self.block, x, rope, None, None, None, use_reentrant=False,

@@ -145,6 +145,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(dense: none, e.g. the 13B preset run dense)")
     m.add_argument("--sparse-impl", choices=("auto", "gather", "flex", "reference"))
     m.add_argument("--tensor-model-parallel-size", "--model-parallel-size", type=int, default=1)
+    m.add_argument("--sequence-parallel", action="store_true", default=None,
+                   help="Megatron sequence parallelism (TP > 1): norms, dropout and residuals "
+                        "hold 1/TP of the sequence each; all-gather before, reduce-scatter after "
+                        "the tensor-parallel layers instead of the all-reduce (--seq-length must "
+                        "be divisible by TP; a no-op at TP = 1)")
     m.add_argument("--pipeline-model-parallel-size", type=int, default=1, metavar="P",
                    help="pipeline stages (ranks: TP innermost, then DP, then PP; world = TP x PP x DP)")
     m.add_argument("--pipeline-split", default="uniform", metavar="uniform|balanced|L0,L1,...",
@@ -267,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
 MODEL_FLAGS = ("family", "num_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
                "ffn_hidden_size", "max_position_embeddings", "make_vocab_size_divisible_by",
                "rope_theta", "hidden_dropout", "attention_dropout", "checkpoint_activations",
-               "sparse_mode", "sparse_impl")
+               "sparse_mode", "sparse_impl", "sequence_parallel")
 
 
 def parse_pretrain_args(argv=None) -> TrainArgs:
@@ -350,4 +355,22 @@ def model_config(args: TrainArgs, vocab_size: int, sparse_attention: Optional[di
     if args.seq_length > cfg.max_position_embeddings:
         raise ConfigError(f"--seq-length={args.seq_length} is longer than the model's "
                           f"max_position_embeddings={cfg.max_position_embeddings}")
+    _check_sequence_parallel(cfg, args, log)
     return cfg
+
+
+def _check_sequence_parallel(cfg: ModelConfig, args: TrainArgs, log: Optional[Callable]) -> None:
+    """--sequence-parallel: one line when the sequence does not split (before compute), a note
+    at TP = 1."""
+    tp = args.tensor_model_parallel_size
+    if not cfg.sequence_parallel:
+        return
+    if tp == 1:
+        if log is not None:
+            log("--sequence-parallel has no effect at --tensor-model-parallel-size 1 (nothing to "
+                "split the sequence over)")
+        return
+    if args.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+                          f"--tensor-model-parallel-size {tp} (each TP rank holds an equal part of "
+                          "the sequence)")

@@ -83,7 +83,17 @@ def build_module(model, ps, counts):
         raise ConfigError(f"DeepSpeed's pipeline grid {ours} disagrees with our rank layout {mine}")
     ps.adopt_groups(grid.get_slice_parallel_group(), grid.get_data_parallel_group(),
                     grid.get_pipe_parallel_group())
+    # the stages never call GPTModel.forward: sequence parallelism is switched on once, here,
+    # over the adopted TP group (training and evaluation alike: one sequence length)
+    model.set_sequence_parallel(model.sequence_parallel)
     return module
+
+
+def pipe_section(config, ds: dict) -> dict:
+    """The DeepSpeed config with what sequence parallelism needs from the pipeline engine."""
+    if not config.sequence_parallel:
+        return ds
+    return {**ds, "pipeline": {**ds.get("pipeline", {}), **pipeline.SEQUENCE_PARALLEL_PIPE}}
 
 
 def _my_groups(ps) -> dict:

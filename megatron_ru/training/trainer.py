@@ -159,7 +159,8 @@ class Trainer:
             hpz_group = runtime.checked(ps, hpz.install, self.hpz_groups, ps)
         if ps.pp_size > 1:  # DeepSpeed's PipelineEngine over the stage
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler, config=ds,
+                model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler,
+                config=pipeline_run.pipe_section(self.config, ds),
                 model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
             pipeline_run.install_clipping(  # fp32: a non-finite step is skipped (guards)
                 self.engine, ps, on_norm=lambda norm: self.guards.before_update([], norm))

@@ -41,6 +41,7 @@ def _engine(cfg, ps, counts, lr):
     module = pipeline_run.build_module(model, ps, counts)
     ds = {"train_batch_size": MICRO * ACCUM * ps.dp_size, "train_micro_batch_size_per_gpu": MICRO,
           "gradient_accumulation_steps": ACCUM, "gradient_clipping": 1.0, "steps_per_print": 10**9}
+    ds = pipeline_run.pipe_section(cfg, ds)  # sequence parallel: stage outputs sent whole
     opt = torch.optim.SGD(module.parameters(), lr=lr)
     engine, *_ = deepspeed.initialize(model=module, optimizer=opt, config=ds)
     pipeline_run.install_clipping(engine, ps)
@@ -120,10 +121,11 @@ def _check_sft(cfg, ps, model, engine, family):
 
 def grads_and_tied_weights(rank, world, tp, pp, families):
     """One step's gradients (every parameter of every stage) equal the single process's; the
-    tied embedding's two copies stay identical over 20 steps (gpt3)."""
+    tied embedding's two copies stay identical over 20 steps (gpt3). A family "NAME+sp" runs
+    with sequence parallelism (the reference is the same single process)."""
     ps = ParallelState.from_environment(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
     for family in families:
-        cfg = ModelConfig(**CONFIGS[family])
+        cfg = ModelConfig(**CONFIGS[family.split("+")[0]], sequence_parallel=family.endswith("+sp"))
         counts = pipeline_run.pipeline.split_layers(cfg, pp, "uniform")
         batches = _batches(ACCUM * ps.dp_size, seed=11)
         # reference: the same micro-batches (all DP ranks' ones), mean loss, one process
@@ -134,6 +136,8 @@ def grads_and_tied_weights(rank, world, tp, pp, families):
         total = torch.sqrt(sum(g.double().pow(2).sum() for g in ref_grads.values())).item()
 
         model, engine = _engine(cfg, ps, counts, lr=0.0)
+        sp = cfg.sequence_parallel and tp > 1
+        assert model._sp_active == sp and engine.is_pipe_partitioned == (tp > 1 and not sp), family
         mine = batches[ps.dp_rank * ACCUM:(ps.dp_rank + 1) * ACCUM]
         loss, captured = _step_grads(engine, model, iter(mine))
         ref_loss = sum(ref(t, labels=l, loss_mask=m).item() for t, (l, m) in batches) / len(batches)
@@ -159,4 +163,10 @@ def grads_and_tied_weights(rank, world, tp, pp, families):
                 for r in reqs:
                     r.wait()
                 assert torch.equal(w, other), f"tied embedding copies differ on rank {ps.rank}"
+            if cfg.sequence_parallel:  # norms and biases saw sequence shards: still equal over TP
+                for name, p in model.named_parameters():
+                    if not p.is_meta and getattr(p, "shard_spec", None) is None:
+                        parts = [torch.empty_like(p) for _ in range(tp)]
+                        dist.all_gather(parts, p.detach().contiguous(), group=ps.tp_group)
+                        assert all(torch.equal(x, p) for x in parts), f"{name} differs across TP"
         dist.barrier()

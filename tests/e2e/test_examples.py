@@ -24,6 +24,10 @@ def test_recipe_flags_parse(script, tmp_path):
     assert args.train_iters > 0 and args.deepspeed_config
     if script == "pretrain_13b.sh":
         assert args.preset == "rugpt3-13b" and args.fp16 and args.model_overrides["sparse_mode"] == "alternating"
+        assert args.model_overrides["sequence_parallel"]  # default at TP > 1; SP=0 turns it off
+        off = subprocess.run(["bash", str(ROOT / "examples" / script)], env={**env, "SP": "0"},
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)
+        assert off.returncode == 0 and "--sequence-parallel" not in off.stdout, off.stderr
     if script == "pretrain_tlite.sh":
         assert args.bf16 and args.adam_beta2 == 0.95 and args.lr_warmup_iters == 10
         assert args.lr_decay_style == "constant" and args.data_path == ["0.85", "d/ru", "0.15", "d/en"]

@@ -1,8 +1,8 @@
 """pretrain_gpt.py with pipeline parallelism under real mpirun (gloo, fp32, dropout 0): the losses of
-10 iterations at TP2·PP2, TP1·PP2·DP2 (ZeRO-1) and TP1·PP2 equal one process's to 1e-6 relative;
-the TP1·PP2·DP2 state resumed at TP1·PP4·DP1 (universal checkpoint) continues its losses;
-SIGTERM + relaunch equals the straight PP2 run bit for bit; SFT data at TP1·PP2 under torchrun
-equals one process; checkpoints of a PP run load at TP1
+10 iterations at TP2·PP2 (with sequence parallelism), TP1·PP2·DP2 (ZeRO-1) and TP1·PP2 equal one
+process's to 1e-6 relative; the TP1·PP2·DP2 state resumed at TP1·PP4·DP1 (universal checkpoint)
+continues its losses; SIGTERM + relaunch equals the straight PP2 run bit for bit; SFT data at
+TP1·PP2 under torchrun equals one process; checkpoints of a PP run load at TP1
 (logits), and --finetune moves weights between TP1·PP1 and TP1·PP4 / TP2·PP2 layouts; bad input
 stops with one line and exit 2. Model: 4 layers, alternating block-sparse / dense attention."""
 import json
@@ -50,6 +50,7 @@ def test_pipeline_losses_checkpoints_and_resume(tmp_path):
     _, ref = _run(t, "ref", "--save", str(t / "A"), "--save-interval", "10")
     proc, tp2pp2 = _run(t, "tp2pp2", "--tensor-model-parallel-size", "2",
                         "--pipeline-model-parallel-size", "2", "--checkpoint-activations",
+                        "--sequence-parallel",  # stages pass sequence shards
                         "--save", str(t / "B"), "--save-interval", "10", np_=4)
     assert "rank layout: world 4 = TP 2 x DP 1 x PP 2" in proc.stdout, proc.stdout[-2000:]
     _close(losses(tp2pp2), losses(ref), 1e-6)

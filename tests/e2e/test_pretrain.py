@@ -21,6 +21,11 @@ def test_tp2_equals_tp1(tmp_path):
                       "--tensor-model-parallel-size", "2", np_=2)
     assert_losses_close(losses(two), losses(one))
     assert losses(one)[-1] < losses(one)[0]
+    # Megatron sequence parallelism: the same losses (fp32, dropout 0), ZeRO-2
+    _, sp = pretrain(tmp_path, "tp2sp", "--train-iters", "5", "--micro-batch-size", "4",
+                     "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                     "--deepspeed_config", "configs/ds_zero2.json", np_=2)
+    assert_losses_close(losses(sp), losses(one), tol=1e-6)
 
 
 @pytest.mark.mpirun

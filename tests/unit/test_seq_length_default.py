@@ -31,3 +31,24 @@ def test_flags_and_explicit_values():
     with pytest.raises(ConfigError, match="--seq-length=512 is longer than the model's "
                                           "max_position_embeddings=256"):
         model_config(_args("--preset", "tiny-gpt3", "--seq-length", "512"), 1000, None)
+
+
+def test_sequence_parallel_checks():
+    """--sequence-parallel: a note at TP 1; one line for a sequence TP does not divide (exit 2:
+    ConfigError is a UsageError); pipeline stages are fine."""
+    said = []
+    cfg = model_config(_args("--preset", "tiny-gpt3", "--seq-length", "63", "--sequence-parallel"),
+                       1000, None, said.append)
+    assert cfg.sequence_parallel and said == ["--sequence-parallel has no effect at "
+                                              "--tensor-model-parallel-size 1 (nothing to split the "
+                                              "sequence over)"]
+    assert model_config(_args("--preset", "tiny-gpt3", "--seq-length", "64", "--sequence-parallel",
+                              "--tensor-model-parallel-size", "4"), 1000, None).sequence_parallel
+    assert not model_config(_args("--preset", "tiny-gpt3"), 1000, None).sequence_parallel
+    with pytest.raises(ConfigError, match=r"^--sequence-parallel: --seq-length 63 is not divisible by "
+                                          r"--tensor-model-parallel-size 2 \("):
+        model_config(_args("--preset", "tiny-gpt3", "--seq-length", "63", "--sequence-parallel",
+                           "--tensor-model-parallel-size", "2"), 1000, None)
+    assert model_config(_args("--preset", "tiny-gpt3", "--seq-length", "64", "--sequence-parallel",
+                              "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
+                              "2"), 1000, None).sequence_parallel
