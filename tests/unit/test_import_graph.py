@@ -17,7 +17,7 @@ LAYERS = {  # module or package -> layer
     "megatron_ru.data": 2, "megatron_ru.parallel": 2,
     "megatron_ru.model": 3,
     "megatron_ru.checkpoint": 4,
-    "megatron_ru.inference": 5,
+    "megatron_ru.inference": 5, "megatron_ru.planning": 5,  # planning: shapes from config/model, configs from checkpoint
     "megatron_ru.evaluation": 6, "megatron_ru.serving": 6,
     "megatron_ru.training": 7,
 }
