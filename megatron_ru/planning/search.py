@@ -106,28 +106,30 @@ def rule_violation(cfg: ModelConfig, lay: Layout, *, seq_length: int, global_bat
 
 def enumerate_layouts(cfg: ModelConfig, *, gpus: int, gpus_per_node: int, seq_length: int,
                       global_batch: int, max_tp: Optional[int] = None,
-                      micro_batches: Optional[list] = None, zero_stages=(0, 1, 2, 3)) -> list:
+                      micro_batches: Optional[list] = None, zero_stages=(0, 1, 2, 3),
+                      implemented: frozenset = frozenset(IMPLEMENTED)) -> list:
     """Every layout the rules allow (Layout objects); none at all when the world is not divisible."""
     out = []
-    tps = [t for t in _divisors(min(gpus, gpus_per_node)) if t <= (max_tp or gpus)] if "tp" in IMPLEMENTED else [1]
+    features = implemented
+    tps = [t for t in _divisors(min(gpus, gpus_per_node)) if t <= (max_tp or gpus)] if "tp" in features else [1]
     for t in tps:
-        for p in (_divisors(gpus // t) if "pp" in IMPLEMENTED else [1]):
+        for p in (_divisors(gpus // t) if "pp" in features else [1]):
             rest = gpus // (t * p)
-            for c in (_divisors(rest) if "cp" in IMPLEMENTED else [1]):
+            for c in (_divisors(rest) if "cp" in features else [1]):
                 d = rest // c
                 for mb in micro_batches or [1, 2, 4, 8]:
                     if global_batch % (mb * d):
                         continue
                     accum = global_batch // (mb * d)
-                    for z in (zero_stages if "zero" in IMPLEMENTED else (0,)):
+                    for z in (zero_stages if "zero" in features else (0,)):
                         hpzs = [1]
-                        if z == 3 and "hpz" in IMPLEMENTED:
+                        if z == 3 and "hpz" in features:
                             inside = gpus_per_node // (t * c) if gpus_per_node % (t * c) == 0 else 1
                             if 1 < inside < d and d % inside == 0:
                                 hpzs.append(inside)
                         for hz in hpzs:
-                            for sp in ([False, True] if "sp" in IMPLEMENTED and t > 1 else [False]):
-                                for rc in (["none", "full"] if "recompute" in IMPLEMENTED else ["none"]):
+                            for sp in ([False, True] if "sp" in features and t > 1 else [False]):
+                                for rc in (["none", "full"] if "recompute" in features else ["none"]):
                                     lay = Layout(t, p, d, c, z, hz, sp, rc, mb, accum)
                                     if not rule_violation(cfg, lay, seq_length=seq_length,
                                                           global_batch=global_batch,
@@ -146,7 +148,8 @@ def _split(cfg_json: str, pp: int, seq_length: int, tp: int) -> tuple:
 
 
 def evaluate(cfg: ModelConfig, lay: Layout, acc: Accelerator, *, seq_length: int, global_batch: int,
-             gpus: int, gpus_per_node: int, precision: str = "bf16", zero_options: Optional[dict] = None) -> Result:
+             gpus: int, gpus_per_node: int, precision: str = "bf16", zero_options: Optional[dict] = None,
+             device: str = "cuda", reserve: float = CONTEXT_RESERVE) -> Result:
     """Memory and time of one layout; `fits` False with the reason when it exceeds the device."""
     zero_options = zero_options or {}
     counts = list(_split(cfg.to_json(), lay.pp, seq_length, lay.tp))
@@ -164,7 +167,7 @@ def evaluate(cfg: ModelConfig, lay: Layout, acc: Accelerator, *, seq_length: int
         act = activation_bytes(cfg, micro_batch=lay.micro_batch, seq_length=seq_length, tp=lay.tp,
                                sp=lay.sp, cp=lay.cp, layers=range(start, start + n_layers),
                                first_stage=first, last_stage=last, recompute=lay.recompute,
-                               dtype_bytes=e if precision != "fp32" else 4)
+                               dtype_bytes=e, device=device)
         inflight = min(lay.accum, lay.pp - stage)
         activations = inflight * act["total"] + act.get("recompute_working_set", 0)
         n = params.numel
@@ -189,7 +192,7 @@ def evaluate(cfg: ModelConfig, lay: Layout, acc: Accelerator, *, seq_length: int
         stage_params.append(n)
         start += n_layers
     res = Result(lay, memory={k: int(v) for k, v in worst.items()}, split=counts if lay.pp > 1 else None)
-    budget = acc.mem_bytes - CONTEXT_RESERVE
+    budget = acc.mem_bytes - reserve
     if worst["total"] > budget:
         res.fits = False
         res.reason = f"needs {worst['total'] / 1e9:.1f} GB > {budget / 1e9:.1f} GB usable"
@@ -203,13 +206,16 @@ def evaluate(cfg: ModelConfig, lay: Layout, acc: Accelerator, *, seq_length: int
 def plan(cfg: ModelConfig, acc: Accelerator, *, gpus: int, gpus_per_node: int, seq_length: int,
          global_batch: int, precision: str = "bf16", max_tp: Optional[int] = None,
          micro_batches: Optional[list] = None, zero_stages=(0, 1, 2, 3),
-         zero_options: Optional[dict] = None) -> tuple[list, list]:
-    """(fitting results sorted by predicted tokens/s/GPU, the rejected ones)."""
+         zero_options: Optional[dict] = None, implemented=frozenset(IMPLEMENTED), device: str = "cuda",
+         reserve: float = CONTEXT_RESERVE) -> tuple[list, list]:
+    """(fitting results sorted by predicted tokens/s/GPU, the rejected ones). `device` "cpu" and
+    `reserve` 0 size a CPU run (tests)."""
     layouts = enumerate_layouts(cfg, gpus=gpus, gpus_per_node=gpus_per_node, seq_length=seq_length,
                                 global_batch=global_batch, max_tp=max_tp, micro_batches=micro_batches,
-                                zero_stages=zero_stages)
+                                zero_stages=zero_stages, implemented=frozenset(implemented))
     results = [evaluate(cfg, lay, acc, seq_length=seq_length, global_batch=global_batch, gpus=gpus,
-                        gpus_per_node=gpus_per_node, precision=precision, zero_options=zero_options)
+                        gpus_per_node=gpus_per_node, precision=precision, zero_options=zero_options,
+                        device=device, reserve=reserve)
                for lay in layouts]
     fits = sorted((r for r in results if r.fits), key=lambda r: -r.time["tokens_per_s_per_gpu"])
     return fits, [r for r in results if not r.fits]
