@@ -109,8 +109,16 @@ class SelfCheck:
 
         model.forward = counted_forward
 
-    def report(self, step_s: float, tokens_per_step: int) -> dict:
-        """One log line (rank 0) and the figures, after the first step."""
+    def report(self, step_s: float, tokens_per_step: int) -> Optional[dict]:
+        """One log line (rank 0) and the figures, after the first step (None if it failed:
+        a check never stops training)."""
+        try:
+            return self._report(step_s, tokens_per_step)
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"plan check skipped: {exc}")
+            return None
+
+    def _report(self, step_s: float, tokens_per_step: int) -> dict:
         if self.ps.device.type == "cuda":
             measured = torch.cuda.max_memory_allocated(self.ps.device)
             how = "max_memory_allocated"

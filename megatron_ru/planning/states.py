@@ -177,7 +177,7 @@ def deepspeed_zero3_estimate(total_params: int, largest_layer_params: int, num_g
     """DeepSpeed's own `estimate_zero3_model_states_mem_needs` (offload off, fp16/bf16 params):
     bytes per GPU it prints, for comparison in the docs; computed by calling it."""
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
-    gpu, _, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params,
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(total_params, largest_layer_params,
                                                       num_gpus_per_node, num_nodes,
                                                       cpu_offload=False, cpu_offload_params=False,
                                                       zero_init=True)
