@@ -14,6 +14,10 @@ Sections (each PASS / FAIL / SKIP with its figures; one failing section does not
   5 decode        rugpt3-xl batch 1: fp16, int8, int4 (weight-only, torch.compile) tok/s and %
                   of the HBM roofline (weight bytes / bandwidth measured by a device copy)
   6 speculative   rugpt3-xl fp16 target, its int8 copy as the draft, K=4: speed-up over plain
+  7 plan          the planner (megatron_ru/planning) vs a real DeepSpeed step: rugpt3-xl bf16
+                  ZeRO 0, seq 2048, micro 4, recompute; predicted per-rank memory vs
+                  max_memory_allocated before the optimizer step (goal within 10 %) and predicted
+                  vs measured step time (goal within 25 %); the step's own peak reported beside
 """
 from __future__ import annotations
 
@@ -305,8 +309,69 @@ def speculative(pack: Pack) -> list[str]:
             "greedy tokens identical"]
 
 
+# ---- 7. the planner's prediction vs a real step -----------------------------------------------------
+def plan(pack: Pack) -> list[str]:
+    import deepspeed
+
+    from megatron_ru import ParallelState
+    from megatron_ru.planning.selfcheck import SelfCheck
+    from megatron_ru.training.optim import param_groups
+    if pack.smoke:
+        cfg, seq, micro, precision = ModelConfig.from_preset("tiny-gpt3"), 64, 2, "fp32"
+    else:
+        cfg = ModelConfig.from_preset("rugpt3-xl", checkpoint_activations=True)
+        seq, micro, precision = 2048, 4, "bf16"
+    ps = ParallelState.from_environment(1)
+    ds = {"train_batch_size": micro, "train_micro_batch_size_per_gpu": micro,
+          "gradient_accumulation_steps": 1, "steps_per_print": 10**9, "zero_optimization": {"stage": 0}}
+    if precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    notes: list[str] = []
+    check = SelfCheck(cfg, ds, ps, seq, precision, None, notes.append)
+    model = GPTModel(cfg, ps, seed=1, device=ps.device)
+    opt = torch.optim.AdamW(param_groups(model, 0.01), lr=1e-4)
+    engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, mpu=ps)
+    check.arm(engine, model)  # CPU: DeepSpeed's bytes + saved-for-backward; CUDA: nothing to arm
+    x = torch.randint(0, cfg.vocab_size, (micro, seq + 1), device=ps.device)
+    before_step = {}
+    inner_step = engine.optimizer.step
+
+    def step_measured(*a, **k):  # peak of forward + backward, before the step's own transients
+        if ps.device.type == "cuda":
+            before_step["bytes"] = torch.cuda.max_memory_allocated()
+        return inner_step(*a, **k)
+    engine.optimizer.step = step_measured
+    if ps.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+    def step():
+        engine.backward(engine(x[:, :-1], labels=x[:, 1:]))
+        engine.step()
+    first_t0 = time.perf_counter()
+    step()
+    pack.sync()
+    report = check.report(time.perf_counter() - first_t0, micro * seq)
+    t = pack.timed(step, repeats=3)
+    measured = before_step.get("bytes", report["measured_bytes"])
+    err = measured / check.predicted - 1
+    lines = notes + [f"memory per rank: predicted {check.predicted / 1e9:.2f} GB (states "
+                     f"{check.states['total'] / 1e9:.2f} + activations {check.activations / 1e9:.2f}), "
+                     f"measured {measured / 1e9:.2f} GB before the step ({100 * err:+.1f}%, goal within 10%)"]
+    if ps.device.type == "cuda":
+        lines.append(f"peak including the optimizer step {torch.cuda.max_memory_allocated() / 1e9:.2f} GB")
+    speed = micro * seq / t
+    if check.tokens_per_s:
+        lines.append(f"tokens/s: predicted {check.tokens_per_s:,.0f}, measured {speed:,.0f} "
+                     f"({100 * (speed / check.tokens_per_s - 1):+.1f}%, goal within 25%)")
+    else:
+        lines.append(f"tokens/s: measured {speed:,.0f}; no prediction (device not in the planner's table)")
+    assert abs(err) <= 0.10, f"memory prediction off by {100 * err:+.1f}%"
+    return lines
+
+
 SECTIONS = [("1 hf_parity", hf_parity), ("2 sparse", sparse), ("3 train_step", train_step),
-            ("4 fp16_scaling", fp16_scaling), ("5 decode", decode), ("6 speculative", speculative)]
+            ("4 fp16_scaling", fp16_scaling), ("5 decode", decode), ("6 speculative", speculative),
+            ("7 plan", plan)]
 
 
 def main(argv=None) -> int:

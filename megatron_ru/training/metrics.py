@@ -16,28 +16,13 @@ from typing import Optional
 import torch
 
 from ..files import atomic_write_text
-from ..config import ModelConfig
-from ..model.sparsity import causal_density, make_layout
+from ..planning.timing import attention_fraction, flops_per_token  # one formula: the planner's
+
+__all__ = ["PEAK_TFLOPS", "attention_fraction", "flops_per_token", "device_peak_tflops", "memory_gb",
+           "truncate_after", "MetricsSink"]
 
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0,
                "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
-
-
-def attention_fraction(config: ModelConfig, seq_length: int) -> float:
-    """Mean over layers of the attention work kept (1 for dense layers)."""
-    sparse = config.sparse_layers()
-    if not any(sparse):
-        return 1.0
-    block = int(config.sparse_attention.get("block", 16))
-    padded = -(-seq_length // block) * block
-    density = causal_density(make_layout(config.sparse_attention, config.num_attention_heads, padded))
-    return (sum(density if s else 1.0 for s in sparse)) / len(sparse)
-
-
-def flops_per_token(config: ModelConfig, seq_length: int) -> float:
-    n = config.num_parameters()
-    attn = 12 * config.num_layers * config.hidden_size * seq_length
-    return 6.0 * n + attn * attention_fraction(config, seq_length)
 
 
 def device_peak_tflops(override: Optional[float] = None) -> Optional[float]:

@@ -22,6 +22,7 @@ from ..data.batch import build_data_loader, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
 from ..parallel.state import ParallelState
+from ..planning import selfcheck
 from ..data.validate import tokenizer_files, tokenizer_fingerprint
 from . import ds_config, hpz, lifecycle
 from ..launch import local_world_size
@@ -105,6 +106,7 @@ class Trainer:
         self.data = rank0_first(ps, self._build_data)  # validated (ids vs vocabulary) before any model
         runtime.heartbeat("data")
         runtime.fault_point("model")
+        self.plan_check = self._plan_check()  # predicted memory; warns before the model is built
 
         ps.seed(args.seed)
         if ps.pp_size > 1:  # this stage's parameters only (training/pipeline_run.py)
@@ -170,6 +172,8 @@ class Trainer:
                 model_parameters=None if optimizer else param_groups(model, args.weight_decay))
         if hpz_group is not None:
             runtime.checked(ps, hpz.verify, model, hpz_group)
+        if self.plan_check is not None:
+            self.plan_check.arm(self.engine, model)
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
             client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
@@ -203,6 +207,17 @@ class Trainer:
                  f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch "
                  f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
                  f"{ds['gradient_accumulation_steps']} x DP {ps.dp_size}")
+
+    def _plan_check(self):
+        """planning/selfcheck.py for this run (not for LoRA: its frozen base has no optimizer state)."""
+        if self.args.lora_rank:
+            return None
+        try:
+            return selfcheck.SelfCheck(self.config, self.ds, self.ps, self.args.seq_length,
+                                       self.precision, self.pp_counts, self.log)
+        except Exception as exc:  # noqa: BLE001 - a prediction never stops training
+            self.log(f"plan check skipped: {exc}")
+            return None
 
     def _build_data(self, train_samples: Optional[int] = None):
         """(train, valid, test), every prefix validated against this tokenizer first. The order's
@@ -410,6 +425,9 @@ class Trainer:
             record = self.train_step(data_iter)
             runtime.heartbeat(f"iteration {self.iteration}")
             step_s = time.perf_counter() - t_step
+            if self.plan_check is not None:  # predicted vs measured, once
+                self.plan_check.report(step_s, self.tokens_per_iter)
+                self.plan_check = None
             if record.get("data_skipped"):  # --iterations-to-skip
                 continue
             if self.guards.after_step(record):  # rolled back to the last checkpoint

@@ -21,6 +21,6 @@ def test_gpu_check_cpu_smoke(tmp_path):
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = out.read_text()
     for section in ("1 hf_parity: PASS", "2 sparse: PASS", "3 train_step: PASS",
-                    "4 fp16_scaling: SKIP", "5 decode: PASS", "6 speculative: PASS"):
+                    "4 fp16_scaling: SKIP", "5 decode: PASS", "6 speculative: PASS", "7 plan: PASS"):
         assert section in text, text
     assert "greedy tokens identical" in text and "0 section(s) failed" in text
