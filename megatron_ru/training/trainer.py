@@ -19,9 +19,10 @@ from ..checkpoint import training as ckpt
 from ..checkpoint.load import load_full_state_dict
 from ..checkpoint.model_io import shard_state_dict
 from ..data import build_train_valid_test_datasets
-from ..data.batch import build_data_loader, get_batch
+from ..data.batch import build_data_loader, context_parallel_slice, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
+from ..parallel.context import check_sequence_length
 from ..parallel.state import ParallelState
 from ..data.validate import tokenizer_files, tokenizer_fingerprint
 from . import ds_config, lifecycle
@@ -158,9 +159,11 @@ class Trainer:
                 model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
             pipeline_run.install_clipping(  # fp32: a non-finite step is skipped (guards)
                 self.engine, ps, on_norm=lambda norm: self.guards.before_update([], norm))
-        else:
+        else:  # DeepSpeed's data-parallel world is DP x CP (ParallelState's `mpu` methods): its
+            # batch counts each CP rank's slices as samples
+            ds_view = {**ds, "train_batch_size": ds["train_batch_size"] * ps.cp_size}
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_view, mpu=ps,
                 model_parameters=None if optimizer else param_groups(model, args.weight_decay))
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
@@ -237,7 +240,10 @@ class Trainer:
                                          eod_token=args.eod_token)
         self.ds, sparse, self.precision = ds_config.build(args, ps.dp_size, self.log)
         self.config = model_config(args, self.tokenizer.vocab_size, sparse, self.log)
-        self.config.validate_parallel(ps.tp_size)
+        self.config.validate_parallel(ps.tp_size, ps.cp_size)
+        check_sequence_length(args.seq_length, ps.cp_size)
+        if ps.cp_size > 1:
+            self.log(ps.layout())
         self.pp_counts = None
         if ps.pp_size > 1:
             self.pp_counts = pipeline_run.check(args, self.ds, self.config, ps, self.log)
@@ -281,13 +287,13 @@ class Trainer:
         if args.save:
             lifecycle.check_save_holds_this_run(args, self.config, resuming=self.resume_tag)
         if self.resume_tag is not None and args.lora_rank:
-            if universal.plan_resume(args.load, self.resume_tag, ps.dp_size)[1]:
+            if universal.plan_resume(args.load, self.resume_tag, ps.dp_cp_size)[1]:
                 raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
                                   "size; a LoRA run resumes at the size it was saved at (or start "
                                   "a new one: --finetune --load BASE)")
         elif self.resume_tag is not None:  # another data-parallel size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
-                                                                    ps.dp_size)
+                                                                    ps.dp_cp_size)
             if load_universal and ps.pp_size > 1:
                 raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
                                   "size; a pipeline-parallel run resumes at the sizes it was saved "
@@ -334,6 +340,7 @@ class Trainer:
         b = get_batch(batch["text"], self.tokenizer.eod, eod_mask_loss=a.eod_mask_loss,
                       reset_position_ids=a.reset_position_ids,
                       reset_attention_mask=a.reset_attention_mask)
+        b = context_parallel_slice(b, self.ps.cp_rank, self.ps.cp_size)  # CP: this rank's tokens
         mask = b["attention_mask"]
         return self.engine(b["tokens"].to(dev),
                            positions=b["position_ids"].to(dev) if a.reset_position_ids else None,

@@ -134,3 +134,11 @@ def deepspeed_parity(rank, world, tp, cp, stages, names):
                 engine.step()
                 ref_opt.step()
             dist.barrier()
+
+
+def checks(rank, world, tp, cp, with_model, stages, names):
+    """One spawn for several checks (process start-up and DeepSpeed import dominate)."""
+    if with_model:
+        model_parity(rank, world, tp, cp)
+    if stages:
+        deepspeed_parity(rank, world, tp, cp, stages, names)
