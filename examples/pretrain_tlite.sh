@@ -5,6 +5,7 @@
 #   STAGE=2: cosine decay (continues from stage 1 weights)
 #   BASE=/ckpt/llama3_8b RU=/data/ru_text_document EN=/data/en_text_document \
 #   TOKENIZER=/tok/tokenizer.json NP=16 TP=2 STAGE=1 examples/pretrain_tlite.sh
+# CP=2 splits each 8192-token sequence over 2 ranks (context parallelism; NP = TP x CP x DP).
 # BASE may be ours, Hugging Face or Megatron (legacy / Core) — the format is detected; leave it
 # empty to train from scratch. Sizes and paths come from the environment (PRESET, SEQ, ITERS,
 # DS_CONFIG, SAVE, RU_WEIGHT / EN_WEIGHT, ...); extra flags after the script name are passed to
@@ -15,6 +16,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-8}
 TP=${TP:-2}
+CP=${CP:-1}
 STAGE=${STAGE:-1}
 PRESET=${PRESET:-tlite-8b}
 SEQ=${SEQ:-8192}
@@ -50,7 +52,7 @@ if [[ "${CHECKPOINT_ACTIVATIONS:-1}" == 1 ]]; then
 fi
 
 "$MPIRUN" --np "$NP" "$PYTHON" pretrain_gpt.py \
-    --preset "$PRESET" --tensor-model-parallel-size "$TP" \
+    --preset "$PRESET" --tensor-model-parallel-size "$TP" --context-parallel-size "$CP" \
     --deepspeed --deepspeed_config "$DS_CONFIG" --bf16 \
     --seq-length "$SEQ" "${CKPT_ACT[@]}" \
     --data-path "$RU_WEIGHT" "$RU" "$EN_WEIGHT" "$EN" --split "$SPLIT" \

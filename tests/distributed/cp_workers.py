@@ -28,7 +28,7 @@ CONFIGS = {  # 32 tokens = 8 blocks of 4: local windows, global columns and skip
                       num_key_value_heads=4, ffn_hidden_size=96),
     "llama_gqa_sparse": dict(family="llama", num_layers=2, hidden_size=64, num_attention_heads=8,
                              num_key_value_heads=4, ffn_hidden_size=96, sparse_mode="all",
-                             sparse_attention=SPARSE),
+                             sparse_attention=SPARSE, checkpoint_activations=True),
 }
 
 

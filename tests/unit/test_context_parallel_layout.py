@@ -56,3 +56,22 @@ def test_batch_slice_keeps_global_positions():
     for key in ("tokens", "labels", "loss_mask", "position_ids"):
         assert torch.equal(torch.cat([p[key] for p in parts], 1), full[key]), key
     assert parts[1]["position_ids"].tolist() == [[1, 2, 3, 0]]  # restarted per document, not per slice
+
+
+def test_each_cp_rank_resumes_its_own_rng_streams():
+    from megatron_ru.checkpoint.training import set_rng_state
+    import random
+    import numpy as np
+    saved = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append({"python": random.getstate(), "numpy": np.random.get_state(),
+                       "torch": torch.get_rng_state(), "tracker": None})
+    for cp_rank in (0, 1):
+        ps = ParallelState(rank=cp_rank, world_size=2, context_parallel_size=2)
+        set_rng_state({"context_parallel": states}, ps)
+        assert torch.equal(torch.get_rng_state(), states[cp_rank]["torch"])
+    set_rng_state({"context_parallel": states}, ParallelState.single())  # resumed at CP = 1: rank 0's
+    assert torch.equal(torch.get_rng_state(), states[0]["torch"])
+    random.setstate(saved[0]), np.random.set_state(saved[1]), torch.set_rng_state(saved[2])
