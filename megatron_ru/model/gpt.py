@@ -98,6 +98,9 @@ class GPTModel(nn.Module):
     (Megatron's convention, e.g. from --reset-attention-mask), replaces the causal mask in
     dense layers.
 
+    With context parallelism (`parallel_state.cp_size` > 1, training only) `tokens` etc. are
+    this CP rank's slice of each sequence and the loss is the whole sequences' mean.
+
     `parallel_state=None` means one process and no parallelism. Weights are drawn from `seed`
     independently of the TP size. Build under `torch.device("meta")` to count parameters of
     large presets without memory.
