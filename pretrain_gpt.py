@@ -17,6 +17,7 @@ def main(argv=None) -> int:
     args = parse_pretrain_args(argv)
     ps = ParallelState.from_environment(tensor_model_parallel_size=args.tensor_model_parallel_size,
                                         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+                                        context_parallel_size=args.context_parallel_size,
                                         timeout_s=60.0 * args.distributed_timeout_minutes)
     from megatron_ru.training.trainer import Trainer
     return Trainer(args, ps).run()

@@ -28,8 +28,8 @@ cd "$(dirname "$0")/.."
 NP=${NP:-8}
 TP=${TP:-2}
 PP=${PP:-1}
-SP=${SP:-0}
 CP=${CP:-1}
+SP=${SP:-0}
 HPZ=${HPZ:-1}
 STAGE=${STAGE:-1}
 PRESET=${PRESET:-tlite-8b}

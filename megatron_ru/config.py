@@ -124,8 +124,9 @@ class ModelConfig:
             return [False] * self.num_layers
         return sparse_layer_indices(self.num_layers, self.sparse_mode)
 
-    def validate_parallel(self, tensor_model_parallel_size: int) -> None:
-        """Raise ConfigError when the model cannot be split over `tensor_model_parallel_size`."""
+    def validate_parallel(self, tensor_model_parallel_size: int, context_parallel_size: int = 1) -> None:
+        """Raise ConfigError when the model cannot be split over `tensor_model_parallel_size`
+        (and, for context parallelism, its heads per TP rank over `context_parallel_size`)."""
         tp = tensor_model_parallel_size
         if not isinstance(tp, int) or tp <= 0:
             raise ConfigError(f"tensor_model_parallel_size={tp!r} must be a positive integer")
@@ -137,6 +138,13 @@ class ModelConfig:
                 raise ConfigError(
                     f"{name}={value} is not divisible by tensor_model_parallel_size={tp}: "
                     "each tensor-parallel rank must own a whole share")
+        cp = context_parallel_size
+        for name, value in rules[:2]:
+            if cp > 1 and (value // tp) % cp:
+                raise ConfigError(
+                    f"{name}={value} / tensor_model_parallel_size={tp} = {value // tp} per TP rank "
+                    f"is not divisible by --context-parallel-size={cp}: Ulysses attention gives "
+                    "each context-parallel rank a whole share of every TP rank's heads")
 
     def num_parameters(self, include_embeddings: bool = True) -> int:
         """Parameter count at TP=1 (padded vocab), computed analytically."""

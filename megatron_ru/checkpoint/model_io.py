@@ -353,7 +353,7 @@ def save_model(directory, model: GPTModel, *, tag: str = "release", **extra) -> 
     if ps.rank == 0:
         tag_dir.mkdir(parents=True, exist_ok=True)
     ps.barrier()
-    if ps.dp_rank == 0:
+    if ps.dp_rank == 0 and ps.cp_rank == 0:  # CP ranks hold the same weights
         _write_rank(tag_dir, ps.tp_rank, ps.tp_size, {k: v.detach().cpu() for k, v in model.state_dict().items()})
     ps.barrier()
     if ps.rank == 0:

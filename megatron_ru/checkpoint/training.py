@@ -18,6 +18,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from .. import runtime
 from ..config import ConfigError, ModelConfig
@@ -48,14 +49,23 @@ RUNTIME_FIELDS = {"hidden_dropout", "attention_dropout", "checkpoint_activations
 
 
 def rng_state(ps: ParallelState) -> dict:
+    """This rank's RNG streams. Collective at CP > 1: CP ranks draw different streams but only CP
+    rank 0 writes the checkpoint, so it carries every CP rank's streams."""
     state = {"python": random.getstate(), "numpy": np.random.get_state(),
              "torch": torch.get_rng_state(), "tracker": ps.rng.get_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
+    if ps.cp_size > 1:
+        states = [None] * ps.cp_size
+        dist.all_gather_object(states, state, group=ps.cp_group)
+        return {"context_parallel": states}
     return state
 
 
 def set_rng_state(state: dict, ps: ParallelState) -> None:
+    if "context_parallel" in state:  # saved at CP > 1: this CP rank's (rank 0's at another CP)
+        states = state["context_parallel"]
+        state = states[ps.cp_rank] if len(states) == ps.cp_size else states[0]
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])

@@ -92,3 +92,21 @@ def get_batch(text, eod, *, eod_mask_loss=False, reset_position_ids=False, reset
         attention_mask = ~(causal & same_doc)[:, None]  # (B, 1, S, S), True = masked
     return {"tokens": tokens, "labels": labels, "loss_mask": loss_mask,
             "position_ids": position_ids, "attention_mask": attention_mask}
+
+
+def context_parallel_slice(batch: dict, cp_rank: int, cp_size: int) -> dict:
+    """`get_batch`'s output → context-parallel rank `cp_rank`'s consecutive 1/cp_size of every
+    sequence: tokens, labels, loss_mask and (global) position_ids (B, S / cp_size). The model's
+    loss averages over the whole sequences (parallel/context.py)."""
+    if cp_size == 1:
+        return batch
+    if batch.get("attention_mask") is not None:
+        raise ValueError("context parallelism does not take an attention mask (--reset-attention-mask)")
+    seq = batch["tokens"].shape[1]
+    if seq % cp_size:
+        raise ValueError(f"sequence length {seq} is not divisible by context_parallel_size={cp_size}")
+    part = seq // cp_size
+    out = {k: v[:, cp_rank * part:(cp_rank + 1) * part].contiguous()
+           for k, v in batch.items() if k != "attention_mask"}
+    out["attention_mask"] = None
+    return out

@@ -3,6 +3,8 @@
 Dense layers call scaled_dot_product_attention; block-sparse layers call a
 BlockSparseAttention holding this rank's heads of the DeepSpeed layout. With a KV cache the
 keys come from the cache, and the mask is a function of positions (causal, and the layout).
+With context parallelism (training, no cache) x holds this CP rank's slice of the sequence;
+core attention runs on the whole sequence for a share of the heads (parallel/context.py).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from ..parallel.context import heads_to_sequence, sequence_to_heads
 from ..parallel.layers import ColumnParallelLinear, RowParallelLinear, scaled_init_std
 from ..parallel.state import ParallelState
 from .kv_cache import KVCache
@@ -55,7 +58,10 @@ class Attention(nn.Module):
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         p = self.dropout if self.training else 0.0
-        if cache is None or (cache.length == 0 and positions is None):
+        if self.ps.cp_size > 1 and cache is None:  # Ulysses: whole sequence, 1/C of the heads
+            q, k, v = (sequence_to_heads(y, self.ps) for y in (q, k, v))  # (B, H/C, S, D)
+            out = heads_to_sequence(self._causal(q, k, v, p), self.ps)  # (B, H, S/C, D)
+        elif cache is None or (cache.length == 0 and positions is None):
             if cache is not None:
                 cache.update(self.layer_idx, k, v)
             out = self._causal(q, k, v, p, attention_mask, positions)  # (B, H, T, D)

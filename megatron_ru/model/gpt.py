@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..parallel import context
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
                                initialize_parameters, tag)
@@ -28,7 +29,8 @@ from .rotary import inverse_frequencies, rope_cos_sin
 def build_sparse_attention(config: ModelConfig, ps: ParallelState,
                            device=None) -> Optional[BlockSparseAttention]:
     """This rank's heads of the layout for max_position_embeddings (rounded up to the block),
-    shared by all sparse layers; None when every layer is dense."""
+    shared by all sparse layers; None when every layer is dense. With context parallelism the
+    rank attends for its CP share of its TP rank's heads (parallel/context.py): those rows."""
     if not any(config.sparse_layers()):
         return None
     block = int(config.sparse_attention.get("block", 16))
@@ -37,6 +39,8 @@ def build_sparse_attention(config: ModelConfig, ps: ParallelState,
         layout = layout_for_tp_rank(config.sparse_attention, config.num_attention_heads, seq,
                                     ps.tp_rank, ps.tp_size,
                                     ru_gpts_compat=config.sparse_ru_gpts_head_indexing)
+        share = layout.shape[0] // ps.cp_size
+        layout = layout[ps.cp_rank * share:(ps.cp_rank + 1) * share]  # (H_local / CP, nb, nb)
     sparse = BlockSparseAttention(layout, block, impl=config.sparse_impl)
     if device is not None and torch.device(device).type != "meta":
         sparse.to(device)
@@ -102,6 +106,9 @@ class GPTModel(nn.Module):
     `loss_mask` (B, T) weights the loss; `attention_mask` (B, 1, T, T), True = masked out
     (Megatron's convention, e.g. from --reset-attention-mask), replaces the causal mask in
     dense layers.
+
+    With context parallelism (`parallel_state.cp_size` > 1, training only) `tokens` etc. are
+    this CP rank's slice of each sequence and the loss is the whole sequences' mean.
 
     `parallel_state=None` means one process and no parallelism. Weights are drawn from `seed`
     independently of the TP size. Build under `torch.device("meta")` to count parameters of
@@ -169,6 +176,11 @@ class GPTModel(nn.Module):
         (sampling needs one position; skips the vocabulary projection elsewhere)."""
         b, t = tokens.shape
         start = cache.length if cache is not None else 0
+        if self.ps.cp_size > 1:  # tokens: this CP rank's slice of each sequence (parallel/context.py)
+            if cache is not None or attention_mask is not None:
+                raise ValueError("a context-parallel model takes sequence slices for training: "
+                                 "no KV cache and no attention mask (sample at CP = 1)")
+            start = self.ps.cp_rank * t  # the slice's global positions
         max_pos = self.config.max_position_embeddings
         explicit = positions  # per-row positions (only meaningful with a cache)
         if positions is None:
@@ -290,6 +302,8 @@ class GPTModel(nn.Module):
         weights = (labels != IGNORE_INDEX).float()
         if loss_mask is not None:
             weights = weights * loss_mask.float()
+        if self.ps.cp_size > 1:  # this rank's slice: the mean over the whole sequences
+            return context.sequence_mean((per_token * weights).sum(), weights.sum(), self.ps)
         return (per_token * weights).sum() / weights.sum().clamp(min=1.0)
 
     def gather_logits(self, logits: torch.Tensor) -> torch.Tensor:

@@ -6,10 +6,13 @@ for Slurm): torchrun / deepspeed (`RANK`, `WORLD_SIZE`, `LOCAL_RANK`), OpenMPI
 `SLURM_NTASKS`, `SLURM_LOCALID`). Under MPI the ranks come from mpi4py itself and rank 0 chooses
 MASTER_ADDR / MASTER_PORT and broadcasts them, so nothing needs to be set by hand.
 
-Layout of ranks (Megatron's order): tensor-parallel innermost (consecutive ranks), then data
-parallel, then pipeline stages: rank = pp_rank * (DP * TP) + dp_rank * TP + tp_rank. With TP=2 of
+Layout of ranks (Megatron-core's order): tensor-parallel innermost (consecutive ranks), then
+context parallel, then data parallel, then pipeline stages:
+rank = pp_rank * (DP * CP * TP) + dp_rank * (CP * TP) + cp_rank * TP + tp_rank. With TP=2 of
 4 ranks: TP groups [0,1], [2,3], DP groups [0,2], [1,3]; with TP=2, PP=2 of 8: stage 0 holds
-ranks 0-3, stage 1 ranks 4-7, pipeline groups [0,4], [1,5], [2,6], [3,7].
+ranks 0-3, stage 1 ranks 4-7, pipeline groups [0,4], [1,5], [2,6], [3,7]; with TP=2, CP=2 of 4:
+TP groups [0,1], [2,3], CP groups [0,2], [1,3]. CP ranks hold slices of the same sequences, so
+DeepSpeed (through the `mpu` methods) averages gradients and shards ZeRO state over DP x CP.
 """
 from __future__ import annotations
 
@@ -81,8 +84,13 @@ def _mpi_rendezvous(info: LaunchInfo) -> LaunchInfo:
     return LaunchInfo(info.launcher, comm.Get_rank(), comm.Get_size(), local_rank)
 
 
-def check_world(world_size: int, tp: int, pp: int = 1) -> None:
-    """world = TP x PP x DP, or one line naming the three numbers."""
+def check_world(world_size: int, tp: int, pp: int = 1, cp: int = 1) -> None:
+    """world = TP x CP x DP x PP, or one line naming the numbers."""
+    if cp > 1 and world_size % (tp * cp * pp):
+        raise ConfigError(
+            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
+            f"--context-parallel-size x --pipeline-model-parallel-size = {tp} x {cp} x {pp} = "
+            f"{tp * cp * pp}: world = TP x CP x DP x PP")
     if pp == 1 and world_size % tp:
         raise ConfigError(
             f"world size {world_size} is not divisible by tensor_model_parallel_size={tp}: "
@@ -93,16 +101,32 @@ def check_world(world_size: int, tp: int, pp: int = 1) -> None:
             f"--pipeline-model-parallel-size = {tp} x {pp} = {tp * pp}: world = TP x PP x DP")
 
 
-def group_ranks(world: int, tp: int, pp: int = 1) -> list[tuple[str, list[int]]]:
-    """Every ("tp" | "dp" | "pp", ranks) group of the layout, in creation order (the same on
-    every rank); pipeline groups only when pp > 1, so a TP x DP run creates what it always did."""
-    dp = world // (tp * pp)
+def group_ranks(world: int, tp: int, pp: int = 1, cp: int = 1) -> list[tuple[str, list[int]]]:
+    """Every ("tp" | "cp" | "dp" | "dp_cp" | "pp", ranks) group of the layout, in creation order
+    (the same on every rank); context and pipeline groups only when cp > 1 / pp > 1, so a
+    TP x DP run creates what it always did."""
+    dp = world // (tp * cp * pp)
+    stage = tp * cp * dp  # ranks per pipeline stage
+
+    def rank(s, d, c, t):
+        return s * stage + d * cp * tp + c * tp + t
+
     out = [("tp", list(range(start, start + tp))) for start in range(0, world, tp)]
-    out += [("dp", [s * tp * dp + d * tp + t for d in range(dp)]) for s in range(pp) for t in range(tp)]
+    if cp > 1:
+        out += [("cp", [rank(s, d, c, t) for c in range(cp)])
+                for s in range(pp) for d in range(dp) for t in range(tp)]
+    out += [("dp", [rank(s, d, c, t) for d in range(dp)])
+            for s in range(pp) for c in range(cp) for t in range(tp)]
+    if cp > 1:  # DeepSpeed's data-parallel group: every rank that holds the same weights
+        out += [("dp_cp", [rank(s, d, c, t) for d in range(dp) for c in range(cp)])
+                for s in range(pp) for t in range(tp)]
     if pp > 1:
-        out += [("pp", [s * tp * dp + d * tp + t for s in range(pp)])
-                for d in range(dp) for t in range(tp)]
+        out += [("pp", [rank(s, d, c, t) for s in range(pp)])
+                for d in range(dp) for c in range(cp) for t in range(tp)]
     return out
+
+
+CP_SEED_OFFSET = 100_003  # default and TP streams of CP rank c: seed + c * this
 
 
 class ParallelState:
@@ -111,14 +135,19 @@ class ParallelState:
     def __init__(self, *, rank: int = 0, world_size: int = 1, local_rank: int = 0,
                  tensor_model_parallel_size: int = 1, tp_group=None, dp_group=None,
                  device: torch.device | str = "cpu", launcher: str = "single",
-                 pipeline_model_parallel_size: int = 1, pp_group=None) -> None:
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-        check_world(world_size, tp, pp)
+                 pipeline_model_parallel_size: int = 1, pp_group=None,
+                 context_parallel_size: int = 1, cp_group=None, dp_cp_group=None) -> None:
+        tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+        check_world(world_size, tp, pp, cp)
         self.rank, self.world_size, self.local_rank = rank, world_size, local_rank
         self.tp_size, self.tp_rank = tp, rank % tp
+        self.cp_size, self.cp_rank = cp, (rank // tp) % cp
         self.pp_size, self.pp_rank = pp, rank // (world_size // pp)
-        self.dp_size, self.dp_rank = world_size // (tp * pp), (rank // tp) % (world_size // (tp * pp))
+        dp = world_size // (tp * cp * pp)
+        self.dp_size, self.dp_rank = dp, (rank // (tp * cp)) % dp
         self.tp_group, self.dp_group, self.pp_group = tp_group, dp_group, pp_group
+        self.cp_group = cp_group
+        self._dp_cp_group = dp_cp_group
         self.device = torch.device(device)
         self.launcher = launcher
         self.rng = RNGTracker(self.device)
@@ -132,11 +161,13 @@ class ParallelState:
     @classmethod
     def from_environment(cls, tensor_model_parallel_size: int = 1, *, backend: Optional[str] = None,
                          timeout_s: float = 600.0,
-                         pipeline_model_parallel_size: int = 1) -> "ParallelState":
-        """Discover the launcher, initialise torch.distributed (once) and build TP, DP and
+                         pipeline_model_parallel_size: int = 1,
+                         context_parallel_size: int = 1) -> "ParallelState":
+        """Discover the launcher, initialise torch.distributed (once) and build TP, CP, DP and
         pipeline groups."""
-        tp, pp = tensor_model_parallel_size, pipeline_model_parallel_size
-        for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp)):
+        tp, pp, cp = tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size
+        for name, value in (("tensor_model_parallel_size", tp), ("pipeline_model_parallel_size", pp),
+                            ("context_parallel_size", cp)):
             if not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"{name}={value!r} must be a positive integer")
         info = discover_launch()
@@ -144,7 +175,7 @@ class ParallelState:
             info = LaunchInfo(info.launcher, dist.get_rank(), dist.get_world_size(), info.local_rank)
         elif info.launcher in ("openmpi", "mpich"):
             info = _mpi_rendezvous(info)
-        check_world(info.world_size, tp, pp)
+        check_world(info.world_size, tp, pp, cp)
         if torch.cuda.is_available():
             torch.cuda.set_device(info.local_rank % torch.cuda.device_count())
             device = torch.device("cuda", torch.cuda.current_device())
@@ -166,14 +197,15 @@ class ParallelState:
                                     timeout=timedelta(seconds=timeout_s),
                                     device_id=device if device.type == "cuda" else None)
         groups = {}
-        for kind, ranks in group_ranks(info.world_size, tp, pp):  # every rank creates every group,
+        for kind, ranks in group_ranks(info.world_size, tp, pp, cp):  # every rank creates every group,
             group = dist.new_group(ranks)                          # in the same order
             if info.rank in ranks:
                 groups[kind] = group
         return cls(rank=info.rank, world_size=info.world_size, local_rank=info.local_rank,
                    tensor_model_parallel_size=tp, tp_group=groups["tp"], dp_group=groups["dp"],
                    device=device, launcher=info.launcher, pipeline_model_parallel_size=pp,
-                   pp_group=groups.get("pp"))
+                   pp_group=groups.get("pp"), context_parallel_size=cp,
+                   cp_group=groups.get("cp"), dp_cp_group=groups.get("dp_cp"))
 
     # ---- pipeline stages ------------------------------------------------------------------
     @property
@@ -186,13 +218,22 @@ class ParallelState:
 
     def layout(self) -> str:
         """The rank layout, one line per pipeline stage (printed at start by rank 0)."""
-        tp, dp, pp = self.tp_size, self.dp_size, self.pp_size
-        lines = [f"rank layout: world {self.world_size} = TP {tp} x DP {dp} x PP {pp} "
-                 "(TP innermost, then DP, then PP)"]
+        tp, cp, dp, pp = self.tp_size, self.cp_size, self.dp_size, self.pp_size
+        if cp == 1:
+            lines = [f"rank layout: world {self.world_size} = TP {tp} x DP {dp} x PP {pp} "
+                     "(TP innermost, then DP, then PP)"]
+        else:
+            lines = [f"rank layout: world {self.world_size} = TP {tp} x CP {cp} x DP {dp} x PP {pp} "
+                     "(TP innermost, then CP, then DP, then PP)"]
         for stage in range(pp):
-            base = stage * tp * dp
-            tps = [list(range(base + d * tp, base + (d + 1) * tp)) for d in range(dp)]
-            lines.append(f"  stage {stage}: TP groups {tps}")
+            base = stage * tp * cp * dp
+            tps = [list(range(base + i * tp, base + (i + 1) * tp)) for i in range(cp * dp)]
+            line = f"  stage {stage}: TP groups {tps}"
+            if cp > 1:
+                cps = [[base + d * cp * tp + c * tp + t for c in range(cp)]
+                       for d in range(dp) for t in range(tp)]
+                line += f"; CP groups {cps}"
+            lines.append(line)
         return "\n".join(lines)
 
     def adopt_groups(self, tp_group, dp_group, pp_group) -> None:
@@ -226,11 +267,28 @@ class ParallelState:
         dist.broadcast_object_list(box, src=self.tp_source_rank, group=self.tp_group, device=device)
         return box[0]
 
+    @property
+    def cp_comm(self):
+        """The CP group, or None at CP=1 (every rank holds whole sequences)."""
+        return self.cp_group if self.cp_size > 1 else None
+
+    @property
+    def dp_cp_group(self):
+        """The ranks holding the same weights (DeepSpeed's data-parallel group): DP x CP."""
+        return self._dp_cp_group if self.cp_size > 1 else self.dp_group
+
+    @property
+    def dp_cp_size(self) -> int:
+        """Ranks that hold the same weights: DeepSpeed's data-parallel world (DP x CP)."""
+        return self.dp_size * self.cp_size
+
     def validate(self, config: ModelConfig) -> None:
-        config.validate_parallel(self.tp_size)
+        config.validate_parallel(self.tp_size, self.cp_size)
 
     def seed(self, seed: int) -> None:
-        """Same default stream on every rank; a per-TP-rank stream for dropout in TP regions."""
+        """Same default stream on every TP rank; a per-TP-rank stream for dropout in TP regions.
+        CP ranks hold other tokens (and, in attention, other heads): their streams differ too."""
+        seed = seed + CP_SEED_OFFSET * self.cp_rank  # CP=1: unchanged
         torch.manual_seed(seed)
         if self.device.type == "cuda":
             torch.cuda.manual_seed(seed)
@@ -242,10 +300,15 @@ class ParallelState:
 
     def __repr__(self) -> str:
         pp = f"pp={self.pp_rank}/{self.pp_size}, " if self.pp_size > 1 else ""
+        pp += f"cp={self.cp_rank}/{self.cp_size}, " if self.cp_size > 1 else ""
         return (f"ParallelState(rank={self.rank}/{self.world_size}, tp={self.tp_rank}/{self.tp_size}, "
                 f"{pp}dp={self.dp_rank}/{self.dp_size}, device={self.device}, launcher={self.launcher})")
 
     # ---- the `mpu` interface DeepSpeed expects --------------------------------------------
+    # Its data-parallel group is DP x CP: the gradients of CP ranks (each from its own slice of
+    # the sequences) are averaged with the DP ones, and ZeRO shards over all of them; the model's
+    # loss (parallel/context.py) scales each CP rank's share by CP so the average is the
+    # full-sequence mean. Our own code reads dp_rank / dp_size / dp_group (pure DP: the data).
     def get_model_parallel_rank(self) -> int:
         return self.tp_rank
 
@@ -256,13 +319,13 @@ class ParallelState:
         return self.tp_group
 
     def get_data_parallel_rank(self) -> int:
-        return self.dp_rank
+        return self.dp_rank * self.cp_size + self.cp_rank
 
     def get_data_parallel_world_size(self) -> int:
-        return self.dp_size
+        return self.dp_cp_size
 
     def get_data_parallel_group(self):
-        return self.dp_group
+        return self.dp_cp_group
 
     get_tensor_model_parallel_rank = get_model_parallel_rank
     get_tensor_model_parallel_world_size = get_model_parallel_world_size

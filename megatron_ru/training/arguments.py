@@ -30,6 +30,7 @@ class TrainArgs:
     seq_length: Optional[int] = None  # None: the model's max_position_embeddings (model_config)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
     pipeline_split: str = "uniform"
     num_layers_per_virtual_pipeline_stage: Optional[int] = None  # refused (validate)
     # batch and schedule
@@ -158,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, metavar="N",
                    help="not available (DeepSpeed's pipeline engine has no interleaved schedule); "
                         "given, the run stops with one line")
+    m.add_argument("--context-parallel-size", type=int, default=1, metavar="C",
+                   help="Ulysses context parallelism: each of C ranks holds 1/C of every sequence, "
+                        "attention runs on the whole sequence for 1/C of the heads (ranks: TP "
+                        "innermost, then CP, then DP, then PP; world = TP x CP x DP x PP)")
 
     t = p.add_argument_group("training")
     t.add_argument("--micro-batch-size", "--batch-size", type=int, help="default: the JSON's, else 4")
@@ -291,12 +296,22 @@ def validate(args: TrainArgs) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value} must be positive")
     for name in ("seq_length", "micro_batch_size", "global_batch_size", "train_iters",
                  "eval_interval", "log_interval", "save_interval", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size"):
+                 "pipeline_model_parallel_size", "context_parallel_size"):
         positive(name, getattr(args, name))
     if args.num_layers_per_virtual_pipeline_stage is not None:
         raise ConfigError("--num-layers-per-virtual-pipeline-stage: interleaved virtual pipeline "
                           "stages are not available (DeepSpeed's pipeline engine runs 1F1B only); "
                           "drop the flag")
+    if args.context_parallel_size > 1:
+        for flag, used in (("--pipeline-model-parallel-size > 1", args.pipeline_model_parallel_size > 1),
+                           ("--dataset-type sft", args.dataset_type == "sft"),
+                           ("--reset-attention-mask", args.reset_attention_mask),
+                           ("--lora-rank", bool(args.lora_rank)),
+                           ("--eval-tasks", bool(args.eval_tasks))):
+            if used:
+                raise ConfigError(f"--context-parallel-size {args.context_parallel_size} does not "
+                                  f"combine with {flag} (context parallelism covers pretraining "
+                                  "of whole sequences with TP, DP and ZeRO)")
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are mutually exclusive: choose one precision")
     if args.lr < 0 or args.min_lr < 0 or args.min_lr > args.lr:

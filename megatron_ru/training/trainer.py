@@ -18,9 +18,10 @@ from ..checkpoint import training as ckpt
 from ..checkpoint.load import load_full_state_dict
 from ..checkpoint.model_io import shard_state_dict
 from ..data import build_train_valid_test_datasets
-from ..data.batch import build_data_loader, get_batch
+from ..data.batch import build_data_loader, context_parallel_slice, get_batch
 from ..data.tokenizers import build_tokenizer
 from ..model.gpt import GPTModel
+from ..parallel.context import check_sequence_length
 from ..parallel.state import ParallelState
 from ..planning import selfcheck
 from ..data.validate import tokenizer_files, tokenizer_fingerprint
@@ -166,9 +167,11 @@ class Trainer:
                 model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
             pipeline_run.install_clipping(  # fp32: a non-finite step is skipped (guards)
                 self.engine, ps, on_norm=lambda norm: self.guards.before_update([], norm))
-        else:
+        else:  # DeepSpeed's data-parallel world is DP x CP (ParallelState's `mpu` methods): its
+            # batch counts each CP rank's slices as samples
+            ds_view = {**ds, "train_batch_size": ds["train_batch_size"] * ps.cp_size}
             self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds, mpu=ps,
+                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_view, mpu=ps,
                 model_parameters=None if optimizer else param_groups(model, args.weight_decay))
         if hpz_group is not None:
             runtime.checked(ps, hpz.verify, model, hpz_group)
@@ -263,7 +266,10 @@ class Trainer:
         self.hpz_groups = hpz.setup(self.ds, ps, ds_path, local_world_size(), self.log)
         hpz.check_quantization(self.ds, ps, ds_path)
         self.config = model_config(args, self.tokenizer.vocab_size, sparse, self.log)
-        self.config.validate_parallel(ps.tp_size)
+        self.config.validate_parallel(ps.tp_size, ps.cp_size)
+        check_sequence_length(args.seq_length, ps.cp_size)
+        if ps.cp_size > 1:
+            self.log(ps.layout())
         self.pp_counts = None
         if ps.pp_size > 1:
             self.pp_counts = pipeline_run.check(args, self.ds, self.config, ps, self.log)
@@ -307,13 +313,13 @@ class Trainer:
         if args.save:
             lifecycle.check_save_holds_this_run(args, self.config, resuming=self.resume_tag)
         if self.resume_tag is not None and args.lora_rank:
-            if universal.plan_resume(args.load, self.resume_tag, ps.dp_size)[1]:
+            if universal.plan_resume(args.load, self.resume_tag, ps.dp_cp_size)[1]:
                 raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
                                   "size; a LoRA run resumes at the size it was saved at (or start "
                                   "a new one: --finetune --load BASE)")
         elif self.resume_tag is not None:  # another DP (or PP > 1) size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
-                                                                    ps.dp_size, ps.pp_size)
+                                                                    ps.dp_cp_size, ps.pp_size)
             if load_universal:
                 self.ds.setdefault("checkpoint", {})["load_universal"] = True
                 target = Path(args.load) / self.resume_tag
@@ -358,6 +364,7 @@ class Trainer:
         b = get_batch(batch["text"], self.tokenizer.eod, eod_mask_loss=a.eod_mask_loss,
                       reset_position_ids=a.reset_position_ids,
                       reset_attention_mask=a.reset_attention_mask)
+        b = context_parallel_slice(b, self.ps.cp_rank, self.ps.cp_size)  # CP: this rank's tokens
         mask = b["attention_mask"]
         return self.engine(b["tokens"].to(dev),
                            positions=b["position_ids"].to(dev) if a.reset_position_ids else None,
