@@ -4,13 +4,14 @@
 
 Part 1 builds a 2-layer model of each family (layer 0 block-sparse, layer 1 dense; bf16 on the
 CPU, dropout 0) and counts the bytes one micro-batch's forward keeps for backward
-(megatron_ru/planning/measure.py, torch.autograd.graph.saved_tensors_hooks) at TP 1 and TP 2
-(two gloo processes; rank 0's figures), with and without full recompute. Beside each: our formula
+(megatron_ru/planning/measure.py, torch.autograd.graph.saved_tensors_hooks) at TP 1 in this process
+and, on one spawn of four gloo processes (rank 0's figures; layouts of 2 ranks run beside a DP 2),
+at TP 2, TP 2 + sequence parallelism, CP 2 (Ulysses), TP 2 x CP 2 and TP 2 x CP 2 + SP, with and
+without full recompute where it matters. Beside each: our formula
 (megatron_ru/planning/activations.py) for the CPU kernels that ran, the same formula for CUDA
 kernels, and Korthikanti et al. 2022 (Table 2; the score term scaled by the layout's density for
-sparse layers). Layouts the code cannot run yet (sequence and context parallelism) are printed from
-the formulas only, marked "formula". Part 2 prints the per-GPU activation memory the formula
-implies for ruGPT-3 13B and T-lite 8B (bf16, micro-batch 1, no pipeline: all layers on the GPU).
+sparse layers). Part 2 prints the per-GPU activation memory the formula implies for ruGPT-3 13B
+and T-lite 8B (bf16, micro-batch 1, no pipeline: all layers on the GPU).
 """
 import argparse
 import os
@@ -33,45 +34,55 @@ SPARSE = {"mode": "fixed", "block": 16, "different_layout_per_head": True, "num_
 GIB = 2 ** 30
 
 
-def tiny(family, a, recompute=False):
+def tiny(family, a, recompute=False, sp=False):
     return ModelConfig(family=family, num_layers=2, hidden_size=a.hidden,
                        num_attention_heads=a.heads,
                        num_key_value_heads=a.heads // 2 if family == "llama" else None,
                        vocab_size=1000, max_position_embeddings=a.seq, sparse_attention=SPARSE,
-                       sparse_mode="alternating", checkpoint_activations=recompute)
+                       sparse_mode="alternating", checkpoint_activations=recompute,
+                       sequence_parallel=sp)
 
 
-def measure(family, a, tp, recompute, ps=None):
+def measure(family, a, tp, sp, cp, recompute, ps=None):
     from megatron_ru.model.gpt import GPTModel
+    from megatron_ru.parallel.context import local_slice
     from megatron_ru.planning.measure import measure_activation_bytes
-    model = GPTModel(tiny(family, a, recompute), ps, dtype=torch.bfloat16)
+    model = GPTModel(tiny(family, a, recompute, sp), ps, dtype=torch.bfloat16)
     gen = torch.Generator().manual_seed(0)
     tokens, labels = (torch.randint(0, 1000, (a.batch, a.seq), generator=gen) for _ in range(2))
+    if ps is not None:  # the trainer's context_parallel_slice: this rank's slice, a copy
+        tokens, labels = (local_slice(t, ps).contiguous() for t in (tokens, labels))
     return measure_activation_bytes(model, tokens, labels=labels)["layers"]
 
 
-def _tp_worker(rank, world, port, a, queue):
+def _parallel_worker(rank, world, port, a, queue):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     from megatron_ru.parallel.state import ParallelState
-    ps = ParallelState.from_environment(tensor_model_parallel_size=world)
-    out = {(f, r): measure(f, a, world, r, ps) for f in ("gpt3", "llama") for r in (False, True)}
+    states, out = {}, {}
+    for name, tp, sp, cp, rc in LAYOUTS:
+        if tp * cp == 1:
+            continue
+        if (tp, cp) not in states:  # every rank builds every group, in the same order
+            states[tp, cp] = ParallelState.from_environment(tp, context_parallel_size=cp)
+        for f in ("gpt3", "llama"):
+            out[f, name] = measure(f, a, tp, sp, cp, rc == "full", states[tp, cp])
     if rank == 0:
         queue.put(out)
     torch.distributed.destroy_process_group()
 
 
-def measured_tp2(a):
+def measured_parallel(a):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_tp_worker, args=(r, 2, port, a, queue)) for r in range(2)]
+    procs = [ctx.Process(target=_parallel_worker, args=(r, 4, port, a, queue)) for r in range(4)]
     for p in procs:
         p.start()
-    out = queue.get(timeout=600)
+    out = queue.get(timeout=900)
     for p in procs:
         p.join()
     return out
@@ -87,15 +98,16 @@ def korthikanti(s, b, h, heads, tp, sp, cp, rc, density):
     return out
 
 
-LAYOUTS = [  # name, tp, sp, cp, recompute, measurable now
-    ("TP1", 1, False, 1, "none", True),
-    ("TP1 + recompute", 1, False, 1, "full", True),
-    ("TP2", 2, False, 1, "none", True),
-    ("TP2 + recompute", 2, False, 1, "full", True),
-    ("TP2 + SP", 2, True, 1, "none", False),
-    ("TP2 + SP + recompute", 2, True, 1, "full", False),
-    ("CP2", 1, False, 2, "none", False),
-    ("TP2 + SP + CP2", 2, True, 2, "none", False),
+LAYOUTS = [  # name, tp, sp, cp, recompute
+    ("TP1", 1, False, 1, "none"),
+    ("TP1 + recompute", 1, False, 1, "full"),
+    ("TP2", 2, False, 1, "none"),
+    ("TP2 + recompute", 2, False, 1, "full"),
+    ("TP2 + SP", 2, True, 1, "none"),
+    ("TP2 + SP + recompute", 2, True, 1, "full"),
+    ("CP2", 1, False, 2, "none"),
+    ("TP2 x CP2", 2, False, 2, "none"),
+    ("TP2 x CP2 + SP", 2, True, 2, "none"),
 ]
 
 
@@ -105,9 +117,9 @@ def mib(x):
 
 def part1(a):
     torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
-    measured = {(f, 1, r): measure(f, a, 1, r) for f in ("gpt3", "llama") for r in (False, True)}
-    for (f, r), layers in measured_tp2(a).items():
-        measured[(f, 2, r)] = layers
+    measured = {(f, name): measure(f, a, 1, False, 1, rc == "full")
+                for f in ("gpt3", "llama") for name, tp, _, cp, rc in LAYOUTS if tp * cp == 1}
+    measured.update(measured_parallel(a))
     print(f"\n### Per layer, measured vs formulas (h={a.hidden}, a={a.heads}, s={a.seq}, "
           f"b={a.batch}, bf16, MiB per rank)\n")
     print("| family | layer | layout | measured | ours (CPU kernels) | ours / measured "
@@ -116,40 +128,37 @@ def part1(a):
     for family in ("gpt3", "llama"):
         cfg = tiny(family, a)
         for layer, kind in ((0, "sparse"), (1, "dense")):
-            for name, tp, sp, cp, rc, runnable in LAYOUTS:
+            for name, tp, sp, cp, rc in LAYOUTS:
                 kw = dict(micro_batch=a.batch, seq_length=a.seq, tp=tp, sp=sp, cp=cp, recompute=rc,
                           dtype_bytes=2)
                 cpu = activation_bytes(cfg, device="cpu", **kw)["layers"][layer]
                 cuda = activation_bytes(cfg, device="cuda", **kw)["layers"][layer]
                 density = sparse_density(cfg, a.seq, tp=tp, cp=cp) if kind == "sparse" else 1.0
                 kor = korthikanti(a.seq, a.batch, a.hidden, a.heads, tp, sp, cp, rc, density)
-                if runnable:
-                    m = measured[(family, tp, rc == "full")][layer]
-                    meas, ratio = mib(m), f"{cpu / m:.3f}"
-                else:
-                    meas, ratio = "formula", "—"
-                print(f"| {family} | {layer} {kind} | {name} | {meas} | {mib(cpu)} | {ratio} "
+                m = measured[(family, name)][layer]
+                print(f"| {family} | {layer} {kind} | {name} | {mib(m)} | {mib(cpu)} | {cpu / m:.3f} "
                       f"| {mib(cuda)} | {mib(kor)} | {kor / cuda:.2f} |")
 
 
 def part2():
     print("\n### Per GPU, from the formula (CUDA kernels, bf16, micro-batch 1, all layers, GiB)\n")
     print("| model | seq | layout | per layer (dense / sparse) | all layers + embedding + loss "
-          "| Korthikanti, all layers |")
-    print("|---|---:|---|---:|---:|---:|")
+          "| SP re-gathering in backward (Megatron-LM) | Korthikanti, all layers |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     cases = [("rugpt3-13b", 2048, [("TP8", 8, False, 1, "none"), ("TP8 + SP", 8, True, 1, "none"),
                                    ("TP8 + SP + recompute", 8, True, 1, "full")]),
              ("tlite-8b", 8192, [("TP8", 8, False, 1, "none"), ("TP8 + SP", 8, True, 1, "none"),
                                  ("TP8 + SP + recompute", 8, True, 1, "full"),
-                                 ("TP4 + CP2", 4, False, 2, "none"),
-                                 ("TP4 + SP + CP2", 4, True, 2, "none"),
-                                 ("TP4 + SP + CP2 + recompute", 4, True, 2, "full")])]
+                                 ("TP4 x CP2", 4, False, 2, "none"),
+                                 ("TP4 x CP2 + SP", 4, True, 2, "none"),
+                                 ("TP4 x CP2 + SP + recompute", 4, True, 2, "full")])]
     for preset, seq, layouts in cases:
         cfg = ModelConfig.from_preset(preset)
         kinds = cfg.sparse_layers()
         for name, tp, sp, cp, rc in layouts:
-            r = activation_bytes(cfg, micro_batch=1, seq_length=seq, tp=tp, sp=sp, cp=cp,
-                                 recompute=rc, dtype_bytes=2, device="cuda")
+            kw = dict(micro_batch=1, seq_length=seq, tp=tp, sp=sp, cp=cp, recompute=rc,
+                      dtype_bytes=2, device="cuda")
+            r = activation_bytes(cfg, **kw)
             dense = next((b for b, k in zip(r["layers"], kinds) if not k), None)
             sparse = next((b for b, k in zip(r["layers"], kinds) if k), None)
             per = " / ".join(f"{x / GIB:.3f}" if x is not None else "—" for x in (dense, sparse))
@@ -157,8 +166,11 @@ def part2():
             kor = sum(korthikanti(seq, 1, cfg.hidden_size, cfg.num_attention_heads, tp, sp, cp, rc,
                                   density if k else 1.0) for k in kinds)
             extra = f" (+{r['recompute_working_set'] / GIB:.2f} rebuilt)" if rc == "full" else ""
+            regather = "—"
+            if sp and rc == "none":
+                regather = f"{activation_bytes(cfg, sp_keeps_gathered=False, **kw)['total'] / GIB:.2f}"
             print(f"| {preset} | {seq} | {name} | {per} | {r['total'] / GIB:.2f}{extra} "
-                  f"| {kor / GIB:.2f} |")
+                  f"| {regather} | {kor / GIB:.2f} |")
 
 
 def main():

@@ -6,10 +6,15 @@ parallel/cross_entropy.py; tests/unit/test_activation_model.py checks the sums a
 planning/measure.py, which counts the saved tensors themselves). Notation: b micro-batch,
 s sequence, h hidden, a heads, g KV heads, d head size, f FFN size, t TP, C CP, P bytes per
 element of the compute dtype. Per rank, token-wise tensors hold n = b*s/C tokens; with sequence
-parallelism (Megatron's semantics: norm, dropout and residual regions split along the sequence
-over TP, and the column-parallel layers keep their sequence-split input and all-gather it again in
-backward) the replicated regions hold n/t. Attention under Ulysses CP runs a/(tC) heads over the
-full s after the all-to-all, which is the same element count as a/t heads over s/C.
+parallelism the norm, dropout and residual regions are split along the sequence over TP and hold
+n/t. Our column-parallel layers (parallel/layers.py) all-gather their sequence shard and call
+F.linear on the result, so autograd keeps the gathered input of n tokens -- QKV, MLP-up and the
+output head (`sp_keeps_gathered=True`, the default); Megatron-LM instead keeps the n/t shard and
+all-gathers it again in backward (`sp_keeps_gathered=False`, Korthikanti's 34/t). Attention under
+Ulysses CP runs a/(tC) heads over the full s after the all-to-all, which is the same element count
+as a/t heads over s/C; q, k, v are then the all-to-all's outputs (the fused QKV output and the
+RoPE outputs are not kept), and the attention output comes back from the second all-to-all as
+(b, heads, s/C, d), so the projection keeps a transposed copy of it.
 
 `device` picks the kernels our code runs there:
   "cuda"  dense SDPA = flash/efficient kernel (keeps q, k, v, output and fp32 log-sum-exp; the
@@ -134,9 +139,12 @@ def _attention_core(cfg: ModelConfig, sparse: bool, b: int, s: int, n: float, tp
         pm = max(P, FP32)
         scores = 3 * b * heads * s * s * pm
         return 3 * q_elems * pm + scores + proj_input
+    lse = n * (a // tp) * FP32  # fp32 log-sum-exp per head and query
+    if cp > 1:  # flash on the all-to-all's q, k, v (same elements as qkv); output; its copy
+        return qkv + q_elems * P + proj_input + lse
     # flash (CUDA and CPU): the output follows q's (b, s, heads, d) layout, so the projection's
-    # input is a view of it; fp32 log-sum-exp per head and query
-    return qkv + rope + q_elems * P + n * (a // tp) * FP32
+    # input is a view of it
+    return qkv + rope + q_elems * P + lse
 
 
 def _norm_bytes(cfg: ModelConfig, tokens: float, P: int, device: str) -> float:
@@ -151,10 +159,11 @@ def _norm_bytes(cfg: ModelConfig, tokens: float, P: int, device: str) -> float:
 def activation_bytes_per_layer(cfg: ModelConfig, *, layer: int, micro_batch: int, seq_length: int,
                                tp: int = 1, sp: bool = False, cp: int = 1, recompute: str = "none",
                                dtype_bytes: int = 2, device: str = "cuda",
-                               sp_keeps_gathered: bool = False) -> int:
+                               sp_keeps_gathered: bool = True) -> int:
     """Bytes transformer layer `layer` keeps for backward on one rank for one micro-batch.
-    `sp_keeps_gathered`: an SP implementation whose column-parallel layers keep their all-gathered
-    (whole-sequence) input instead of re-gathering it in backward (Megatron re-gathers)."""
+    `sp_keeps_gathered`: the column-parallel layers keep their all-gathered (whole-sequence) input,
+    as ours do (True); False: they keep the sequence shard and re-gather it in backward, as
+    Megatron-LM's do."""
     _check(cfg, micro_batch, seq_length, tp, sp, cp, recompute, dtype_bytes, device)
     if not 0 <= layer < cfg.num_layers:
         raise ConfigError(f"layer={layer} is outside 0..{cfg.num_layers - 1}")
@@ -181,7 +190,7 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_length: int, tp:
                      sp: bool = False, cp: int = 1, layers: Optional[Iterable[int]] = None,
                      first_stage: bool = True, last_stage: bool = True, recompute: str = "none",
                      dtype_bytes: int = 2, device: str = "cuda",
-                     sp_keeps_gathered: bool = False) -> dict:
+                     sp_keeps_gathered: bool = True) -> dict:
     """Saved-for-backward bytes of one micro-batch on one rank: {"layers": [per layer], "embedding",
     "logits_loss", "total", "recompute_working_set"} (the last: with full recompute, the largest
     layer's activations, rebuilt for its backward on top of the total; 0 otherwise)."""
