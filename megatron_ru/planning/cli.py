@@ -15,7 +15,7 @@ from typing import Optional
 from ..config import PRESETS, ConfigError, ModelConfig
 from ..errors import UsageError
 from .accelerators import ACCELERATORS, get_accelerator
-from .search import IMPLEMENTED, plan
+from .search import IMPLEMENTED, Workload, plan
 from .timing import LINK_EFFICIENCY, MATMUL_EFFICIENCY
 
 GB = 1e9
@@ -47,6 +47,13 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-tp", type=int, help="largest tensor-parallel size to consider")
     t.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
                    help="take ZeRO stage, precision and bucket sizes from this JSON")
+    t.add_argument("--dataset-type", choices=("text", "sft"), default="text",
+                   help="sft: no context parallelism (as pretrain_gpt.py)")
+    t.add_argument("--sft-packing", choices=("pad", "packed"), default="pad",
+                   help="packed: no pipeline parallelism")
+    t.add_argument("--reset-attention-mask", action="store_true",
+                   help="no context or pipeline parallelism")
+    t.add_argument("--reset-position-ids", action="store_true", help="no pipeline parallelism")
     t.add_argument("--bf16", action="store_true")
     t.add_argument("--fp16", action="store_true")
     t.add_argument("--fp32", action="store_true")
@@ -91,6 +98,12 @@ def _deepspeed(path: Optional[str]) -> tuple[dict, Optional[str], Optional[int]]
     return zero, precision, zero.get("stage") if "zero_optimization" in data else None
 
 
+def _workload(a) -> Workload:
+    return Workload(dataset_type=a.dataset_type, sft_packing=a.sft_packing,
+                    reset_attention_mask=a.reset_attention_mask,
+                    reset_position_ids=a.reset_position_ids)
+
+
 def command_line(r, cfg_source: str, a, seq: int, precision: str) -> str:
     lay = r.layout
     parts = [f"mpirun -np {a.gpus} python pretrain_gpt.py {cfg_source}",
@@ -105,6 +118,7 @@ def command_line(r, cfg_source: str, a, seq: int, precision: str) -> str:
         parts.append("--checkpoint-activations")
     parts.append(f"--micro-batch-size {lay.micro_batch} --global-batch-size {a.global_batch_size} "
                  f"--seq-length {seq}")
+    parts += _workload(a).flags()
     if precision != "fp32":
         parts.append(f"--{precision}")
     zero = {"stage": lay.zero}
@@ -156,7 +170,7 @@ def main(argv=None) -> int:
     fits, rejected = plan(cfg, acc, gpus=a.gpus, gpus_per_node=min(a.gpus_per_node, a.gpus),
                           seq_length=seq, global_batch=a.global_batch_size, precision=precision,
                           max_tp=a.max_tp, micro_batches=[a.micro_batch_size] if a.micro_batch_size else None,
-                          zero_stages=stages, zero_options=zero_opts)
+                          zero_stages=stages, zero_options=zero_opts, workload=_workload(a))
     if not fits and not rejected:
         raise UsageError(f"no layout divides {a.gpus} GPUs for this model and global batch "
                          f"{a.global_batch_size} (TP must divide the heads / FFN and a node; global "

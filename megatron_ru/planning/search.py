@@ -1,12 +1,18 @@
 """The layouts the toolkit can run for a model on a cluster: enumerated, checked against its rules, sized (memory, time), ranked.
 
 A layout = TP x CP x DP x PP ranks (TP innermost, then CP, then DP, then PP), ZeRO stage, hpZ
-group, sequence parallelism, recompute, micro-batch. Rules (what pretrain_gpt.py refuses):
-heads, KV heads and FFN divide by TP; SP needs TP > 1; CP divides the heads and KV heads of a TP
-rank and the sequence; PP <= layers, PP needs ZeRO 0/1 and at least PP micro-batches per step;
-hpZ only with ZeRO 3, a divisor of DP that keeps its group inside a node; the global batch is
-micro x accumulation x DP. Features behind IMPLEMENTED: a parallelism that has not landed is
-left out of the search (drop its name to hide it).
+group, sequence parallelism, recompute, micro-batch. Rules = what pretrain_gpt.py refuses
+(config.validate_parallel, training/arguments.py validate(), training/pipeline_run.py check(),
+training/hpz.py check_layout(); tests/e2e/test_plan.py feeds the planner's commands to
+those): heads, KV heads and FFN divide by TP; SP needs TP > 1 and the sequence divisible by TP;
+CP divides the heads and KV heads of a TP rank and the sequence, and does not combine with PP,
+SFT data or --reset-attention-mask; PP <= layers, PP needs ZeRO 0/1, at least PP micro-batches
+per step, and no --reset-attention-mask / --reset-position-ids / packed SFT; hpZ only with ZeRO 3
+and no PP, h secondary members of the ZeRO group (DP x CP ranks; hpz.py takes h consecutive
+ones) with h dividing DP x CP and the h x TP consecutive ranks they span inside a node; the
+global batch is micro x accumulation x DP. LoRA is not planned (the planner sizes full training).
+Features behind IMPLEMENTED: a parallelism that has not landed is left out of the search (drop
+its name to hide it).
 Per-rank memory = model states (states.py, the worst pipeline stage) + activations of the
 micro-batches in flight (1F1B: stage s holds min(m, p - s)) (activations.py) + communication
 buffers + FRAGMENTATION of the total, against the device memory less CONTEXT_RESERVE.
@@ -76,8 +82,25 @@ def _divisors(n: int) -> list:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
+@dataclass(frozen=True)
+class Workload:
+    """The pretrain_gpt.py flags that restrict layouts (the planner adds them to its command)."""
+    dataset_type: str = "text"  # "sft": no context parallelism
+    sft_packing: str = "pad"  # "packed": no pipeline parallelism
+    reset_attention_mask: bool = False  # no context or pipeline parallelism
+    reset_position_ids: bool = False  # no pipeline parallelism
+
+    def flags(self) -> list:
+        out = [f"--dataset-type {self.dataset_type}"] if self.dataset_type != "text" else []
+        if self.sft_packing != "pad":
+            out.append(f"--sft-packing {self.sft_packing}")
+        out += [f for f, on in (("--reset-attention-mask", self.reset_attention_mask),
+                                ("--reset-position-ids", self.reset_position_ids)) if on]
+        return out
+
+
 def rule_violation(cfg: ModelConfig, lay: Layout, *, seq_length: int, global_batch: int,
-                   gpus_per_node: int) -> str:
+                   gpus_per_node: int, workload: Workload = Workload()) -> str:
     """Why pretrain_gpt.py would refuse this layout ('' = it runs)."""
     t, c = lay.tp, lay.cp
     for name, value in (("heads", cfg.num_attention_heads), ("KV heads", cfg.num_key_value_heads),
@@ -89,16 +112,32 @@ def rule_violation(cfg: ModelConfig, lay: Layout, *, seq_length: int, global_bat
     if c > 1 and ((cfg.num_attention_heads // t) % c or (cfg.num_key_value_heads // t) % c
                   or seq_length % c):
         return f"CP {c} does not divide the heads / KV heads per TP rank or the sequence"
-    if lay.sp and seq_length % (t * c):
+    if c > 1:
+        for what, on in (("pipeline parallelism", lay.pp > 1),
+                         ("SFT data", workload.dataset_type == "sft"),
+                         ("--reset-attention-mask", workload.reset_attention_mask)):
+            if on:
+                return f"context parallelism does not combine with {what}"
+    if lay.sp and seq_length % (t * c):  # each CP slice splits over TP (the model's forward)
         return f"sequence {seq_length} not divisible by TP x CP for SP"
     if lay.pp > cfg.num_layers:
         return f"PP {lay.pp} > {cfg.num_layers} layers"
-    if lay.pp > 1 and lay.zero >= 2:
-        return "pipeline parallelism needs ZeRO 0 or 1"
-    if lay.pp > 1 and lay.accum < lay.pp:
-        return f"{lay.accum} micro-batches per step < PP {lay.pp}"
-    if lay.hpz > 1 and (lay.zero != 3 or lay.dp % lay.hpz or t * c * lay.hpz > gpus_per_node):
-        return "hpZ needs ZeRO 3 and a group inside a node dividing DP"
+    if lay.pp > 1:
+        if lay.zero >= 2:
+            return "pipeline parallelism needs ZeRO 0 or 1"
+        if lay.accum < lay.pp:
+            return f"{lay.accum} micro-batches per step < PP {lay.pp}"
+        for what, on in (("--reset-attention-mask", workload.reset_attention_mask),
+                         ("--reset-position-ids", workload.reset_position_ids),
+                         ("packed SFT rows", workload.sft_packing == "packed")):
+            if on:
+                return f"pipeline parallelism does not combine with {what}"
+    if lay.hpz > 1:
+        zero_group = lay.dp * c  # the ranks holding the same weights (hpz.py's ZeRO group)
+        if lay.zero != 3 or lay.pp > 1:
+            return "hpZ needs ZeRO 3 and no pipeline parallelism"
+        if lay.hpz > zero_group or zero_group % lay.hpz or gpus_per_node % (t * lay.hpz):
+            return "hpZ needs a group dividing DP x CP whose TP x h ranks stay inside a node"
     if global_batch != lay.micro_batch * lay.accum * lay.dp:
         return "global batch != micro x accumulation x DP"
     return ""
@@ -107,7 +146,8 @@ def rule_violation(cfg: ModelConfig, lay: Layout, *, seq_length: int, global_bat
 def enumerate_layouts(cfg: ModelConfig, *, gpus: int, gpus_per_node: int, seq_length: int,
                       global_batch: int, max_tp: Optional[int] = None,
                       micro_batches: Optional[list] = None, zero_stages=(0, 1, 2, 3),
-                      implemented: frozenset = frozenset(IMPLEMENTED)) -> list:
+                      implemented: frozenset = frozenset(IMPLEMENTED),
+                      workload: Workload = Workload()) -> list:
     """Every layout the rules allow (Layout objects); none at all when the world is not divisible."""
     out = []
     features = implemented
@@ -123,9 +163,9 @@ def enumerate_layouts(cfg: ModelConfig, *, gpus: int, gpus_per_node: int, seq_le
                     accum = global_batch // (mb * d)
                     for z in (zero_stages if "zero" in features else (0,)):
                         hpzs = [1]
-                        if z == 3 and "hpz" in features:
-                            inside = gpus_per_node // (t * c) if gpus_per_node % (t * c) == 0 else 1
-                            if 1 < inside < d and d % inside == 0:
+                        if z == 3 and p == 1 and "hpz" in features:  # the largest in-node group
+                            inside = gpus_per_node // t if gpus_per_node % t == 0 else 1
+                            if 1 < inside < d * c and (d * c) % inside == 0:
                                 hpzs.append(inside)
                         for hz in hpzs:
                             for sp in ([False, True] if "sp" in features and t > 1 else [False]):
@@ -133,7 +173,8 @@ def enumerate_layouts(cfg: ModelConfig, *, gpus: int, gpus_per_node: int, seq_le
                                     lay = Layout(t, p, d, c, z, hz, sp, rc, mb, accum)
                                     if not rule_violation(cfg, lay, seq_length=seq_length,
                                                           global_batch=global_batch,
-                                                          gpus_per_node=gpus_per_node):
+                                                          gpus_per_node=gpus_per_node,
+                                                          workload=workload):
                                         out.append(lay)
     return out
 
@@ -207,12 +248,13 @@ def plan(cfg: ModelConfig, acc: Accelerator, *, gpus: int, gpus_per_node: int, s
          global_batch: int, precision: str = "bf16", max_tp: Optional[int] = None,
          micro_batches: Optional[list] = None, zero_stages=(0, 1, 2, 3),
          zero_options: Optional[dict] = None, implemented=frozenset(IMPLEMENTED), device: str = "cuda",
-         reserve: float = CONTEXT_RESERVE) -> tuple[list, list]:
+         reserve: float = CONTEXT_RESERVE, workload: Workload = Workload()) -> tuple[list, list]:
     """(fitting results sorted by predicted tokens/s/GPU, the rejected ones). `device` "cpu" and
     `reserve` 0 size a CPU run (tests)."""
     layouts = enumerate_layouts(cfg, gpus=gpus, gpus_per_node=gpus_per_node, seq_length=seq_length,
                                 global_batch=global_batch, max_tp=max_tp, micro_batches=micro_batches,
-                                zero_stages=zero_stages, implemented=frozenset(implemented))
+                                zero_stages=zero_stages, implemented=frozenset(implemented),
+                                workload=workload)
     results = [evaluate(cfg, lay, acc, seq_length=seq_length, global_batch=global_batch, gpus=gpus,
                         gpus_per_node=gpus_per_node, precision=precision, zero_options=zero_options,
                         device=device, reserve=reserve)
