@@ -5,19 +5,36 @@ Per micro-batch and pipeline stage (the slowest stage sets the pace):
             causal attention 2sh per token scaled by the sparse layout's density) / (TP x CP),
             x3 for forward + backward, x4 with full recompute; weight matmuls at MATMUL_EFFICIENCY
             x peak, attention at ATTENTION_EFFICIENCY x peak
-  memory    elementwise work (norms, residuals, activation functions, softmax of the loss) as
-            bytes moved per token at HBM bandwidth
+  memory    elementwise work as bytes moved at HBM bandwidth, counted pass by pass from our eager
+            PyTorch ops (`elementwise_bytes`: norms -- RMSNorm's fp32 round trip --, residual
+            adds, dropout, RoPE, GELU / SwiGLU; backward 2x the forward's traffic) and the
+            softmax of the loss
   TP        4 all-reduces of b s h per layer (2 forward, 2 backward; SP's all-gather +
             reduce-scatter move the same bytes), +2 with recompute; not overlapped
   CP        Ulysses: 4 all-to-alls per layer forward (q, k, v, output) and 4 backward; not overlapped
   PP        1F1B: step = (m + p - 1) x (slowest stage's micro-batch time), bubble (p-1)/(m+p-1);
             p2p of b s h each way per micro-batch on the link between stages
-Per step: data-parallel traffic (ZeRO 0/1: gradient all-reduce once per step, ZeRO 1 adds the
-weight all-gather; ZeRO 2: gradient reduce-scatter per micro-batch + weight all-gather; ZeRO 3:
-weight all-gather twice (three times with recompute) and gradient reduce-scatter per micro-batch,
-hpZ gathering inside the node from its secondary copy) -- overlapped with backward compute
-(ZeRO 1/2, overlap_comm) or with forward and backward (ZeRO 3, prefetch); ZeRO 0 is exposed; then
-the optimizer step reading and writing the model states at HBM speed.
+Per step: data-parallel traffic (ZeRO 0/1: gradient all-reduce once per step; ZeRO 2: gradient
+reduce-scatter per micro-batch; ZeRO 3: weight all-gather twice (three times with recompute) and
+gradient reduce-scatter per micro-batch, hpZ gathering inside the node from its secondary copy)
+-- overlapped with backward compute (ZeRO 1/2, overlap_comm) or with forward and backward (ZeRO 3,
+prefetch), except what cannot overlap: the last gradient bucket after the last backward (ZeRO
+1/2: DeepSpeed's reduce_bucket_size), the first layer's weight gather and the last layer's
+gradient reduce-scatter of every micro-batch (ZeRO 3); ZeRO 0 is all exposed. ZeRO 1/2 then
+all-gather the updated 16-bit weights after the optimizer step (DeepSpeed's stage_1_and_2.py
+step(): all_gather_dp_groups), before the next forward: exposed. The optimizer step reads and
+writes the model states at HBM speed.
+
+Constants and what they rest on (A100 figures; no constant is fitted to one run):
+  MATMUL_EFFICIENCY 0.7: MosaicML's llm-foundry benchmarks (scripts/train/benchmarking/README.md,
+    A100-80GB, FSDP) reach 69-79 % hardware FLOPs utilisation for 7B and 13B models at 1k-16k
+    tokens with activation checkpointing -- a lower bound on the GEMMs' sustained rate, since that time also holds the
+    elementwise work and communication; Megatron-LM reports 44-52 % of peak end to end with full
+    recompute and all communication (Narayanan et al. 2021, Table 1) and 54.2 % MFU for 530B
+    on 2240 A100s with sequence parallelism and selective recompute (Korthikanti et al. 2022).
+  ATTENTION_EFFICIENCY 0.45: FlashAttention-2 (Dao 2023) reaches 50-73 % of the A100 peak;
+    0.45 leaves room for the backward pass, causal masking, GQA and smaller heads.
+  LINK_EFFICIENCY 0.8: NCCL's bus bandwidth on NVLink / InfiniBand rings (nccl-tests).
 Ring collectives: all-reduce moves 2(n-1)/n of the bytes, all-gather / reduce-scatter (n-1)/n, at
 LINK_EFFICIENCY x link bandwidth. A group stays inside a node when its ranks do (TP innermost,
 then CP, then DP, then PP).
@@ -34,7 +51,7 @@ from .accelerators import Accelerator
 MATMUL_EFFICIENCY = 0.7  # sustained share of the dense peak in large bf16 GEMMs (A100 / H100)
 ATTENTION_EFFICIENCY = 0.45  # flash / block-sparse attention kernels, forward + backward
 LINK_EFFICIENCY = 0.8  # NCCL bus bandwidth / link bandwidth on NVLink and InfiniBand rings
-ELEMENTWISE_BYTES = 24  # bytes moved per token per hidden unit per layer, forward + backward (x P)
+REDUCE_BUCKET = 5e8  # DeepSpeed's reduce_bucket_size default (elements): the exposed last bucket
 
 
 @functools.lru_cache(maxsize=256)
@@ -63,6 +80,28 @@ def flops_per_token(config: ModelConfig, seq_length: int) -> float:
     n = config.num_parameters()
     attn = 12 * config.num_layers * config.hidden_size * seq_length
     return 6.0 * n + attn * attention_fraction(config, seq_length)
+
+
+def elementwise_bytes(cfg: ModelConfig, *, tp: int, sp: bool, dtype_bytes: int) -> float:
+    """HBM bytes one layer's forward moves per token outside the matmuls and the attention
+    kernel, pass by pass (read + write of each op of model/*.py, eager PyTorch). The regions
+    outside attention and MLP hold 1/TP of the tokens with SP; the backward moves about twice
+    this (its input, the saved tensor and the gradient)."""
+    h, P, f = cfg.hidden_size, dtype_bytes, cfg.ffn_hidden_size / tp
+    if cfg.is_llama:  # RMSNorm: to fp32, rms_norm (fp32 in and out), back to P, times the weight
+        norm = 2 * h * P + 2 * 4 * h + 2 * 4 * h + (h * P + h * P) + 2 * h * P
+    else:  # F.layer_norm: read and write
+        norm = 2 * h * P
+    replicated = 2 * norm + 2 * 3 * h * P  # two norms, two residual adds
+    if cfg.hidden_dropout > 0.0:
+        replicated += 2 * (3 * h * P + h)  # mask draw, apply (input, mask, output)
+    per_rank = 0.0
+    if cfg.is_llama:  # RoPE on q and k: x*cos, rotate_half (neg, cat), *sin, add: 10 passes
+        per_rank += 10 * (cfg.num_attention_heads + cfg.num_key_value_heads) * cfg.head_dim / tp * P
+        per_rank += 5 * f * P  # SwiGLU: silu (f in, f out), times up (2f in, f out)
+    else:
+        per_rank += 2 * f * P  # tanh GELU
+    return replicated / (tp if sp else 1) + per_rank
 
 
 def allreduce_s(nbytes: float, n: int, gbps: float) -> float:
@@ -119,7 +158,8 @@ def step_time(cfg: ModelConfig, layout, acc: Accelerator, *, seq_length: int, gl
         layers = cost["layers"]
         attn = passes * tokens * cost["attn_flops"] / (t * c)
         flops = passes * tokens * cost["flops"] / (t * c) - attn
-        mem_bytes = ELEMENTWISE_BYTES * tokens / c * h * P * layers / (t if layout.sp else 1)
+        mem_bytes = passes * tokens / c * layers * elementwise_bytes(cfg, tp=t, sp=layout.sp,
+                                                                     dtype_bytes=P)
         if cost["last"]:  # loss: softmax over the vocabulary slice, fp32, a few passes
             mem_bytes += 4 * 4 * tokens / c * cfg.padded_vocab_size(t) / t
         comp = flops / peak + attn / (peak * ATTENTION_EFFICIENCY / MATMUL_EFFICIENCY) + mem_bytes / (acc.hbm_gbps * 1e9)
@@ -144,17 +184,21 @@ def step_time(cfg: ModelConfig, layout, acc: Accelerator, *, seq_length: int, gl
     n = stage_params[slowest]
     grad_bytes = n * (4 if precision == "fp32" else P)
     z = layout.zero
+    per_grad = grad_bytes / max(n, 1)
+    tail = 0.0  # traffic that cannot overlap compute whatever the window
     if d * c == 1:
         dp_total = 0.0
         window = 0.0
     elif z == 0:
         dp_total, window = allreduce_s(grad_bytes, d * c, dp_link), 0.0
-    elif z == 1:
-        dp_total = gather_s(grad_bytes, d * c, dp_link) * 2 + gather_s(n * P, d * c, dp_link)
-        window = comp * 2 / passes
-    elif z == 2:
-        dp_total = m * gather_s(grad_bytes, d * c, dp_link) + gather_s(n * P, d * c, dp_link)
-        window = m * comp * 2 / passes
+    elif z in (1, 2):
+        reduce = 2 * gather_s(grad_bytes, d * c, dp_link) if z == 1 else \
+            m * gather_s(grad_bytes, d * c, dp_link)
+        last_bucket = gather_s(min(n, REDUCE_BUCKET) * per_grad, d * c, dp_link) * (2 if z == 1 else 1)
+        weights = gather_s(n * P, d * c, dp_link)  # after the optimizer step, before the forward
+        dp_total = reduce + weights
+        tail = last_bucket + weights
+        window = (1 if z == 1 else m) * comp * 2 / passes  # backward compute
     else:
         gathers = 3 if layout.recompute == "full" else 2
         inner = layout.hpz if layout.hpz > 1 else d * c
@@ -162,8 +206,10 @@ def step_time(cfg: ModelConfig, layout, acc: Accelerator, *, seq_length: int, gl
         dp_total = m * (gathers * gather_s(n * P, inner, inner_link) + gather_s(grad_bytes, d * c, dp_link))
         if layout.hpz > 1:
             dp_total += gather_s(n * P, d * c, dp_link)  # refresh of the secondary copy per step
-        window = m * comp
-    dp_exposed = max(0.0, dp_total - window)
+        layer = n / max(1, stage_costs[slowest]["layers"])  # one layer's parameters on this rank
+        tail = m * (gather_s(layer * P, inner, inner_link) + gather_s(layer * per_grad, d * c, dp_link))
+        window = m * comp  # forward and backward compute
+    dp_exposed = tail + max(0.0, dp_total - tail - window)
     states = stage_params[slowest] / (d * c if z >= 1 else 1)
     optimizer_s = states * (4 + 4 + 4 + 4) * 2 / (acc.hbm_gbps * 1e9)  # master, m, v, grad: read + write
     step = pipeline_s + dp_exposed + optimizer_s
