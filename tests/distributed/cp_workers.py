@@ -33,8 +33,12 @@ CONFIGS = {  # 32 tokens = 8 blocks of 4: local windows, global columns and skip
 
 
 def _config(name):
-    return ModelConfig(**CONFIGS[name], vocab_size=VOCAB, max_position_embeddings=SEQ,
-                       hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05)
+    """CONFIGS[name]; "NAME+sp": with Megatron sequence parallelism (TP > 1: each CP slice is
+    split again over the TP ranks outside attention and MLP)."""
+    base, _, sp = name.partition("+")
+    return ModelConfig(**CONFIGS[base], vocab_size=VOCAB, max_position_embeddings=SEQ,
+                       hidden_dropout=0.0, attention_dropout=0.0, init_method_std=0.05,
+                       sequence_parallel=sp == "sp")
 
 
 def _batch(seed):
@@ -58,16 +62,17 @@ def _local(ps, *tensors):
     return [local_slice(t, ps) for t in tensors]
 
 
-def model_parity(rank, world, tp, cp):
-    """Loss and every gradient of one forward/backward, all three configs."""
+def model_parity(rank, world, tp, cp, names=tuple(CONFIGS)):
+    """Loss and every gradient of one forward/backward (default: all three configs)."""
     ps = ParallelState.from_environment(tensor_model_parallel_size=tp, context_parallel_size=cp)
     assert (ps.cp_rank, ps.tp_rank) == ((rank // tp) % cp, rank % tp)
-    for name in CONFIGS:
+    for name in names:
         cfg = _config(name)
         model, ref = GPTModel(cfg, ps, seed=5), GPTModel(cfg, None, seed=5)
         tokens, labels, mask = _batch(seed=1)
         loss = model(*_local(ps, tokens), labels=local_slice(labels, ps),
                      loss_mask=local_slice(mask, ps))
+        assert model._sp_active == (cfg.sequence_parallel and tp > 1), name
         ref_loss = ref(tokens, labels=labels, loss_mask=mask)
         assert_rel_close(loss, ref_loss, TOL, f"{name} loss")
         loss.backward()
@@ -137,8 +142,9 @@ def deepspeed_parity(rank, world, tp, cp, stages, names):
 
 
 def checks(rank, world, tp, cp, with_model, stages, names):
-    """One spawn for several checks (process start-up and DeepSpeed import dominate)."""
+    """One spawn for several checks (process start-up and DeepSpeed import dominate).
+    with_model: True (all configs) or the config names to check without DeepSpeed."""
     if with_model:
-        model_parity(rank, world, tp, cp)
+        model_parity(rank, world, tp, cp, *(() if with_model is True else (with_model,)))
     if stages:
         deepspeed_parity(rank, world, tp, cp, stages, names)
