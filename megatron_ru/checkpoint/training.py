@@ -306,4 +306,6 @@ def load_training_checkpoint(engine, directory: str, *, load_optimizer: bool,
                                           load_module_strict=strict)
     if path is None:
         raise CheckpointError(f"DeepSpeed could not load {Path(directory) / tag}")
+    if load_optimizer:  # DeepSpeed's ZeRO-3 universal loader: shared step, first group's settings
+        universal.repair_zero3_load(engine, Path(directory) / tag, trust=trust)
     return client or {}

@@ -170,6 +170,34 @@ def plan_resume(load_dir: str, tag: str, dp_size: int, pp_size: int = 1) -> tupl
     return tag + SUFFIX, True
 
 
+def repair_zero3_load(engine, tag_dir: Path, *, trust: bool = False) -> None:
+    """After DeepSpeed 0.19 loaded the universal checkpoint `tag_dir` with its optimizer state at
+    ZeRO-3, undo two slips of its stage-3 loader (`load_hp_checkpoint_state_from_checkpoint_dir_stage3`),
+    which ZeRO 1/2's loader does not make:
+    - it stores ONE `step` tensor in the state of every parameter group; torch's Adam adds 1 to
+      it in place per group, so the second group's bias correction ran a step ahead, the third's
+      two... (measured: losses after the first resumed step drift from the straight run, 3e-4 by
+      the second). Each group gets its own copy;
+    - it copies the FIRST group's settings into every group, so the no-decay group (biases,
+      norms) would resume with weight decay. Each group gets its saved settings back."""
+    if not is_universal(tag_dir) or engine.zero_optimization_stage() != 3:
+        return
+    zero3 = engine.optimizer
+    torch_opt = zero3.optimizer  # one torch param group per our group, holding flat fp32 partitions
+    for flat in zero3.fp32_partitioned_groups_flat:
+        state = torch_opt.state.get(flat, {})
+        if "step" in state and hasattr(state["step"], "clone"):
+            state["step"] = state["step"].clone()
+    saved = safe_pickle.load(tag_dir / "zero" / "optimizer_state.pt", trust=trust, mmap=False)
+    saved = saved["optimizer_state_dict"]["param_groups"]
+    if len(saved) != len(torch_opt.param_groups):
+        raise CheckpointError(f"{tag_dir}: {len(saved)} optimizer parameter groups saved but this "
+                              f"run has {len(torch_opt.param_groups)}; resume with the same "
+                              "parameter grouping (or start from the weights with --finetune --load)")
+    for group, old in zip(torch_opt.param_groups, saved):
+        group.update({k: v for k, v in old.items() if k != "params"})
+
+
 def convert_directory(src: str, dst: str, *, tag: Optional[str] = None, overwrite: bool = False,
                       trust: bool = False, progress: Optional[bool] = None) -> Path:
     """`convert_checkpoint.py --to universal`: DST = SRC's config.json + tokenizer + the universal

@@ -385,6 +385,11 @@ def _check_sequence_parallel(cfg: ModelConfig, args: TrainArgs, log: Optional[Ca
             log("--sequence-parallel has no effect at --tensor-model-parallel-size 1 (nothing to "
                 "split the sequence over)")
         return
+    cp = args.context_parallel_size
+    if cp > 1 and args.seq_length % (tp * cp):
+        raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
+                          f"--tensor-model-parallel-size x --context-parallel-size = {tp} x {cp} "
+                          f"(each TP rank holds an equal part of its CP rank's slice)")
     if args.seq_length % tp:
         raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by "
                           f"--tensor-model-parallel-size {tp} (each TP rank holds an equal part of "

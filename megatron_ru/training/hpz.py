@@ -11,7 +11,10 @@ stitch a parameter from several shards: measured on 4 CPU ranks, TP 2 x DP 2 wit
 with losses that differ from plain ZeRO-3 from the first step, without any error.
 
 What we do instead: a secondary group is h consecutive members of one ZeRO data-parallel group
-(at TP = 1 exactly DeepSpeed's groups; at TP = t the global ranks r, r+t, ..., r+(h-1)t). Every
+(at TP = 1 exactly DeepSpeed's groups; at TP = t the global ranks r, r+t, ..., r+(h-1)t). With
+context parallelism ZeRO partitions over DP x CP (every rank holding the same weights, ParallelState's
+`mpu` group), and the secondary groups are h consecutive members of that group (CP ranks first,
+so h = CP gives the CP groups themselves). Every
 rank creates every group in the same order, and the one it belongs to is set where the stage-3
 optimizer looks first (`deepspeed.utils.groups._ZERO_PARAM_INTRA_PARALLEL_GROUP`), so DeepSpeed
 keeps it. Before compute we refuse, with one line: hpZ below ZeRO stage 3 or with pipeline
@@ -37,26 +40,37 @@ def secondary_groups(zero_groups: list[list[int]], h: int) -> list[list[int]]:
     return [sorted(g)[i:i + h] for g in zero_groups for i in range(0, len(g), h)]
 
 
+def zero_groups(world: int, tp: int, pp: int = 1, cp: int = 1) -> list[list[int]]:
+    """The groups ZeRO partitions over (DeepSpeed's data-parallel group, ParallelState's `mpu`):
+    the DP groups, or the DP x CP groups with context parallelism."""
+    from ..parallel.state import group_ranks
+    kind = "dp_cp" if cp > 1 else "dp"
+    return [ranks for k, ranks in group_ranks(world, tp, pp, cp) if k == kind]
+
+
 def deepspeed_groups(world: int, h: int) -> list[list[int]]:
     """The groups DeepSpeed 0.19 would build by itself: h consecutive global ranks."""
     return [list(range(i, i + h)) for i in range(0, world, h)]
 
 
 def check_layout(h: int, *, world: int, tp: int, pp: int, zero_groups: list[list[int]],
-                 ranks_per_node: int, rank: int, local_rank: int, path: str) -> list[list[int]]:
-    """The secondary groups for hpZ size h, or ConfigError with one line. Pure: the same
+                 ranks_per_node: int, rank: int, local_rank: int, path: str,
+                 cp: int = 1) -> list[list[int]]:
+    """The secondary groups for hpZ size h, or ConfigError with one line. `zero_groups`: the
+    groups ZeRO partitions over (DP, or DP x CP with context parallelism). Pure: the same
     answer on every rank except for the placement check, which reads this rank's own position."""
     key = f"{path}: zero_optimization.zero_hpz_partition_size={h}"
     dp = len(zero_groups[0])
+    size = f"world {world} / TP {tp}" if cp == 1 else f"DP {dp // cp} x CP {cp}"
     if pp > 1:
         raise ConfigError(f"{key} cannot be combined with --pipeline-model-parallel-size={pp} "
                           "(hpZ is part of ZeRO stage 3, which pipeline stages do not run)")
     if h > dp:
-        raise ConfigError(f"{key} is larger than the data-parallel size {dp} (world {world} / TP "
-                          f"{tp}): a secondary group holds h data-parallel ranks")
+        raise ConfigError(f"{key} is larger than the data-parallel size {dp} ({size}): a secondary "
+                          "group holds h data-parallel ranks")
     if dp % h:
-        raise ConfigError(f"{key} does not divide the data-parallel size {dp} (world {world} / TP "
-                          f"{tp}): the data-parallel ranks must split into whole groups of {h}")
+        raise ConfigError(f"{key} does not divide the data-parallel size {dp} ({size}): the "
+                          f"data-parallel ranks must split into whole groups of {h}")
     groups = secondary_groups(zero_groups, h)
     node = ranks_per_node
     if (rank - local_rank) % node or local_rank >= node:
@@ -76,11 +90,12 @@ def check_layout(h: int, *, world: int, tp: int, pp: int, zero_groups: list[list
     return groups
 
 
-def describe(groups: list[list[int]], world: int, h: int, ranks_per_node: int) -> str:
+def describe(groups: list[list[int]], world: int, h: int, ranks_per_node: int, cp: int = 1) -> str:
     ours = groups if len(groups) <= 4 else groups[:3] + [["..."]]
     note = "" if sorted(map(sorted, groups)) == deepspeed_groups(world, h) else \
         " (DeepSpeed's own consecutive-rank groups would mix tensor-parallel shards; ours are used)"
-    return (f"ZeRO++ hpZ: secondary parameter shards over groups of {h} data-parallel ranks "
+    what = "data-parallel ranks" if cp == 1 else "data-parallel ranks (DP x CP)"
+    return (f"ZeRO++ hpZ: secondary parameter shards over groups of {h} {what} "
             f"{ours}, {ranks_per_node} ranks per node{note}")
 
 
@@ -90,12 +105,11 @@ def setup(ds: dict, ps, path: str, ranks_per_node: int, log: Callable) -> Option
     h = partition_size(ds)
     if h <= 1:
         return None
-    from ..parallel.state import group_ranks
-    zero_groups = [r for kind, r in group_ranks(ps.world_size, ps.tp_size, ps.pp_size) if kind == "dp"]
     groups = check_layout(h, world=ps.world_size, tp=ps.tp_size, pp=ps.pp_size,
-                          zero_groups=zero_groups, ranks_per_node=ranks_per_node, rank=ps.rank,
-                          local_rank=ps.local_rank, path=path)
-    log(describe(groups, ps.world_size, h, ranks_per_node))
+                          zero_groups=zero_groups(ps.world_size, ps.tp_size, ps.pp_size, ps.cp_size),
+                          ranks_per_node=ranks_per_node, rank=ps.rank,
+                          local_rank=ps.local_rank, path=path, cp=ps.cp_size)
+    log(describe(groups, ps.world_size, h, ranks_per_node, ps.cp_size))
     return groups
 
 

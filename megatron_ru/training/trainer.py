@@ -320,6 +320,13 @@ class Trainer:
         elif self.resume_tag is not None:  # another DP (or PP > 1) size: via a universal checkpoint
             self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
                                                                     ps.dp_cp_size, ps.pp_size)
+            if load_universal and ps.tp_size > 1 and self.ds.get("zero_optimization", {}).get("stage") == 3:
+                raise ConfigError(  # DeepSpeed 0.19 narrows whole tensors into TP-shard partitions
+                    f"{args.load}/{self.resume_tag.removesuffix(universal.SUFFIX)} was saved at "
+                    "another data-parallel size "
+                    f"(DP x CP); DeepSpeed cannot resume ZeRO-3 state at --tensor-model-parallel-size "
+                    f"{ps.tp_size} through a universal checkpoint: resume at the saved DP x CP size, "
+                    "or start from the weights with --finetune --load")
             if load_universal:
                 self.ds.setdefault("checkpoint", {})["load_universal"] = True
                 target = Path(args.load) / self.resume_tag

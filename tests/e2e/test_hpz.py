@@ -1,6 +1,7 @@
-"""ZeRO++ hpZ under pretrain_gpt.py on 4 mpirun ranks (gloo, fp32): the same losses as plain ZeRO-3,
-and a plain ZeRO-3 checkpoint resumes into hpZ (an hpZ checkpoint holds the same tensors as a plain one,
-so it resumes into plain ZeRO-3 as any ZeRO-3 checkpoint does)."""
+"""ZeRO++ hpZ under pretrain_gpt.py on 4 mpirun ranks (gloo, fp32) laid out CP 2 x DP 2, so ZeRO (and
+hpZ) runs over DeepSpeed's data-parallel group DP x CP: the same losses as plain ZeRO-3, and a plain
+ZeRO-3 checkpoint resumes into hpZ (an hpZ checkpoint holds the same tensors as a plain one, so it
+resumes into plain ZeRO-3 as any ZeRO-3 checkpoint does)."""
 import json
 
 import pytest
@@ -11,7 +12,7 @@ from tests.helpers import ROOT, assert_losses_close, losses, pretrain
 pytestmark = [pytest.mark.slow, pytest.mark.mpirun]
 
 COMMON = ["--train-iters", "10", "--lr-decay-iters", "10", "--micro-batch-size", "2",
-          "--save-interval", "5", "--deepspeed"]
+          "--save-interval", "5", "--context-parallel-size", "2", "--deepspeed"]
 
 
 def _tensors(obj, prefix=""):
@@ -28,14 +29,14 @@ def _tensors(obj, prefix=""):
 def test_hpz_equals_plain_zero3_and_resumes_from_it(tmp_path):
     hpz_cfg = tmp_path / "hpz2.json"
     data = json.loads((ROOT / "configs" / "ds_zero3_hpz.json").read_text())
-    data["zero_optimization"]["zero_hpz_partition_size"] = 2  # 4 ranks: groups [0,1], [2,3]
+    data["zero_optimization"]["zero_hpz_partition_size"] = 2  # DP x CP = 4: groups [0,1], [2,3]
     hpz_cfg.write_text(json.dumps(data))
     plain_ckpt, hpz_ckpt = tmp_path / "plain_ckpt", tmp_path / "hpz_ckpt"
     _, plain = pretrain(tmp_path, "plain", *COMMON, "--deepspeed_config", "configs/ds_zero3.json",
                         "--save", str(plain_ckpt), np_=4)
     proc, hpz = pretrain(tmp_path, "hpz", *COMMON, "--deepspeed_config", str(hpz_cfg),
                          "--save", str(hpz_ckpt), np_=4)
-    assert "ZeRO++ hpZ: secondary parameter shards over groups of 2 data-parallel ranks " \
+    assert "ZeRO++ hpZ: secondary parameter shards over groups of 2 data-parallel ranks (DP x CP) " \
            "[[0, 1], [2, 3]], 4 ranks per node" in proc.stdout
     assert len(losses(plain)) == 10
     assert_losses_close(losses(hpz), losses(plain), tol=1e-6)  # in fact bit-identical on gloo

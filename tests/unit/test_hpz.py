@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[2]
 P = "--deepspeed_config c.json"
 
 
-def _layout(h, world, tp=1, pp=1, node=8, rank=0, local_rank=0):
-    zero = [r for kind, r in group_ranks(world, tp, pp) if kind == "dp"]
+def _layout(h, world, tp=1, pp=1, node=8, rank=0, local_rank=0, cp=1):
+    zero = hpz.zero_groups(world, tp, pp, cp)
     return hpz.check_layout(h, world=world, tp=tp, pp=pp, zero_groups=zero, ranks_per_node=node,
-                            rank=rank, local_rank=local_rank, path=P)
+                            rank=rank, local_rank=local_rank, path=P, cp=cp)
 
 
 def test_tp1_groups_are_deepspeeds_consecutive_ranks():
@@ -31,6 +31,39 @@ def test_tp2_groups_stay_inside_the_data_parallel_groups():
     assert groups == [[0, 2, 4, 6], [8, 10, 12, 14], [1, 3, 5, 7], [9, 11, 13, 15]]
     assert groups != hpz.deepspeed_groups(16, 4)  # DeepSpeed's own would mix TP shards
     assert "ours are used" in hpz.describe(groups, 16, 4, 8)
+
+
+def test_with_context_parallelism_groups_are_consecutive_members_of_dp_x_cp():
+    """ZeRO partitions over DP x CP (ParallelState's mpu group); the secondary groups are h
+    consecutive members of it (CP ranks first): h = CP gives the CP groups, larger h spans DP."""
+    zero = hpz.zero_groups(16, 2, cp=2)  # TP 2 x CP 2 x DP 4
+    assert zero == [r for k, r in group_ranks(16, 2, 1, 2) if k == "dp_cp"]
+    assert zero == [[0, 2, 4, 6, 8, 10, 12, 14], [1, 3, 5, 7, 9, 11, 13, 15]]
+    cp_groups = [r for k, r in group_ranks(16, 2, 1, 2) if k == "cp"]
+    assert sorted(_layout(2, 16, tp=2, cp=2)) == sorted(cp_groups)
+    assert _layout(4, 16, tp=2, cp=2) == [[0, 2, 4, 6], [8, 10, 12, 14], [1, 3, 5, 7], [9, 11, 13, 15]]
+    # TP 1 x CP 2 x DP 2: DeepSpeed's own consecutive groups, which are ours
+    groups = _layout(2, 4, cp=2, node=4)
+    assert groups == hpz.deepspeed_groups(4, 2) == [[0, 1], [2, 3]]
+    assert hpz.describe(groups, 4, 2, 4, cp=2) == (
+        "ZeRO++ hpZ: secondary parameter shards over groups of 2 data-parallel ranks (DP x CP) "
+        "[[0, 1], [2, 3]], 4 ranks per node")
+    # every group lies inside one ZeRO group and one node, and the groups cover every rank once
+    for tp, cp, dp, h, node in [(1, 2, 4, 8, 8), (2, 2, 2, 2, 8), (2, 4, 2, 4, 8), (4, 2, 1, 2, 8)]:
+        world = tp * cp * dp
+        groups = _layout(h, world, tp=tp, cp=cp, node=node)
+        zero = hpz.zero_groups(world, tp, cp=cp)
+        assert sorted(r for g in groups for r in g) == list(range(world))
+        assert all(any(set(g) <= set(z) for z in zero) and len({r // node for r in g}) == 1
+                   for g in groups)
+    with pytest.raises(ConfigError, match=r"zero_hpz_partition_size=8 is larger than the "
+                                          r"data-parallel size 4 \(DP 2 x CP 2\)"):
+        _layout(8, 8, tp=2, cp=2)
+    with pytest.raises(ConfigError, match=r"zero_hpz_partition_size=3 does not divide the "
+                                          r"data-parallel size 4 \(DP 2 x CP 2\)"):
+        _layout(3, 4, cp=2)
+    with pytest.raises(ConfigError, match=r"the secondary group \[0, 2, 4, 6\] spans TP 2 x h 4 "):
+        _layout(4, 16, tp=2, cp=2, node=4)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -52,3 +52,13 @@ def test_sequence_parallel_checks():
     assert model_config(_args("--preset", "tiny-gpt3", "--seq-length", "64", "--sequence-parallel",
                               "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
                               "2"), 1000, None).sequence_parallel
+    # with context parallelism each CP slice (S / CP tokens) is split over TP
+    assert model_config(_args("--preset", "tiny-gpt3", "--seq-length", "64", "--sequence-parallel",
+                              "--tensor-model-parallel-size", "2", "--context-parallel-size", "2"),
+                        1000, None).sequence_parallel
+    with pytest.raises(ConfigError, match=r"^--sequence-parallel: --seq-length 36 is not divisible by "
+                                          r"--tensor-model-parallel-size x --context-parallel-size "
+                                          r"= 4 x 2 \("):
+        model_config(_args("--preset", "tiny-gpt3", "--seq-length", "36", "--sequence-parallel",
+                           "--tensor-model-parallel-size", "4", "--context-parallel-size", "2"),
+                     1000, None)
