@@ -15,7 +15,7 @@ from ..parallel import context
 from ..parallel.cross_entropy import IGNORE_INDEX, vocab_parallel_cross_entropy
 from ..parallel.layers import (ColumnParallelLinear, VocabParallelEmbedding,
                                initialize_parameters, tag)
-from ..parallel.mappings import copy_to_region, gather_from_sequence, scatter_to_sequence
+from ..parallel.mappings import copy_to_region, gather_sequence_linear, scatter_to_sequence
 from ..parallel.state import ParallelState
 from .attention import Attention
 from .kv_cache import KVCache
@@ -271,8 +271,8 @@ class GPTModel(nn.Module):
         padded slice, with padding columns at -inf so they never win a softmax or a sample."""
         group, v = self.ps.tp_comm, self.config.vocab_size
         lora = getattr(self, "lora_head", None)  # LoRA on the output projection (model/lora.py)
-        if self._sp_active:  # (B, T/TP, H) → (B, T, H); backward: reduce-scatter
-            logits = F.linear(gather_from_sequence(x, group), self.output_weight())
+        if self._sp_active:  # (B, T/TP, H) → (B, T, V_local); keeps the shard, not the gathered x
+            logits = gather_sequence_linear(x, self.output_weight(), None, group)
             return self._mask_padding(logits if lora is None else logits + lora(x))
         if self.logits_head is not None:  # x (B, T, H) → (B, T, V_local) by the head module
             logits = self.logits_head(x if group is None else copy_to_region(x, group))

@@ -8,7 +8,8 @@ At TP=1 each layer is a single plain PyTorch call with no communication.
 Sequence parallelism (`layer.sequence_parallel = True`, set by the model for a training
 forward at TP > 1): the activations between the layers are split along the sequence, so a
 column-parallel layer all-gathers its input along the sequence (its backward reduce-scatters)
-instead of copying it, and a row-parallel layer / the embedding reduce-scatters its partial sums
+instead of copying it -- keeping only the shard for backward and all-gathering it again there for
+the weight gradient (`gather_sequence_linear`), and a row-parallel layer / the embedding reduce-scatters its partial sums
 to sequence shards instead of all-reducing them. Same bytes on the wire as the all-reduce
 (= reduce-scatter + all-gather), 1/TP of the activations in between.
 """
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mappings import (copy_to_region, gather_from_region, gather_from_sequence, reduce_from_region,
+from .mappings import (copy_to_region, gather_from_region, gather_sequence_linear, reduce_from_region,
                        reduce_scatter_to_sequence, scatter_to_region, sum_grad_over_group)
 from .sharding import ShardSpec, local_shape, shard, vocab_range
 from .state import ParallelState
@@ -90,7 +91,8 @@ class ColumnParallelLinear(nn.Module):
     """Y = X A^T + b with A split by output rows: rank r computes Y[..., cols of r].
     Input is copied into the region (all-reduce of its gradient); output stays split unless
     `gather_output` (all-gather). `sections`: fused weights whose parts are split separately.
-    Sequence parallel: the input (B, T/TP, H) is all-gathered along the sequence instead."""
+    Sequence parallel: the input (B, T/TP, H) is all-gathered along the sequence instead; only
+    the shard is kept for backward, which all-gathers it again for the weight gradient."""
 
     sequence_parallel = False
 
@@ -109,11 +111,10 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         group = self.ps.tp_comm
-        if self.sequence_parallel:  # (B, T/TP, H) → (B, T, H); backward: reduce-scatter
-            x = gather_from_sequence(x, group)
+        if self.sequence_parallel:  # (B, T/TP, H) → (B, T, out_local); keeps only the shard
+            y = gather_sequence_linear(x, self.weight, self.bias, group)
         else:
-            x = copy_to_region(x, group)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(copy_to_region(x, group), self.weight, self.bias)
         return gather_from_region(y, group) if self.gather_output else y
 
 

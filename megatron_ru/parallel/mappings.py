@@ -14,6 +14,10 @@ scatter_to_sequence:          forward split T,          backward all-gather T (a
 sum_grad_over_group:          forward identity, backward all-reduce: a replicated parameter used on
                               a sequence shard (norms, row-parallel biases) gets the whole
                               sequence's gradient on every rank -- the same number everywhere.
+gather_sequence_linear:       gather_from_sequence followed by F.linear, in one function that keeps
+                              only the (B, T/world, H) shard for backward and all-gathers it again
+                              there for the weight gradient (Megatron-LM's way: one more
+                              all-gather per layer, 1/world of the input's memory)
 Each takes the process group explicitly; with a group of size 1 (or None) they are no-ops.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 
 
 def _size(group) -> int:
@@ -146,6 +151,31 @@ class _ScatterSeq(torch.autograd.Function):
         return _gather_seq(grad, ctx.group), None
 
 
+class _GatherSeqLinear(torch.autograd.Function):
+    """y = all_gather_T(x) W^T + b, saving x (B, T/world, H) rather than the gathered (B, T, H)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, group):
+        ctx.group, ctx.bias_dtype = group, None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight)
+        return F.linear(_gather_seq(x, group), weight, bias)  # (B, T, out_local)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = grad_w = grad_b = None
+        if need_x:  # (B, T, out_local) @ (out_local, H) → (B, T, H) partial sums → this rank's shard
+            grad_x = _reduce_scatter_seq(grad.matmul(weight.to(grad.dtype)), ctx.group).to(x.dtype)
+        if need_w:  # gather the shard again: the weight sees the whole sequence
+            x_full = _gather_seq(x, ctx.group).to(grad.dtype)  # (B, T, H)
+            grad_w = grad.reshape(-1, grad.shape[-1]).t().mm(x_full.reshape(-1, x_full.shape[-1]))
+            grad_w = grad_w.to(weight.dtype)  # (out_local, H)
+        if need_b and ctx.bias_dtype is not None:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return grad_x, grad_w, grad_b, None
+
+
 def copy_to_region(x: torch.Tensor, group: Optional[object]) -> torch.Tensor:
     return x if _size(group) == 1 else _Copy.apply(x, group)
 
@@ -176,6 +206,15 @@ def scatter_to_sequence(x: torch.Tensor, group: Optional[object]) -> torch.Tenso
     """(B, T, H), the same on every rank → this rank's shard (B, T/world, H); the backward
     all-gathers, so whatever produced x gets the whole sequence's gradient on every rank."""
     return x if _size(group) == 1 else _ScatterSeq.apply(x, group)
+
+
+def gather_sequence_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                           group: Optional[object]) -> torch.Tensor:
+    """F.linear(gather_from_sequence(x, group), weight, bias) for x (B, T/world, H), keeping only x
+    for backward (not the gathered input); pass the weight in use (ZeRO-3 gathers it per forward)."""
+    if _size(group) == 1:
+        return F.linear(x, weight, bias)
+    return _GatherSeqLinear.apply(x, weight, bias, group)
 
 
 # Summing the gradient of a replicated parameter is the copy's backward.

@@ -7,10 +7,11 @@ planning/measure.py, which counts the saved tensors themselves). Notation: b mic
 s sequence, h hidden, a heads, g KV heads, d head size, f FFN size, t TP, C CP, P bytes per
 element of the compute dtype. Per rank, token-wise tensors hold n = b*s/C tokens; with sequence
 parallelism the norm, dropout and residual regions are split along the sequence over TP and hold
-n/t. Our column-parallel layers (parallel/layers.py) all-gather their sequence shard and call
-F.linear on the result, so autograd keeps the gathered input of n tokens -- QKV, MLP-up and the
-output head (`sp_keeps_gathered=True`, the default); Megatron-LM instead keeps the n/t shard and
-all-gathers it again in backward (`sp_keeps_gathered=False`, Korthikanti's 34/t). Attention under
+n/t. Our column-parallel layers (parallel/mappings.py gather_sequence_linear) all-gather their
+sequence shard for the matmul but keep only the n/t shard, all-gathering it again in backward, as
+Megatron-LM does -- QKV, MLP-up and the output head (`sp_keeps_gathered=False`, the default;
+Korthikanti's 34/t); `sp_keeps_gathered=True` gives the cost of keeping the gathered input of n
+tokens instead (a plain all-gather followed by F.linear). Attention under
 Ulysses CP runs a/(tC) heads over the full s after the all-to-all, which is the same element count
 as a/t heads over s/C; q, k, v are then the all-to-all's outputs (the fused QKV output and the
 RoPE outputs are not kept), and the attention output comes back from the second all-to-all as
@@ -159,11 +160,11 @@ def _norm_bytes(cfg: ModelConfig, tokens: float, P: int, device: str) -> float:
 def activation_bytes_per_layer(cfg: ModelConfig, *, layer: int, micro_batch: int, seq_length: int,
                                tp: int = 1, sp: bool = False, cp: int = 1, recompute: str = "none",
                                dtype_bytes: int = 2, device: str = "cuda",
-                               sp_keeps_gathered: bool = True) -> int:
+                               sp_keeps_gathered: bool = False) -> int:
     """Bytes transformer layer `layer` keeps for backward on one rank for one micro-batch.
-    `sp_keeps_gathered`: the column-parallel layers keep their all-gathered (whole-sequence) input,
-    as ours do (True); False: they keep the sequence shard and re-gather it in backward, as
-    Megatron-LM's do."""
+    `sp_keeps_gathered`: False (ours and Megatron-LM's): the column-parallel layers keep their
+    sequence shard and all-gather it again in backward; True: they keep the all-gathered
+    (whole-sequence) input."""
     _check(cfg, micro_batch, seq_length, tp, sp, cp, recompute, dtype_bytes, device)
     if not 0 <= layer < cfg.num_layers:
         raise ConfigError(f"layer={layer} is outside 0..{cfg.num_layers - 1}")
@@ -190,7 +191,7 @@ def activation_bytes(cfg: ModelConfig, *, micro_batch: int, seq_length: int, tp:
                      sp: bool = False, cp: int = 1, layers: Optional[Iterable[int]] = None,
                      first_stage: bool = True, last_stage: bool = True, recompute: str = "none",
                      dtype_bytes: int = 2, device: str = "cuda",
-                     sp_keeps_gathered: bool = True) -> dict:
+                     sp_keeps_gathered: bool = False) -> dict:
     """Saved-for-backward bytes of one micro-batch on one rank: {"layers": [per layer], "embedding",
     "logits_loss", "total", "recompute_working_set"} (the last: with full recompute, the largest
     layer's activations, rebuilt for its backward on top of the total; 0 otherwise)."""

@@ -10,7 +10,9 @@ Per micro-batch and pipeline stage (the slowest stage sets the pace):
             adds, dropout, RoPE, GELU / SwiGLU; backward 2x the forward's traffic) and the
             softmax of the loss
   TP        4 all-reduces of b s h per layer (2 forward, 2 backward; SP's all-gather +
-            reduce-scatter move the same bytes), +2 with recompute; not overlapped
+            reduce-scatter move the same bytes), +2 with recompute; SP adds 2 all-gathers per
+            layer in backward (the QKV and MLP inputs, gathered again for the weight gradients,
+            parallel/mappings.py gather_sequence_linear); not overlapped
   CP        Ulysses: 4 all-to-alls per layer forward (q, k, v, output) and 4 backward; not overlapped
   PP        1F1B: step = (m + p - 1) x (slowest stage's micro-batch time), bubble (p-1)/(m+p-1);
             p2p of b s h each way per micro-batch on the link between stages
@@ -167,6 +169,8 @@ def step_time(cfg: ModelConfig, layout, acc: Accelerator, *, seq_length: int, gl
         if t > 1:
             per_layer = (6 if layout.recompute == "full" else 4)
             coll += per_layer * layers * allreduce_s(tokens / c * h * P, t, tp_link)
+            if layout.sp:  # backward re-gathers the column-parallel layers' input shards
+                coll += 2 * layers * gather_s(tokens / c * h * P, t, tp_link)
         if c > 1:
             qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * cfg.head_dim / t
             vol = (qkv + h / t) * tokens / c * P * (c - 1) / c  # bytes each rank sends

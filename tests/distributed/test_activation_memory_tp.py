@@ -56,11 +56,11 @@ def _worker(rank, world):
             what = (family, f"TP{tp}", "SP" if sp else "", f"CP{cp}", recompute, rank)
             for m, p in pairs:
                 assert abs(m - p) <= TOL * m, (what, got, want)
-            if sp and recompute == "none":  # our SP keeps the gathered QKV / MLP-up inputs
-                shard = activation_bytes(cfg, micro_batch=2, seq_length=64, tp=tp, sp=sp, cp=cp,
-                                         dtype_bytes=4, device="cpu", sp_keeps_gathered=False)
+            if sp and recompute == "none":  # our SP keeps the QKV / MLP-up input shards only
+                kept = activation_bytes(cfg, micro_batch=2, seq_length=64, tp=tp, sp=sp, cp=cp,
+                                        dtype_bytes=4, device="cpu", sp_keeps_gathered=True)
                 gathered = 2 * (64 * 2 // cp) * (1 - 1 / tp) * 64 * 4  # 2 inputs, n - n/t tokens
-                assert got["layers"][1] - shard["layers"][1] == gathered, what
+                assert kept["layers"][1] - got["layers"][1] == gathered, what
 
 
 def test_parallel_layouts_prediction_matches_measured():

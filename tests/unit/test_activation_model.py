@@ -74,13 +74,13 @@ def test_our_formula_is_korthikanti_minus_materialised_scores():
     cfg = ModelConfig.from_preset("rugpt3-13b", sparse_mode="dense", hidden_dropout=0.1,
                                   attention_dropout=0.1)
     s, b, h, a = 2048, 1, 5120, 40
-    for t, sp in ((1, False), (8, False), (8, True)):  # SP as Megatron runs it: re-gathered
-        ours = activation_bytes_per_layer(cfg, layer=0, micro_batch=b, seq_length=s, tp=t, sp=sp,
-                                          sp_keeps_gathered=False)
+    for t, sp in ((1, False), (8, False), (8, True)):  # SP re-gathers in backward, as Megatron's
+        ours = activation_bytes_per_layer(cfg, layer=0, micro_batch=b, seq_length=s, tp=t, sp=sp)
         ref = korthikanti_bytes_per_layer(s=s, b=b, h=h, a=a, t=t, sp=sp, recompute="selective")
         assert ref < ours < 1.01 * ref, (t, sp, ours, ref)
-    # our SP keeps the all-gathered QKV and MLP-up inputs: 2 x 2sbh (1 - 1/t) bytes more
-    kept = activation_bytes_per_layer(cfg, layer=0, micro_batch=b, seq_length=s, tp=8, sp=True)
+    # keeping the all-gathered QKV and MLP-up inputs instead would cost 2 x 2sbh (1 - 1/t) more
+    kept = activation_bytes_per_layer(cfg, layer=0, micro_batch=b, seq_length=s, tp=8, sp=True,
+                                      sp_keeps_gathered=True)
     assert kept - ours == 4 * s * b * h * (1 - 1 / 8)
     full = korthikanti_bytes_per_layer(s=s, b=b, h=h, a=a, t=8, sp=False)
     assert full == pytest.approx(s * b * h * (10 + 24 / 8 + 5 * a * s / (h * 8)))
