@@ -1,4 +1,4 @@
-"""Training metrics: model FLOPs per token, TFLOP/s and MFU, and the JSON-lines / TensorBoard sinks.
+"""Training metrics: FLOPs per token, TFLOP/s, MFU, grad norm, loss scale; JSON-lines / TensorBoard sinks.
 
 FLOPs per token = 6·N + 12·L·h·s (N parameters incl. embeddings; L layers, h hidden, s sequence
 length); the attention term of a block-sparse layer is scaled by the fraction of causal blocks
@@ -8,18 +8,25 @@ spec of the device (never the 2:4-sparse figure) or --peak-tflops.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.distributed as dist
 
 from ..files import atomic_write_text
 from ..planning.timing import attention_fraction, flops_per_token  # one formula: the planner's
 
+if TYPE_CHECKING:
+    from ..model.gpt import GPTModel
+    from ..parallel.state import ParallelState
+
 __all__ = ["PEAK_TFLOPS", "attention_fraction", "flops_per_token", "device_peak_tflops", "memory_gb",
-           "truncate_after", "MetricsSink"]
+           "truncate_after", "MetricsSink",
+           "loss_scale", "tp_grad_norm", "fmt_time"]
 
 PEAK_TFLOPS = {"A100": 312.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A800": 312.0,
                "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
@@ -111,3 +118,32 @@ class MetricsSink:
             self.file.close()
         if self.tb:
             self.tb.close()
+
+
+def loss_scale(optimizer) -> Optional[float]:
+    for obj in (optimizer, getattr(optimizer, "loss_scaler", None)):
+        for attr in ("cur_scale", "loss_scale"):
+            value = getattr(obj, attr, None) if obj is not None else None
+            if isinstance(value, (int, float)) or torch.is_tensor(value):
+                return float(value)
+    return None
+
+
+def tp_grad_norm(model: GPTModel, ps: ParallelState) -> float:
+    """Global L2 norm of the (DP-averaged) gradients: sharded parameters summed over the TP
+    group, replicated ones counted once."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if getattr(p, "shard_spec", None) is not None or ps.tp_rank == 0:
+            total += p.grad.detach().double().pow(2).sum().cpu()
+    if ps.tp_comm is not None:
+        dist.all_reduce(total, group=ps.tp_comm)
+    return math.sqrt(total.item())
+
+
+def fmt_time(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"

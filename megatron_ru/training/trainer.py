@@ -15,45 +15,18 @@ from .arguments import TrainArgs, model_config
 from ..config import ConfigError
 from ..checkpoint import save_dir, universal
 from ..checkpoint import training as ckpt
-from ..checkpoint.load import load_full_state_dict
-from ..checkpoint.model_io import shard_state_dict
 from ..data import build_train_valid_test_datasets
 from ..data.batch import build_data_loader, context_parallel_slice, get_batch
 from ..data.tokenizers import build_tokenizer
-from ..model.gpt import GPTModel
 from ..parallel.context import check_sequence_length
 from ..parallel.state import ParallelState
-from ..planning import selfcheck
 from ..data.validate import tokenizer_files, tokenizer_fingerprint
 from . import ds_config, hpz, lifecycle
 from ..launch import local_world_size
 from .guards import Guards
-from .metrics import MetricsSink, device_peak_tflops, flops_per_token, memory_gb
-from .optim import LRSchedule, ScheduledLR, param_groups
-from . import finetune, lora_run, pipeline_run, train_only
-
-
-def _loss_scale(optimizer) -> Optional[float]:
-    for obj in (optimizer, getattr(optimizer, "loss_scaler", None)):
-        for attr in ("cur_scale", "loss_scale"):
-            value = getattr(obj, attr, None) if obj is not None else None
-            if isinstance(value, (int, float)) or torch.is_tensor(value):
-                return float(value)
-    return None
-
-
-def tp_grad_norm(model: GPTModel, ps: ParallelState) -> float:
-    """Global L2 norm of the (DP-averaged) gradients: sharded parameters summed over the TP
-    group, replicated ones counted once."""
-    total = torch.zeros((), dtype=torch.float64)
-    for p in model.parameters():
-        if p.grad is None:
-            continue
-        if getattr(p, "shard_spec", None) is not None or ps.tp_rank == 0:
-            total += p.grad.detach().double().pow(2).sum().cpu()
-    if ps.tp_comm is not None:
-        dist.all_reduce(total, group=ps.tp_comm)
-    return math.sqrt(total.item())
+from .metrics import (MetricsSink, device_peak_tflops, flops_per_token, fmt_time, loss_scale, memory_gb,
+                      tp_grad_norm)
+from . import engine_setup, finetune, lora_run, pipeline_run, resume
 
 
 def rank0_first(ps: ParallelState, build: Callable):
@@ -75,12 +48,6 @@ def rank0_first(ps: ParallelState, build: Callable):
     return result
 
 
-def _fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
 class Trainer:
     """Built from typed args and a ParallelState; `fit()` runs the whole job."""
 
@@ -93,9 +60,6 @@ class Trainer:
 
     # ---- construction ---------------------------------------------------------------------
     def setup(self) -> None:
-        import deepspeed
-        from deepspeed.accelerator import get_accelerator
-
         args, ps = self.args, self.ps
         runtime.start_watchdog(args.hang_timeout_minutes)
         self.resume_tag = None  # the checkpoint tag this run resumes from (not with --finetune)
@@ -107,91 +71,14 @@ class Trainer:
         self.data = rank0_first(ps, self._build_data)  # validated (ids vs vocabulary) before any model
         runtime.heartbeat("data")
         runtime.fault_point("model")
-        self.plan_check = self._plan_check()  # predicted memory; warns before the model is built
+        self.plan_check = engine_setup.plan_check(self)  # predicted memory: warns before the build
 
         ps.seed(args.seed)
-        if ps.pp_size > 1:  # this stage's parameters only (training/pipeline_run.py)
-            model = pipeline_run.build_model(self.config, ps, self.pp_counts, args.seed)
-        else:
-            model = GPTModel(self.config, ps, seed=args.seed)
-        if self.base is not None:  # weights only, from any TP size
-            _, full = load_full_state_dict(Path(self.base), trust=args.trust_checkpoint)
-            model.load_state_dict(shard_state_dict(full, model))
-            if self.resume_tag is None:
-                self.log(f"loaded weights from {self.base} (iteration, optimizer and data position "
-                         "start fresh)")
-            del full
-        if args.lora_rank:
-            lora_run.setup_lora(model, args, self.log)
-        # --train-only: vocabulary rows; the vocabulary-adaptation record goes into our checkpoints
-        self.vocab_record = train_only.apply(model, args, (self.base, args.load), self.log)
-        self.model = model
-        # what the optimizer steps: the model, or this stage's DeepSpeed PipelineModule (whose
-        # grid's groups our layers then use: the same rank layout)
-        trained = self.pipe = model
-        if ps.pp_size > 1:
-            trained = self.pipe = pipeline_run.build_module(model, ps, self.pp_counts)
-        if self.precision == "fp16" and ps.device.type == "cpu" and \
-                not get_accelerator().is_fp16_supported():
-            # DeepSpeed refuses fp16 on CPUs without native fp16 arithmetic; PyTorch emulates it
-            # (slowly), which is what CPU tests of loss scaling need.
-            get_accelerator().is_fp16_supported = lambda: True
-            self.log("fp16 on a CPU without native fp16 arithmetic: running emulated (slow)")
-        optimizer = scheduler = None
-        if "optimizer" not in ds:
-            offload = ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device")
-            # ZeRO-Offload steps the optimizer on the CPU: DeepSpeed's vectorised CPU AdamW
-            # (decoupled decay, compiled on first use) instead of torch's, unless the JSON
-            # allows a client optimizer ("zero_force_ds_cpu_optimizer": false).
-            if offload == "cpu" and ds.get("zero_force_ds_cpu_optimizer", True):
-                from deepspeed.ops.adam import DeepSpeedCPUAdam as adamw
-                extra = {"adamw_mode": True}
-            else:
-                adamw, extra = torch.optim.AdamW, {}
-            optimizer = adamw(param_groups(trained, args.weight_decay), lr=args.lr,
-                              betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, **extra)
-        if "scheduler" not in ds:  # ours, around whichever optimizer DeepSpeed ends up stepping
-            scheduler = lambda opt: ScheduledLR(opt, self._schedule())  # noqa: E731
-        if ds.get("zero_optimization", {}).get("stage", 0) == 3:
-            # weights used outside their own module's forward (tied / untied output head)
-            for p in {id(model.embed.weight): model.embed.weight,
-                      id(model.output_weight()): model.output_weight()}.values():
-                deepspeed.zero.register_external_parameter(model, p)
-        hpz_group = None
-        if self.hpz_groups:  # ZeRO++ secondary groups inside the data-parallel groups (hpz.py)
-            hpz_group = runtime.checked(ps, hpz.install, self.hpz_groups, ps)
-        if ps.pp_size > 1:  # DeepSpeed's PipelineEngine over the stage
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=self.pipe, optimizer=optimizer, lr_scheduler=scheduler,
-                config=pipeline_run.pipe_section(self.config, ds),
-                model_parameters=None if optimizer else param_groups(trained, args.weight_decay))
-            pipeline_run.install_clipping(  # fp32: a non-finite step is skipped (guards)
-                self.engine, ps, on_norm=lambda norm: self.guards.before_update([], norm))
-        else:  # DeepSpeed's data-parallel world is DP x CP (ParallelState's `mpu` methods): its
-            # batch counts each CP rank's slices as samples
-            ds_view = {**ds, "train_batch_size": ds["train_batch_size"] * ps.cp_size}
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_view, mpu=ps,
-                model_parameters=None if optimizer else param_groups(model, args.weight_decay))
-        if hpz_group is not None:
-            runtime.checked(ps, hpz.verify, model, hpz_group)
-        if self.plan_check is not None:
-            self.plan_check.arm(self.engine, model)
+        self.model, self.pipe, self.vocab_record = engine_setup.build_model(self)
+        self.engine, self.optimizer, self.scheduler = engine_setup.build_engine(self)
         self.guards = Guards(self)  # non-finite / spike policies, checked resumes
         if self.resume_tag is not None:
-            client = ckpt.load_training_checkpoint(self.engine, args.load, tag=self.resume_tag,
-                                                   load_optimizer=not args.no_load_optim,
-                                                   strict=not args.lora_rank,
-                                                   trust=args.trust_checkpoint)
-            self.iteration = self.loaded_iteration = int(client.get("iteration", 0))
-            self.consumed = int(client.get("consumed_samples", 0))
-            self.consumed_valid = int(client.get("consumed_valid_samples", 0))
-            if "rng" in client:
-                ckpt.set_rng_state(client["rng"], ps)
-            runtime.checked(ps, self.guards.restore, client)  # data settings as the checkpoint's
-            self.ensure_train_samples()
-            self.log(f"resumed from {args.load} at iteration {self.iteration} "
-                     f"({self.consumed} samples consumed)")
+            resume.restore(self)  # iteration, data position, RNG, guards' state
         self.sink = MetricsSink(args.metrics_file, args.tensorboard_dir, active=ps.rank == 0,
                                 start_iteration=self.iteration)
         if self.sink.dropped:
@@ -210,17 +97,6 @@ class Trainer:
                  f"{ds.get('zero_optimization', {}).get('stage', 0)}; global batch "
                  f"{ds['train_batch_size']} = micro {ds['train_micro_batch_size_per_gpu']} x accum "
                  f"{ds['gradient_accumulation_steps']} x DP {ps.dp_size}")
-
-    def _plan_check(self):
-        """planning/selfcheck.py for this run (not for LoRA: its frozen base has no optimizer state)."""
-        if self.args.lora_rank:
-            return None
-        try:
-            return selfcheck.SelfCheck(self.config, self.ds, self.ps, self.args.seq_length,
-                                       self.precision, self.pp_counts, self.log)
-        except Exception as exc:  # noqa: BLE001 - a prediction never stops training
-            self.log(f"plan check skipped: {exc}")
-            return None
 
     def _build_data(self, train_samples: Optional[int] = None):
         """(train, valid, test), every prefix validated against this tokenizer first. The order's
@@ -291,57 +167,8 @@ class Trainer:
             if removed:
                 self.log(f"removed leftovers of an interrupted save in {args.save}: "
                          + ", ".join(removed))
-        if args.load:
-            self.resume_tag = lifecycle.resume_tag(args, self.log)
-        if args.lora_rank and self.resume_tag is not None:  # a LoRA run: its base, then its state
-            self.base = lora_run.lora_resume_base(args, self.resume_tag, ps.tp_size)
-            ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True,
-                                  trust=args.trust_checkpoint)
-        elif self.resume_tag is not None:
-            ckpt.check_compatible(args.load, self.config, ps.tp_size, weights_only=False,
-                                  tag=self.resume_tag, trust=args.trust_checkpoint,
-                                  pp_size=ps.pp_size)
-        else:
-            self.base = args.load if args.finetune else args.pretrained_checkpoint
-            if self.base is not None:
-                ckpt.check_compatible(self.base, self.config, ps.tp_size, weights_only=True,
-                                      trust=args.trust_checkpoint)
-            elif args.lora_rank:
-                raise ConfigError("--lora-rank needs a base model: --finetune --load BASE, or "
-                                  "--pretrained-checkpoint BASE (with --load RUN --save RUN the "
-                                  f"run resumes once RUN holds a checkpoint; {args.load} has none)")
-        if args.save:
-            lifecycle.check_save_holds_this_run(args, self.config, resuming=self.resume_tag)
-        if self.resume_tag is not None and args.lora_rank:
-            if universal.plan_resume(args.load, self.resume_tag, ps.dp_cp_size)[1]:
-                raise ConfigError(f"{args.load}/{self.resume_tag} was saved at another data-parallel "
-                                  "size; a LoRA run resumes at the size it was saved at (or start "
-                                  "a new one: --finetune --load BASE)")
-        elif self.resume_tag is not None:  # another DP (or PP > 1) size: via a universal checkpoint
-            self.resume_tag, load_universal = universal.plan_resume(args.load, self.resume_tag,
-                                                                    ps.dp_cp_size, ps.pp_size)
-            if load_universal and ps.tp_size > 1 and self.ds.get("zero_optimization", {}).get("stage") == 3:
-                raise ConfigError(  # DeepSpeed 0.19 narrows whole tensors into TP-shard partitions
-                    f"{args.load}/{self.resume_tag.removesuffix(universal.SUFFIX)} was saved at "
-                    "another data-parallel size "
-                    f"(DP x CP); DeepSpeed cannot resume ZeRO-3 state at --tensor-model-parallel-size "
-                    f"{ps.tp_size} through a universal checkpoint: resume at the saved DP x CP size, "
-                    "or start from the weights with --finetune --load")
-            if load_universal:
-                self.ds.setdefault("checkpoint", {})["load_universal"] = True
-                target = Path(args.load) / self.resume_tag
-                if ps.rank == 0 and not universal.is_universal(target):
-                    source = target.name[:-len(universal.SUFFIX)]
-                    self.log(f"{args.load}/{source} was saved at another data-parallel or pipeline "
-                             f"size: converting it to a DeepSpeed universal checkpoint {target}")
-                    universal.convert(Path(args.load) / source, target, trust=args.trust_checkpoint)
-
-    def _schedule(self) -> LRSchedule:
-        a = self.args
-        warmup = a.lr_warmup_iters if a.lr_warmup_iters is not None else \
-            int((a.lr_warmup_fraction or 0.0) * (a.lr_decay_iters or a.train_iters))
-        return LRSchedule(lr=a.lr, min_lr=a.min_lr, warmup=warmup,
-                          decay_iters=a.lr_decay_iters or a.train_iters, style=a.lr_decay_style)
+        # the checkpoint this run resumes from / takes weights from (training/resume.py)
+        self.resume_tag, self.base = resume.plan(args, ps, self.config, self.ds, self.log)
 
     def _sample_counts(self) -> tuple[int, int, int]:
         a, gb = self.args, self.ds["train_batch_size"]
@@ -500,7 +327,7 @@ class Trainer:
             "consumed_tokens": self.consumed * self.args.seq_length,
             "loss": sum(w["loss"] for w in window) / len(window), "lr": lr,
             "grad_norm": norms[-1] if norms else None,
-            "loss_scale": _loss_scale(self.engine.optimizer) if self.precision == "fp16" else None,
+            "loss_scale": loss_scale(self.engine.optimizer) if self.precision == "fp16" else None,
             "skipped_iters": sum(w["skipped"] for w in window),
             "total_skipped": int(self.engine.skipped_steps),
             "tokens_per_sec": self.tokens_per_iter / sec_per_iter, "tflops": tflops,
@@ -513,7 +340,7 @@ class Trainer:
         self.log(f"iter {self.iteration:6d}/{self.args.train_iters} | loss {record['loss']:.4f} | "
                  f"lr {lr:.3e} | grad norm {gn}{ls} | skipped {record['skipped_iters']} | "
                  f"{record['tokens_per_sec']:,.0f} tok/s | {tflops:.3f} TFLOP/s/dev{mfu} | "
-                 f"mem {record['memory_gb']:.2f} GB | ETA {_fmt_time(eta)}")
+                 f"mem {record['memory_gb']:.2f} GB | ETA {fmt_time(eta)}")
         self.sink.write(record)
         return record
 
