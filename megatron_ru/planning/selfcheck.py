@@ -33,7 +33,8 @@ class SelfCheck:
         stage = ps.pp_rank if ps.pp_size > 1 else 0
         params = rank_params(config, ps.tp_size, pp_counts if ps.pp_size > 1 else None, stage)
         self.states = model_state_bytes(
-            params, zero=zero.get("stage", 0), dp=ps.dp_size, dp_rank=ps.dp_rank, precision=precision,
+            params, zero=zero.get("stage", 0), dp=ps.dp_cp_size,  # DeepSpeed partitions over DP x CP
+            dp_rank=ps.dp_rank * ps.cp_size + ps.cp_rank, precision=precision,
             hpz=zero.get("zero_hpz_partition_size", 1), pipeline=ps.pp_size > 1,
             persistence_threshold=zero.get("stage3_param_persistence_threshold", PERSISTENCE_THRESHOLD))
         if pp_counts and ps.pp_size > 1:
@@ -43,7 +44,8 @@ class SelfCheck:
             layers = None
         device = "cuda" if ps.device.type == "cuda" else "cpu"
         self.activations = activation_bytes(
-            config, micro_batch=self.micro, seq_length=seq_length, tp=ps.tp_size, layers=layers,
+            config, micro_batch=self.micro, seq_length=seq_length, tp=ps.tp_size,
+            sp=bool(config.sequence_parallel) and ps.tp_size > 1, cp=ps.cp_size, layers=layers,
             first_stage=ps.is_first_stage, last_stage=ps.is_last_stage,
             recompute="full" if config.checkpoint_activations else "none",
             dtype_bytes=BYTES[precision], device=device)["total"]
